@@ -1,0 +1,90 @@
+"""The root command. Each subcommand lives in its own module and only gathers options, calls one
+engine function and prints; this module holds the one error boundary for all of them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+from .. import __version__
+from ..errors import BigModelError
+from . import console
+
+
+class BigModelGroup(TyperGroup):
+    """Maps exceptions to exit codes: a BigModelError is one red line and its exit code (2 for the
+    user's mistakes); anything else is an internal error (exit 1). No traceback unless BIGMODEL_DEBUG=1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BigModelError as exc:
+            if os.environ.get("BIGMODEL_DEBUG") == "1":
+                raise
+            console.error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.error("interrupted; outputs are written atomically, so nothing half-written was left")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            # Typer's (click's) own exceptions carry usage errors and exits: let them through.
+            if type(exc).__module__.split(".")[0] in ("typer", "click") or os.environ.get("BIGMODEL_DEBUG") == "1":
+                raise
+            console.error(f"internal error: {type(exc).__name__}: {exc} (BIGMODEL_DEBUG=1 shows the traceback; please report it)")
+            raise typer.Exit(1) from None
+
+    def list_commands(self, ctx):  # keep the order in which commands were added
+        return list(self.commands)
+
+
+app = typer.Typer(
+    cls=BigModelGroup,
+    help="Train, prune, quantize, distill and export neural networks — and measure what each step bought.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"bigmodel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help="Allow artifacts whose model is a user's Python file (model.py) to run that code.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    if trust_model_code:
+        from ..models.user import set_trust_model_code
+
+        set_trust_model_code(True)
+
+
+def _register() -> None:
+    from . import estimate, evaluate, info, listing, train
+
+    app.command("train")(train.train)
+    app.command("eval")(evaluate.eval_command)
+    app.command("info")(info.info)
+    app.command("models")(listing.models)
+    app.command("datasets")(listing.datasets)
+    app.command("estimate")(estimate.estimate)
+
+
+_register()
+
+
+def main() -> None:
+    app(prog_name="bigmodel")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""bigmodel eval: the task metric, size and (--bench) latency of an artifact, on torch or ONNX Runtime."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from . import console
+from .options import ArtifactArg, BackendOpt, DataOpt, JsonOpt, TargetOpt, ThreadsOpt
+
+_ORDER = ["accuracy", "perplexity", "bits_per_byte", "loss", "samples", "tokens", "params", "nonzero_params",
+          "file_bytes", "latency_ms_p50", "latency_ms_p95", "throughput", "bench_batch", "backend", "provider",
+          "device", "threads"]
+
+
+def eval_command(
+    artifact: ArtifactArg,
+    split: Annotated[str, typer.Option("--split", help="train, val or test split of the artifact's data.")] = "val",
+    data: DataOpt = None,
+    target: TargetOpt = None,
+    backend: BackendOpt = "auto",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    threads: ThreadsOpt = None,
+    bench: Annotated[bool, typer.Option("--bench", help="Also measure latency p50/p95 and throughput.")] = False,
+    bench_batch: Annotated[Optional[int], typer.Option("--bench-batch", help="Batch size for --bench (default 64, or 1 for language models).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Language models: sequence length for --bench.")] = None,
+    iterations: Annotated[int, typer.Option("--iterations", help="Timed runs for --bench.")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before --bench measures.")] = 5,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate at most N samples (or windows).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Evaluate an artifact: accuracy or perplexity, parameters, size; --bench adds latency."""
+    from ..artifact import open_artifact
+    from ..engine.evaluate import BenchConfig, evaluate_artifact
+    from ..errors import UserError
+
+    if iterations < 1 or warmup < 0 or (bench_batch is not None and bench_batch < 1):
+        raise UserError("--iterations and --bench-batch must be at least 1 and --warmup not negative")
+    cfg = BenchConfig(batch_size=bench_batch, warmup=warmup, iterations=iterations, seq_len=seq_len) if bench else None
+    result = evaluate_artifact(open_artifact(artifact), split=split, data_arg=data, target=target, backend=backend,
+                               device=device, threads=threads, bench=cfg, limit=limit)
+    if json_out:
+        console.print_json(result)
+        return
+    keys = [k for k in _ORDER if k in result]
+    title = f"bigmodel eval · {result['artifact']} · {result['split']}"
+    console.out.print(console.key_value_table(title, [(k, result[k]) for k in keys]))

@@ -1,0 +1,93 @@
+"""bigmodel train: options → TrainConfig → engine.train → a results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import console
+from .options import DataOpt, DeviceOpt, JsonOpt, SeedOpt, TargetOpt, ThreadsOpt, parse_int_list, parse_json_object
+
+_M = "Model"
+_O = "Optimisation"
+_R = "Run"
+
+
+def train(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="mlp, cnn, gpt, or path/to/file.py:ClassOrFactory.", rich_help_panel=_M)] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Named size (see `bigmodel models`).", rich_help_panel=_M)] = None,
+    model_args: Annotated[Optional[str], typer.Option("--model-args", help="JSON object of model arguments, e.g. '{\"hidden_sizes\": [64]}'.", rich_help_panel=_M)] = None,
+    input_size: Annotated[Optional[int], typer.Option("--input-size", help="mlp input features.", rich_help_panel=_M)] = None,
+    hidden_size: Annotated[Optional[int], typer.Option("--hidden-size", help="mlp: one hidden layer of this width.", rich_help_panel=_M)] = None,
+    hidden_sizes: Annotated[Optional[str], typer.Option("--hidden-sizes", help="mlp/cnn head: widths, e.g. 512,512.", rich_help_panel=_M)] = None,
+    output_size: Annotated[Optional[int], typer.Option("--output-size", help="Number of classes.", rich_help_panel=_M)] = None,
+    data: DataOpt = None,
+    target: TargetOpt = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the training split.", rich_help_panel=_O)] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps (wins over --epochs).", rich_help_panel=_O)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Samples per micro-batch (all ranks together).", rich_help_panel=_O)] = None,
+    block_size: Annotated[Optional[int], typer.Option("--block-size", help="Language models: tokens per training window.", rich_help_panel=_O)] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="adamw, adam or sgd.", rich_help_panel=_O)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.", rich_help_panel=_O)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", rich_help_panel=_O)] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help="sgd only.", rich_help_panel=_O)] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help="cosine, linear or constant (after warm-up).", rich_help_panel=_O)] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", rich_help_panel=_O)] = None,
+    grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", help="Max gradient norm; 0 disables.", rich_help_panel=_O)] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.", rich_help_panel=_O)] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, bf16-mixed or auto.", rich_help_panel=_R)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.", rich_help_panel=_R)] = None,
+    threads: ThreadsOpt = None,
+    seed: SeedOpt = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate every N steps (default: each epoch).", rich_help_panel=_R)] = None,
+    eval_windows: Annotated[Optional[int], typer.Option("--eval-windows", help="Language models: validation windows.", rich_help_panel=_R)] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", help="Early stopping: evaluations without improvement.", rich_help_panel=_R)] = None,
+    min_delta: Annotated[Optional[float], typer.Option("--min-delta", help="Early stopping: smallest improvement that counts.", rich_help_panel=_R)] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints (default: each evaluation).", rich_help_panel=_R)] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", rich_help_panel=_R)] = None,
+    skip_nonfinite: Annotated[Optional[int], typer.Option("--skip-nonfinite", help="Skip up to N batches with NaN/Inf loss instead of stopping.", rich_help_panel=_R)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (best/, last/, checkpoints/, metrics.jsonl).", rich_help_panel=_R)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.", rich_help_panel=_R)] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.", rich_help_panel=_R)] = False,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of these options ([train] table or top level); flags win.", rich_help_panel=_R)] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a model (default: an MLP on the bundled digits) and write best/ and last/ artifacts."""
+    given = dict(locals())  # first: the options exactly as passed
+    from ..config import TrainConfig, build_config, read_toml
+    from ..engine.train import prepare_training, run_job
+
+    flags = {k: v for k, v in given.items() if k not in ("config", "json_out", "model_args", "hidden_sizes", "out", "overwrite", "resume")}
+    flags.update(model_args=parse_json_object(model_args, "--model-args"),
+                 hidden_sizes=parse_int_list(hidden_sizes, "--hidden-sizes"),
+                 out=str(out) if out else None, overwrite=overwrite or None, resume=resume or None)
+    file_values = read_toml(config, "train") if config else {}
+    cfg = build_config(TrainConfig, file_values, flags, source=str(config or "config"))
+    job = prepare_training(cfg)
+    unit = "tokens/s" if job.task.name == "language-modeling" else "samples/s"
+    result = run_job(job, _progress(unit, not json_out))
+    summary = {
+        "run_dir": str(result.run_dir), "best": str(result.best_dir), "last": str(result.last_dir),
+        "steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early,
+        "resumed_from": result.resumed_from, "seconds": result.seconds, **result.runtime,
+        "best_metrics": result.best_metrics, "last_metrics": result.last_metrics,
+    }
+    if json_out:
+        console.print_json(summary)
+        return
+    rows = [("run", summary["run_dir"]), ("steps", result.steps), ("seconds", result.seconds),
+            ("device / precision", f"{result.runtime['device']} / {result.runtime['precision']}"),
+            ("parameters", result.runtime["params"]), ("best step", result.best_step)]
+    rows += [(f"best {k}", v) for k, v in result.best_metrics.items() if k.startswith("val_")]
+    rows += [(f"last {k}", v) for k, v in result.last_metrics.items() if k.startswith("val_")]
+    if result.stopped_early:
+        rows.append(("stopped early", "yes (patience)"))
+    console.out.print(console.key_value_table("bigmodel train", rows))
+
+
+def _progress(unit: str, enabled: bool):
+    from .progress import TrainingProgress
+
+    return TrainingProgress("train", unit, enabled)

@@ -1,0 +1,178 @@
+"""Typed configurations, validated as a whole before any work starts.
+
+Every option has one name, used on the command line (``--grad-accum``) and in recipe/config files
+(``grad-accum`` or ``grad_accum``). Sources are layered: defaults < ``--config FILE`` < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigErrors, UserError
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "mlp"  # registry name, or path/to/file.py:ClassOrFactory
+    preset: str | None = None
+    model_args: dict = field(default_factory=dict)
+    # shorthands for common model arguments (mlp/cnn); they fold into model_args
+    input_size: int | None = None
+    hidden_size: int | None = None
+    hidden_sizes: list[int] | None = None
+    output_size: int | None = None
+    data: str | None = None  # None: digits for classifiers, text:stdlib for gpt
+    target: str | None = None  # csv class column
+    # how long
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int = 64
+    block_size: int | None = None  # language models: context length of a training window
+    # optimisation
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # 0 disables
+    grad_accum: int = 1
+    # where and how
+    precision: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    # evaluation, early stopping, checkpoints
+    eval_every: int | None = None  # steps; default once per epoch (classification) or 10 times a run
+    eval_windows: int = 64  # language models: validation windows per evaluation
+    patience: int | None = None  # evaluations without improvement before stopping
+    min_delta: float = 0.0
+    checkpoint_every: int | None = None  # steps; default: at every evaluation
+    keep_checkpoints: int = 2
+    skip_nonfinite: int = 0  # bad (NaN/Inf) batches to skip before stopping
+    # output
+    out: str = "runs/train"
+    overwrite: bool = False
+    resume: bool = False
+
+    def model_overrides(self) -> dict:
+        """--model-args plus the shorthand flags, as the architecture's own argument names."""
+        overrides = dict(self.model_args)
+        if self.input_size is not None:
+            overrides["input_size"] = self.input_size
+        if self.hidden_sizes is not None:
+            overrides["hidden_sizes"] = list(self.hidden_sizes)
+        elif self.hidden_size is not None:
+            overrides["hidden_sizes"] = [self.hidden_size]
+        if self.output_size is not None:
+            overrides["num_classes"] = self.output_size
+        return overrides
+
+    def validate(self) -> None:
+        """Collect every problem, then raise them together."""
+        p: list[str] = []
+        positive_ints = ("batch_size", "grad_accum", "keep_checkpoints", "eval_windows")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                p.append(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("epochs", "max_steps", "eval_every", "checkpoint_every", "patience", "block_size", "threads",
+                     "input_size", "hidden_size", "output_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                p.append(f"{_flag(name)} must be at least 1, got {value}")
+        if not self.lr > 0:
+            p.append(f"--lr must be positive, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "min_delta", "momentum"):
+            if getattr(self, name) < 0:
+                p.append(f"{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.skip_nonfinite < 0:
+            p.append("--warmup-steps and --skip-nonfinite must not be negative")
+        if self.optimizer not in OPTIMIZERS:
+            p.append(f"--optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            p.append(f"--schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        from .engine.hardware import DEVICES, PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            p.append(f"--precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        if self.device not in DEVICES:
+            p.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+        if self.hidden_sizes is not None and (not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes)):
+            p.append(f"--hidden-sizes must be positive widths like 512,512, got {self.hidden_sizes}")
+        if not isinstance(self.model_args, dict):
+            p.append("--model-args must be a JSON object, e.g. '{\"hidden_sizes\": [64]}'")
+        if p:
+            raise ConfigErrors(p, "training options")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(cls, name: str, value: Any, hints: dict) -> Any:
+    """Check a value from a file against the field's type (TOML is typed; JSON from flags too)."""
+    hint = str(hints[name])
+    if value is None:
+        return None
+    if "bool" in hint and not isinstance(value, bool):
+        raise TypeError("true or false")
+    if hint.startswith("int") and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError("an integer")
+    if "float" in hint and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TypeError("a number")
+    if "float" in hint:
+        return float(value)
+    if hint.startswith("str") and not isinstance(value, str):
+        raise TypeError("a string")
+    if "list" in hint and (not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError("a list of integers")
+    if "dict" in hint and not isinstance(value, dict):
+        raise TypeError("a table / JSON object")
+    return value
+
+
+def build_config(cls, file_values: dict | None = None, flags: dict | None = None, source: str = "config"):
+    """defaults < file values < flags (None means 'not given'); unknown keys and bad types are errors."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    problems = []
+    for key, value in (file_values or {}).items():
+        name = key.replace("-", "_")
+        if name not in names:
+            problems.append(f"{source}: unknown option {key!r}")
+            continue
+        try:
+            values[name] = _coerce(cls, name, value, hints)
+        except TypeError as exc:
+            problems.append(f"{source}: {key} must be {exc}, got {value!r}")
+    if problems:
+        raise ConfigErrors(problems, source)
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return cls(**values)
+
+
+def read_toml(path: Path | str, table: str | None = None) -> dict:
+    """A TOML options file; ``table`` picks e.g. [train] when present."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; give the path of a TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid TOML ({exc}); fix the file") from None
+    if table and isinstance(data.get(table), dict):
+        return data[table]
+    return data
+
+
+def asdict(config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,147 @@
+"""``bigmodel eval``: the task metric, the model's size, and (``--bench``) its latency.
+
+Metrics come from ``tasks``; the model runs through a ``Backend`` (PyTorch or ONNX Runtime), so
+both are measured by identical code.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..artifact import Artifact
+from ..errors import UserError
+from .backends import Backend, open_backend
+from .tasks import make_task
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class BenchConfig:
+    batch_size: int | None = None  # default: 1 for language models, 64 for classifiers
+    warmup: int = 5
+    iterations: int = 50
+    seq_len: int | None = None  # language models; default: the artifact's training window
+
+
+def size_stats(artifact: Artifact) -> dict:
+    """Parameters, non-zero parameters and file size, from the weights on disk."""
+    if artifact.has_weights:
+        from safetensors import safe_open
+
+        params = nonzero = 0
+        with safe_open(artifact.path / "model.safetensors", framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                if tensor.is_floating_point():
+                    params += tensor.numel()
+                    nonzero += int((tensor != 0).sum())
+        return {"params": params, "nonzero_params": nonzero, "file_bytes": artifact.file_bytes()}
+    from .runtime import onnx_size_stats
+
+    return onnx_size_stats(artifact)
+
+
+def open_data(artifact: Artifact, data_arg: str | None = None, target: str | None = None):
+    """The artifact's own dataset (split, normalization from config.json), or ``--data`` fed the same way."""
+    from ..data import load_dataset, parse_data_arg
+
+    spec = dict(artifact.data_spec)
+    if data_arg:
+        new = parse_data_arg(data_arg, target, input_shape=spec.get("input_shape"), num_classes=spec.get("num_classes"))
+        # Feed new data exactly as the model was trained: same normalization and classes.
+        for key in ("normalization", "block_size"):
+            if key in spec:
+                new[key] = spec[key]
+        spec = new
+    data = load_dataset(spec)
+    if data.task != artifact.task:
+        raise UserError(f"--data {data_arg} is {data.task} data but the model does {artifact.task}")
+    if data.task == "classification":
+        if tuple(data.input_shape) != tuple(artifact.data_spec.get("input_shape", data.input_shape)):
+            raise UserError(
+                f"--data {data_arg} has inputs of shape {tuple(data.input_shape)} but the model takes "
+                f"{tuple(artifact.data_spec['input_shape'])}"
+            )
+        if data.num_classes > artifact.data_spec.get("num_classes", data.num_classes):
+            raise UserError(f"--data {data_arg} has labels up to {data.num_classes - 1}; the model knows {artifact.data_spec['num_classes']} classes")
+    return data
+
+
+def benchmark(predict: Callable, example: np.ndarray, cfg: BenchConfig, progress=None) -> dict:
+    """Latency of ``predict(example)`` after warm-up: p50/p95 and throughput in samples/s."""
+    for _ in range(cfg.warmup):
+        predict(example)
+    times = []
+    for i in range(cfg.iterations):
+        start = time.perf_counter()
+        predict(example)
+        times.append((time.perf_counter() - start) * 1000.0)
+        if progress:
+            progress("bench", done=i + 1, total=cfg.iterations)
+    times.sort()
+    p50 = statistics.median(times)
+    p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
+    return {
+        "latency_ms_p50": p50,
+        "latency_ms_p95": p95,
+        "throughput": len(example) / (p50 / 1000.0),
+        "bench_batch": int(len(example)),
+        "bench_iterations": cfg.iterations,
+    }
+
+
+def bench_input(artifact: Artifact, task, cfg: BenchConfig) -> np.ndarray:
+    if artifact.task == "language-modeling":
+        batch = cfg.batch_size or 1
+        seq = cfg.seq_len or artifact.data_spec.get("block_size", 128)
+        rng = np.random.default_rng(0)
+        return rng.integers(0, artifact.data_spec.get("vocab_size", 256), size=(batch, seq)).astype(np.int64)
+    x = task.data.arrays("val")[0]
+    if len(x) == 0:
+        x = task.data.arrays("train")[0]
+    batch = cfg.batch_size or 64
+    return np.resize(x, (batch, *x.shape[1:])).astype(np.float32)
+
+
+def evaluate_artifact(
+    artifact: Artifact,
+    *,
+    split: str = "val",
+    data_arg: str | None = None,
+    target: str | None = None,
+    backend: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
+    bench: BenchConfig | None = None,
+    limit: int | None = None,
+    progress=None,
+    runner: Backend | None = None,
+) -> dict:
+    """One dict with the metric, the size and (with ``bench``) latency, plus where it ran."""
+    if split not in SPLITS:
+        raise UserError(f"unknown --split {split!r}; choose one of {', '.join(SPLITS)}")
+    data = open_data(artifact, data_arg, target)
+    runner = runner or open_backend(artifact, backend, device, threads)
+    task = make_task(data, batch_size=64, block_size=artifact.data_spec.get("block_size"))
+    metrics = task.evaluate(runner.predict, split, limit=limit)
+    result = {
+        "artifact": str(artifact.path),
+        "stage": artifact.stage,
+        "task": artifact.task,
+        "split": split if not data_arg else f"{data_arg}:{split}",
+        **metrics,
+        **size_stats(artifact),
+        "backend": runner.name,
+        "device": runner.device,
+        "threads": runner.threads,
+        **runner.detail,
+    }
+    if bench is not None:
+        result.update(benchmark(runner.predict, bench_input(artifact, task, bench), bench, progress))
+    return result

@@ -1,0 +1,434 @@
+"""The training loop behind ``bigmodel train`` (and the fine-tuning in prune and distill).
+
+``prepare_training`` turns a TrainConfig into a TrainJob, checking everything (data, model, shapes)
+before any work. ``run_job`` runs any job: the loop is step-based and every batch is a pure function
+of (seed, step), so resume needs only the step, and data-parallel ranks only slice the same batch.
+Distillation and pruning build their own TrainJob (a different loss, a different model) and reuse
+the loop unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import artifact as art
+from ..config import TrainConfig, asdict
+from ..errors import NonFiniteLoss, UserError
+from ..models import USER_ARCH, build_model, count_parameters, get_arch, resolve_spec
+from . import hardware
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .tasks import make_task, torch_predict
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+# Options that may change between a run and its --resume without changing the result.
+RESUME_MAY_CHANGE = {"resume", "overwrite", "threads", "keep_checkpoints", "device"}
+
+Progress = Callable[..., None]
+
+
+def _no_progress(event: str, **info: Any) -> None:
+    pass
+
+
+@dataclass
+class TrainJob:
+    cfg: TrainConfig
+    model: Any
+    data: Any
+    task: Any
+    artifact_config: dict  # config.json of the artifacts this run writes
+    stage: str = "train"
+    parent: Any = None  # Artifact this run starts from (prune/distill)
+    loss_fn: Callable | None = None  # (model, x, y) -> loss; default task.loss(model(x), y)
+    aux: Any = None  # trainable modules that are checkpointed but not saved in the artifact
+    extra_files: dict = field(default_factory=dict)  # name -> path copied into each artifact
+    manifest_extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_dir: Path
+    last_dir: Path
+    steps: int
+    best_step: int
+    best_metrics: dict
+    last_metrics: dict
+    stopped_early: bool
+    resumed_from: int | None
+    seconds: float
+    runtime: dict
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def default_data(cfg: TrainConfig, arch_task: str | None, overrides: dict) -> str:
+    """Which data to use when --data is not given."""
+    if cfg.data:
+        return cfg.data
+    if arch_task == "language-modeling":
+        return "text:stdlib"
+    digits_shape = {"input_size": 64, "num_classes": 10, "in_channels": 1, "height": 8, "width": 8}
+    if any(k in overrides and overrides[k] != v for k, v in digits_shape.items()):
+        return "synthetic"  # the user sized the model for other data: make data of that shape
+    return "digits"
+
+
+def _synthetic_shape(overrides: dict) -> dict:
+    if "in_channels" in overrides or "height" in overrides:
+        shape = [overrides.get("in_channels", 1), overrides.get("height", 8), overrides.get("width", 8)]
+    else:
+        shape = [overrides.get("input_size", 16)]
+    return {"input_shape": shape, "num_classes": overrides.get("num_classes", 4)}
+
+
+def resolve_model(cfg: TrainConfig, data, overrides: dict) -> dict:
+    """The config.json model dict for this run, checked against the data."""
+    if ":" in cfg.model and cfg.model.split(":")[0].endswith(".py"):
+        from ..models.user import parse_reference, trust_file
+
+        path, entry = parse_reference(cfg.model)
+        trust_file(path)  # the user named it on this command line
+        return {"arch": USER_ARCH, "file": str(path.resolve()), "entry": entry, "args": dict(cfg.model_args)}
+    arch = get_arch(cfg.model)
+    if arch.task != data.task:
+        fix = "--model gpt" if data.task == "language-modeling" else "classification data (--data digits|csv:PATH|npz:PATH)"
+        raise UserError(f"--model {arch.name} is a {arch.task} model but the data is for {data.task}; use {fix}")
+    spec = resolve_spec(arch.name, cfg.preset, overrides, data.model_fit())
+    if data.task == "classification":
+        _check_fit(spec, data)
+    return spec
+
+
+def _check_fit(spec: dict, data) -> None:
+    fit = data.model_fit()
+    shape = "×".join(map(str, data.input_shape))
+    if spec["arch"] == "mlp" and spec["input_size"] != fit["input_size"]:
+        raise UserError(
+            f"model input size {spec['input_size']} does not fit the data ({shape} = {fit['input_size']} features); "
+            f"drop --input-size or set it to {fit['input_size']}"
+        )
+    if spec["arch"] == "cnn":
+        if len(data.input_shape) not in (2, 3):
+            raise UserError(f"--model cnn needs image data (C×H×W); this data is {shape}; use --model mlp")
+        want = (fit["in_channels"], fit["height"], fit["width"])
+        have = (spec["in_channels"], spec["height"], spec["width"])
+        if want != have:
+            raise UserError(f"cnn input {have} does not fit the data ({want}); drop in_channels/height/width from --model-args")
+    if spec["num_classes"] < data.num_classes:
+        raise UserError(
+            f"labels go up to {data.num_classes - 1} but the model has {spec['num_classes']} outputs; "
+            f"drop --output-size or set it to at least {data.num_classes}"
+        )
+
+
+def _probe(model, task, spec: dict, data) -> None:
+    """One forward pass on two real samples, so a misfit fails now with a clear message."""
+    import torch
+
+    example = torch.from_numpy(task.example_input(2))
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as exc:  # the model, possibly the user's, rejected the input
+        raise UserError(
+            f"the model does not accept this data's input of shape {tuple(example.shape)}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; fix the model's input size"
+        ) from None
+    if data.task == "classification":
+        if out.dim() != 2 or out.shape[0] != example.shape[0]:
+            raise UserError(f"the model returned shape {tuple(out.shape)} for a batch of 2; a classifier must return (batch, classes)")
+        if out.shape[1] < data.num_classes:
+            raise UserError(f"the model has {out.shape[1]} outputs but the labels go up to {data.num_classes - 1}; widen its output layer")
+    elif out.dim() != 3 or out.shape[-1] < data.spec["vocab_size"]:
+        raise UserError(f"a language model must return (batch, seq, vocab ≥ {data.spec['vocab_size']}); got {tuple(out.shape)}")
+
+
+def prepare_training(cfg: TrainConfig) -> TrainJob:
+    """Validate the whole configuration and build data, model and task. No training yet."""
+    import torch
+
+    from ..data import load_dataset, parse_data_arg
+
+    cfg.validate()
+    overrides = cfg.model_overrides()
+    is_user = ":" in cfg.model and cfg.model.split(":")[0].endswith(".py")
+    arch_task = None if is_user else get_arch(cfg.model).task
+    if not cfg.resume:
+        art.check_output(cfg.out, cfg.overwrite)
+    data_arg = default_data(cfg, arch_task, overrides)
+    data = load_dataset(parse_data_arg(data_arg, cfg.target, **_synthetic_shape(overrides)))
+    spec = resolve_model(cfg, data, overrides)
+    block_size = None
+    if data.task == "language-modeling":
+        limit = spec.get("block_size")
+        block_size = cfg.block_size or (min(limit, 256) if limit else 128)
+        if limit and block_size > limit:
+            raise UserError(f"--block-size {block_size} is longer than the model's context ({limit}); lower it or raise block_size")
+    task = make_task(data, cfg.batch_size, cfg.seed, block_size, cfg.eval_windows)
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec)
+    _probe(model, task, spec, data)
+    extra_files = {}
+    if spec["arch"] == USER_ARCH:
+        extra_files[art.MODEL_CODE_FILE] = Path(spec["file"])
+        spec = {**spec, "file": art.MODEL_CODE_FILE}
+    data_spec = dict(data.spec)
+    if block_size:
+        data_spec["block_size"] = block_size
+    config = art.new_config(data.task, spec, data_spec)
+    return TrainJob(cfg=cfg, model=model, data=data, task=task, artifact_config=config, extra_files=extra_files)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warm-up, then cosine (to 10% of --lr), linear (to 0) or constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - progress)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    import torch
+
+    # Weight decay on matrices only, not on biases and norms (the usual practice).
+    params = list(params)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        # Adam's weight decay is L2 in the gradient; AdamW's is decoupled.
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _trainable(job: TrainJob):
+    seen, params = set(), []
+    for module in (job.model, job.aux):
+        if module is None:
+            continue
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def _total_steps(cfg: TrainConfig, task) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    if cfg.epochs:
+        return math.ceil(cfg.epochs * task.micro_batches_per_epoch / cfg.grad_accum)
+    if task.name == "language-modeling":
+        return 500
+    return math.ceil(30 * task.micro_batches_per_epoch / cfg.grad_accum)
+
+
+def _fingerprint(job: TrainJob) -> dict:
+    options = {k: v for k, v in asdict(job.cfg).items() if k not in RESUME_MAY_CHANGE}
+    return {"options": options, "model": job.artifact_config["model"], "stage": job.stage}
+
+
+def _prepare_run_dir(job: TrainJob) -> Path:
+    cfg = job.cfg
+    run_dir = Path(cfg.out)
+    record = _fingerprint(job)
+    if cfg.resume:
+        previous_file = run_dir / RUN_FILE
+        if not previous_file.is_file():
+            raise UserError(f"--resume: {run_dir} has no {RUN_FILE}; it is not a training run directory (drop --resume to start one)")
+        previous = json.loads(previous_file.read_text(encoding="utf-8"))
+        changed = sorted(
+            k for k in set(previous["options"]) | set(record["options"])
+            if previous["options"].get(k) != record["options"].get(k)
+        )
+        if changed:
+            detail = ", ".join(f"{k} ({previous['options'].get(k)!r} → {record['options'].get(k)!r})" for k in changed)
+            raise UserError(f"--resume: options differ from the run being resumed: {detail}; resume with the same options")
+        return run_dir
+    if run_dir.exists():  # check_output already required --overwrite
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return run_dir
+
+
+class _MetricsLog:
+    """metrics.jsonl: one JSON object per line; on resume, lines after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        self.handle = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.handle.write(json.dumps(art._jsonable(record)) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _is_better(task, value: float, best: float | None, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if task.higher_is_better else value < best - min_delta
+
+
+def _save_artifact(job: TrainJob, path: Path, metrics: dict, runtime: dict) -> None:
+    art.save_torch_artifact(
+        path, job.model, config=job.artifact_config, stage=job.stage, overwrite=True, parent=job.parent,
+        options=asdict(job.cfg), metrics=metrics, extra_files=job.extra_files,
+        extra={"runtime": runtime, **job.manifest_extra},
+    )
+
+
+def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
+    import torch
+
+    progress = progress or _no_progress
+    cfg, task, model = job.cfg, job.task, job.model
+    threads = hardware.set_threads(cfg.threads)
+    device = hardware.resolve_device(cfg.device)
+    n_params = count_parameters(model)
+    precision = hardware.resolve_precision(cfg.precision, device, n_params)
+    runtime = {"device": device, "precision": precision, "threads": threads, "params": n_params}
+    model.to(device)
+    if job.aux is not None:
+        job.aux.to(device)
+    params = _trainable(job)
+    optimizer = make_optimizer(cfg, params)
+    total = _total_steps(cfg, task)
+    steps_per_epoch = max(1, task.micro_batches_per_epoch // cfg.grad_accum)
+    eval_every = cfg.eval_every or (steps_per_epoch if task.name == "classification" else max(1, total // 10))
+    checkpoint_every = cfg.checkpoint_every or eval_every
+    run_dir = _prepare_run_dir(job)
+
+    step, best, best_step, bad_evals, skipped, resumed_from = 0, None, 0, 0, 0, None
+    best_metrics: dict = {}
+    if cfg.resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint, model, optimizer, job.aux)
+            step, best, best_step = state["step"], state["best"], state["best_step"]
+            bad_evals, skipped, best_metrics = state["bad_evals"], state["skipped"], state.get("best_metrics", {})
+            resumed_from = step
+    log = _MetricsLog(run_dir / METRICS_FILE, resumed_from if cfg.resume else None)
+    loss_fn = job.loss_fn or (lambda m, x, y: task.loss(m(x), y))
+    tokens_per_sample = getattr(task, "block_size", 1)
+    progress("start", total=total, step=step, runtime=runtime, run_dir=str(run_dir), resumed_from=resumed_from)
+
+    def state_record() -> dict:
+        return {"best": best, "best_step": best_step, "bad_evals": bad_evals, "skipped": skipped,
+                "best_metrics": best_metrics, "epoch": task.epoch_of(step * cfg.grad_accum)}
+
+    def evaluate() -> dict:
+        model.eval()
+        metrics = task.evaluate(torch_predict(model, device), "val")
+        model.train()
+        return metrics
+
+    started, stopped_early, last_metrics = time.perf_counter(), False, {}
+    window_start, window_items = time.perf_counter(), 0
+    model.train()
+    try:
+        while step < total:
+            lr = lr_at(step, cfg, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = 0.0
+            for k in range(cfg.grad_accum):
+                x, y = task.batch(step * cfg.grad_accum + k)
+                x, y = x.to(device), y.to(device)
+                with hardware.autocast(device, precision):
+                    loss = loss_fn(model, x, y)
+                (loss / cfg.grad_accum).backward()
+                loss_value += loss.item() / cfg.grad_accum
+                window_items += len(y) * tokens_per_sample
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                if skipped < cfg.skip_nonfinite:
+                    skipped += 1
+                    log.write({"step": step, "event": "skipped_nonfinite", "what": what})
+                    step += 1
+                    continue
+                last_good = latest_checkpoint(run_dir)
+                raise NonFiniteLoss(
+                    f"step {step}: the {what} is not finite; training stopped"
+                    + (f" (last good checkpoint: {last_good})" if last_good else "")
+                    + "; lower --lr, keep --grad-clip on, or pass --skip-nonfinite N to skip bad batches"
+                )
+            optimizer.step()
+            step += 1
+            now = time.perf_counter()
+            record = {"step": step, "epoch": task.epoch_of(step * cfg.grad_accum), "loss": loss_value, "lr": lr,
+                      "grad_norm": float(grad_norm)}
+            if now - window_start > 0:
+                record["items_per_s"] = window_items / (now - window_start)
+            window_start, window_items = now, 0
+            log.write(record)
+            progress("step", **record, total=total)
+
+            if step % eval_every == 0 or step == total:
+                metrics = evaluate()
+                last_metrics = {"step": step, **{f"val_{k}": v for k, v in metrics.items()}}
+                log.write({"step": step, "event": "eval", **last_metrics})
+                value = metrics[task.metric]
+                if _is_better(task, value, best, cfg.min_delta):
+                    best, best_step, bad_evals, best_metrics = value, step, 0, last_metrics
+                    _save_artifact(job, run_dir / "best", best_metrics, runtime)
+                else:
+                    bad_evals += 1
+                progress("eval", **last_metrics, best=best, best_step=best_step)
+                if cfg.patience and bad_evals >= cfg.patience:
+                    stopped_early = True
+            if step % checkpoint_every == 0 or step == total or stopped_early:
+                save_checkpoint(run_dir, step, model, optimizer, state_record(), job.aux, cfg.keep_checkpoints)
+            if stopped_early:
+                log.write({"step": step, "event": "early_stop", "patience": cfg.patience})
+                break
+    finally:
+        log.close()
+    if not last_metrics or last_metrics.get("step") != step:
+        last_metrics = {"step": step, **{f"val_{k}": v for k, v in evaluate().items()}}
+    if not (run_dir / "best").exists():
+        best_metrics = last_metrics
+        _save_artifact(job, run_dir / "best", best_metrics, runtime)
+    _save_artifact(job, run_dir / "last", last_metrics, runtime)
+    result = TrainResult(
+        run_dir=run_dir, best_dir=run_dir / "best", last_dir=run_dir / "last", steps=step, best_step=best_step,
+        best_metrics=best_metrics, last_metrics=last_metrics, stopped_early=stopped_early,
+        resumed_from=resumed_from, seconds=time.perf_counter() - started, runtime=runtime,
+    )
+    progress("done", result=result)
+    return result
+
+
+def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
+    return run_job(prepare_training(cfg), progress)

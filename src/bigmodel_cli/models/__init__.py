@@ -1,0 +1,171 @@
+"""The model registry: architecture name → config dataclass, module class and presets (as data).
+
+``resolve_spec`` turns a name, a preset, user overrides and what the data says (input shape,
+classes, vocabulary) into the plain dict stored under ``"model"`` in config.json;
+``build_model`` turns that dict back into a module. Nothing else needs to know the architectures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigErrors, UserError
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    task: str
+    module: str  # submodule holding <Config>, <Model>, PRESETS, DEFAULT_PRESET
+    config_cls: str
+    model_cls: str
+    summary: str
+
+    def _mod(self):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{self.module}")
+
+    @property
+    def presets(self) -> dict[str, dict]:
+        return self._mod().PRESETS
+
+    @property
+    def default_preset(self) -> str:
+        return self._mod().DEFAULT_PRESET
+
+    def config_type(self):
+        return getattr(self._mod(), self.config_cls)
+
+    def model_type(self):
+        return getattr(self._mod(), self.model_cls)
+
+
+ARCHS: dict[str, Arch] = {
+    "mlp": Arch("mlp", "classification", "mlp", "MLPConfig", "MLP", "input → (Linear, ReLU)×N → classes"),
+    "cnn": Arch("cnn", "classification", "cnn", "CNNConfig", "CNN", "(Conv3×3, ReLU, MaxPool)×N → Linear head"),
+    "gpt": Arch("gpt", "language-modeling", "gpt", "GPTConfig", "GPT", "decoder-only transformer LM (pre-LN, causal SDPA, GELU)"),
+}
+USER_ARCH = "user"
+
+
+def get_arch(name: str) -> Arch:
+    if name not in ARCHS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(ARCHS)} or give path/to/file.py:Class (see `bigmodel models`)")
+    return ARCHS[name]
+
+
+def _fields(arch: Arch) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(arch.config_type())}
+
+
+def _check_value(name: str, value: Any, problems: list[str]) -> None:
+    """Widths and counts must be positive ints; rates in [0, 1)."""
+    values = value if isinstance(value, list) else [value]
+    if name in ("dropout",):
+        if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            problems.append(f"model {name} must be in [0, 1), got {value!r}")
+        return
+    if name in ("bias", "tie_weights"):
+        if not isinstance(value, bool):
+            problems.append(f"model {name} must be true or false, got {value!r}")
+        return
+    for item in values:
+        if value is None and name in ("head_dim", "mlp_hidden"):
+            continue
+        if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
+            problems.append(f"model {name} must be a positive integer{' list' if isinstance(value, list) else ''}, got {value!r}")
+            return
+
+
+def resolve_spec(
+    arch_name: str,
+    preset: str | None = None,
+    overrides: dict | None = None,
+    data_fit: dict | None = None,
+) -> dict:
+    """Build the config.json "model" dict.
+
+    ``overrides`` are what the user set explicitly (they win); ``data_fit`` are sizes the data
+    implies (input size, classes, vocabulary), used where the user set nothing.
+    """
+    arch = get_arch(arch_name)
+    overrides = dict(overrides or {})
+    data_fit = dict(data_fit or {})
+    preset = preset or arch.default_preset
+    if preset not in arch.presets:
+        raise UserError(f"unknown preset {preset!r} for {arch.name}; choose one of {', '.join(arch.presets)}")
+    fields = _fields(arch)
+    problems = [f"unknown {arch.name} argument {key!r} (known: {', '.join(fields)})" for key in overrides if key not in fields]
+    if problems:
+        raise ConfigErrors(problems, "model arguments")
+    values = {**arch.presets[preset], **{k: v for k, v in data_fit.items() if k in fields}, **overrides}
+    config = arch.config_type()(**values)
+    spec = {"arch": arch.name, "preset": preset, **dataclasses.asdict(config)}
+    validate_spec(spec)
+    return spec
+
+
+def validate_spec(spec: dict) -> None:
+    arch = get_arch(spec["arch"])
+    fields = _fields(arch)
+    problems = []
+    for key, value in spec.items():
+        if key in ("arch", "preset"):
+            continue
+        if key not in fields:
+            problems.append(f"unknown {arch.name} argument {key!r}")
+        else:
+            _check_value(key, value, problems)
+    if arch.name == "gpt" and not problems:
+        if spec["n_embd"] % spec["n_head"] and spec.get("head_dim") is None:
+            problems.append(f"gpt n_embd {spec['n_embd']} must be divisible by n_head {spec['n_head']}")
+    if problems:
+        raise ConfigErrors(problems, "model configuration")
+
+
+def build_model(spec: dict, base_dir: Path | None = None):
+    """config.json "model" dict → an initialised nn.Module."""
+    if spec.get("arch") == USER_ARCH:
+        from .user import build_user_model
+
+        return build_user_model(spec, base_dir)
+    validate_spec(spec)
+    arch = get_arch(spec["arch"])
+    values = {k: v for k, v in spec.items() if k not in ("arch", "preset")}
+    return arch.model_type()(arch.config_type()(**values))
+
+
+def count_parameters(model) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen, total = set(), 0
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total
+
+
+def meta_parameter_count(spec: dict) -> int:
+    """Parameters of a spec without allocating them (the meta device)."""
+    import torch
+
+    with torch.device("meta"):
+        return count_parameters(build_model(spec))
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{1 if n / scale < 100 else 0}f}{unit}"
+    return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = 0 if n <= 0 else min(int(math.log(n, 1024)), len(units) - 1)
+    return f"{n / 1024 ** i:.1f} {units[i]}" if i else f"{int(n)} B"

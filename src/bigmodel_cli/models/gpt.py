@@ -1,0 +1,131 @@
+"""A decoder-only transformer language model in the GPT-2 mould.
+
+Pre-LayerNorm blocks, causal ``scaled_dot_product_attention`` (fused kernels where PyTorch has
+them), a GELU MLP, learned positions and, by default, an output head tied to the token embedding.
+Widths that pruning changes (``n_head``, ``head_dim``, ``mlp_hidden``) are explicit in the config so
+that a pruned model rebuilds from config.json alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 256
+    n_layer: int = 5
+    n_head: int = 4
+    n_embd: int = 128
+    head_dim: int | None = None  # defaults to n_embd // n_head; head pruning keeps it and lowers n_head
+    mlp_hidden: int | None = None  # defaults to 4 * n_embd; MLP pruning lowers it
+    dropout: float = 0.0
+    bias: bool = True
+    tie_weights: bool = True
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.n_embd // self.n_head
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        inner = config.n_head * config.head_dim
+        self.qkv = nn.Linear(config.n_embd, 3 * inner, bias=config.bias)
+        self.proj = nn.Linear(inner, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).split(self.n_head * self.head_dim, dim=2)
+        # (B, T, H*D) → (B, H, T, D)
+        q, k, v = (t.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim))
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLPBlock(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) → next-token logits (B, T, vocab)."""
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+# Presets as data. Parameter counts are for the byte vocabulary where vocab_size is 256.
+PRESETS = {
+    "nano": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128},  # ~0.12M
+    "micro": {"n_layer": 5, "n_head": 4, "n_embd": 128, "block_size": 256},  # ~1.0M
+    "milli": {"n_layer": 6, "n_head": 6, "n_embd": 192, "block_size": 256},  # ~2.8M
+    "mini": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},  # ~10.8M
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50257},  # 124M
+    "1b": {"n_layer": 18, "n_head": 16, "n_embd": 2048, "block_size": 2048, "vocab_size": 32000, "tie_weights": False},
+    "7b": {"n_layer": 32, "n_head": 32, "n_embd": 4096, "block_size": 4096, "vocab_size": 32000, "tie_weights": False},
+    # 70b: Llama-2-70B's width and depth; a 4.5× GELU MLP gives its parameter count without SwiGLU.
+    "70b": {"n_layer": 80, "n_head": 64, "n_embd": 8192, "mlp_hidden": 36864, "block_size": 4096, "vocab_size": 32000, "tie_weights": False},
+}
+DEFAULT_PRESET = "micro"

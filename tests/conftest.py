@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny real models trained once per session, and a CLI runner.
+
+Fixtures return artifact paths; tests must not modify them (copy first if a test needs to).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """invoke(*args) → Result (exit_code, stdout, stderr), through Typer's CliRunner."""
+    from bigmodel_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small, fixed text corpus (~40 KB) for language-model tests."""
+    import sysconfig
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    source = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
+    path.write_bytes(source.read_bytes()[:40_000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_mlp(tmp_path_factory) -> Path:
+    """A small MLP trained on the bundled digits; returns the run directory (best/ and last/ inside)."""
+    from bigmodel_cli import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "digits-mlp"
+    train(TrainConfig(model="mlp", hidden_sizes=[64], epochs=15, out=str(out), seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(tmp_path_factory) -> Path:
+    from bigmodel_cli import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "digits-cnn"
+    train(TrainConfig(model="cnn", preset="tiny", epochs=4, out=str(out), seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt(tmp_path_factory, corpus) -> Path:
+    """A nano GPT trained briefly on the test corpus (byte level)."""
+    from bigmodel_cli import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-gpt"
+    train(TrainConfig(model="gpt", preset="nano", data=f"text:{corpus}", block_size=32, batch_size=8,
+                      max_steps=40, eval_windows=8, out=str(out), seed=0,
+                      model_args={"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64}))
+    return out
