@@ -1,21 +1,27 @@
-"""bigmodel train: options → TrainConfig → engine.train → a results table."""
+"""bigmodel train: options → TrainConfig → engine.train → a results table.
+
+The trainer's options are declared once (``_options``) and appended to other commands that train
+(prune's fine-tuning, distill) with ``with_train_options``, so every flag has one name and one help.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from . import console
-from .options import DataOpt, DeviceOpt, JsonOpt, SeedOpt, TargetOpt, ThreadsOpt, parse_int_list, parse_json_object
+from .options import DataOpt, JsonOpt, SeedOpt, TargetOpt, ThreadsOpt, parse_int_list, parse_json_object
 
 _M = "Model"
 _O = "Optimisation"
 _R = "Run"
 
 
-def train(
+def _options(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="mlp, cnn, gpt, or path/to/file.py:ClassOrFactory.", rich_help_panel=_M)] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="Named size (see `bigmodel models`).", rich_help_panel=_M)] = None,
     model_args: Annotated[Optional[str], typer.Option("--model-args", help="JSON object of model arguments, e.g. '{\"hidden_sizes\": [64]}'.", rich_help_panel=_M)] = None,
@@ -51,20 +57,59 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (best/, last/, checkpoints/, metrics.jsonl).", rich_help_panel=_R)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.", rich_help_panel=_R)] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.", rich_help_panel=_R)] = False,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of these options ([train] table or top level); flags win.", rich_help_panel=_R)] = None,
+) -> None:
+    """Only a signature: the trainer's options, shared by every command that trains."""
+
+
+TRAIN_OPTIONS = list(inspect.signature(_options, eval_str=True).parameters.values())
+
+
+def with_train_options(exclude: tuple[str, ...] = ()):
+    """Append the trainer's options to a command; the command receives them as ``train_flags``
+    (a dict of the options the user gave, in TrainConfig's names)."""
+
+    def decorate(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "train_flags"]
+        names = {p.name for p in own}
+        extra = [p for p in TRAIN_OPTIONS if p.name not in names and p.name not in exclude]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            given = {p.name: kwargs.pop(p.name) for p in extra}
+            return command(**kwargs, train_flags=train_flags_from(given))
+
+        wrapper.__signature__ = inspect.Signature(own + extra)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}  # resolved, for Typer
+        return wrapper
+
+    return decorate
+
+
+def train_flags_from(given: dict) -> dict:
+    """Raw option values → TrainConfig keyword arguments (None = not given)."""
+    flags = {k: v for k, v in given.items() if k not in ("model_args", "hidden_sizes", "out", "overwrite", "resume")}
+    flags.update(model_args=parse_json_object(given.get("model_args"), "--model-args"),
+                 hidden_sizes=parse_int_list(given.get("hidden_sizes"), "--hidden-sizes"))
+    if "out" in given:
+        flags["out"] = str(given["out"]) if given["out"] else None
+    for key in ("overwrite", "resume"):
+        if key in given:
+            flags[key] = given[key] or None
+    return flags
+
+
+@with_train_options()
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of these options (a \\[train] table or top-level keys); flags win.", rich_help_panel=_R)] = None,
     json_out: JsonOpt = False,
+    train_flags: dict | None = None,
 ) -> None:
     """Train a model (default: an MLP on the bundled digits) and write best/ and last/ artifacts."""
-    given = dict(locals())  # first: the options exactly as passed
     from ..config import TrainConfig, build_config, read_toml
     from ..engine.train import prepare_training, run_job
 
-    flags = {k: v for k, v in given.items() if k not in ("config", "json_out", "model_args", "hidden_sizes", "out", "overwrite", "resume")}
-    flags.update(model_args=parse_json_object(model_args, "--model-args"),
-                 hidden_sizes=parse_int_list(hidden_sizes, "--hidden-sizes"),
-                 out=str(out) if out else None, overwrite=overwrite or None, resume=resume or None)
     file_values = read_toml(config, "train") if config else {}
-    cfg = build_config(TrainConfig, file_values, flags, source=str(config or "config"))
+    cfg = build_config(TrainConfig, file_values, train_flags, source=str(config or "config"))
     job = prepare_training(cfg)
     unit = "tokens/s" if job.task.name == "language-modeling" else "samples/s"
     result = run_job(job, _progress(unit, not json_out))
