@@ -19,6 +19,7 @@ from .options import DataOpt, JsonOpt, SeedOpt, TargetOpt, ThreadsOpt, parse_int
 _M = "Model"
 _O = "Optimisation"
 _R = "Run"
+_D = "Distributed"
 
 
 def _options(
@@ -100,19 +101,31 @@ def train_flags_from(given: dict) -> dict:
 
 @with_train_options()
 def train(
+    ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of these options (a \\[train] table or top-level keys); flags win.", rich_help_panel=_R)] = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Train with N processes on this machine (starts torchrun workers; --batch-size stays the global batch).", rich_help_panel=_D)] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", help="With several processes: ddp (replicate the model, default) or fsdp (shard parameters, gradients and optimizer state).", rich_help_panel=_D)] = None,
     json_out: JsonOpt = False,
     train_flags: dict | None = None,
 ) -> None:
     """Train a model (default: an MLP on the bundled digits) and write best/ and last/ artifacts."""
     from ..config import TrainConfig, build_config, read_toml
+    from ..engine import distributed
     from ..engine.train import prepare_training, run_job
 
     file_values = read_toml(config, "train") if config else {}
     cfg = build_config(TrainConfig, file_values, train_flags, source=str(config or "config"))
+    distributed.check_options(nproc, strategy, cfg.device)
     job = prepare_training(cfg)
+    job.strategy = strategy
+    if nproc is not None and nproc > 1:
+        # The workers run this same command without --nproc; rank 0 prints the results.
+        distributed.launch(job, nproc, _forwarded_argv(ctx, drop=("nproc",)))
+        return
     unit = "tokens/s" if job.task.name == "language-modeling" else "samples/s"
     result = run_job(job, _progress(unit, not json_out))
+    if not result.is_main:  # another rank of a distributed run: rank 0 reports
+        return
     summary = {
         "run_dir": str(result.run_dir), "best": str(result.best_dir), "last": str(result.last_dir),
         "steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early,
@@ -130,6 +143,25 @@ def train(
     if result.stopped_early:
         rows.append(("stopped early", "yes (patience)"))
     console.out.print(console.key_value_table("bigmodel train", rows))
+
+
+def _forwarded_argv(ctx: typer.Context, drop: tuple[str, ...]) -> list[str]:
+    """This command's options as the user gave them (from the parsed context, not sys.argv, which
+    is not ours under a test runner or a recipe), minus ``drop``."""
+    argv: list[str] = []
+    for param in ctx.command.params:
+        if param.name in drop or param.param_type_name != "option":
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source is None or source.name not in ("COMMANDLINE", "ENVIRONMENT"):
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            if value:
+                argv.append(param.opts[0])
+        elif value is not None:
+            argv += [param.opts[0], str(value)]
+    return argv
 
 
 def _progress(unit: str, enabled: bool):

@@ -4,7 +4,8 @@
 before any work. ``run_job`` runs any job: the loop is step-based and every batch is a pure function
 of (seed, step), so resume needs only the step, and data-parallel ranks only slice the same batch.
 Distillation and pruning build their own TrainJob (a different loss, a different model) and reuse
-the loop unchanged.
+the loop unchanged. Under torchrun the same loop runs on every rank (engine/distributed.py: DDP or
+FSDP, the loss weighted so that N processes train like one, rank 0 alone writing).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .. import artifact as art
 from ..config import TrainConfig, asdict
 from ..errors import NonFiniteLoss, UserError
 from ..models import USER_ARCH, build_model, count_parameters, get_arch, resolve_spec
-from . import hardware
+from . import distributed, hardware
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .tasks import make_task, torch_predict
 
@@ -51,6 +52,7 @@ class TrainJob:
     aux: Any = None  # trainable modules that are checkpointed but not saved in the artifact
     extra_files: dict = field(default_factory=dict)  # name -> path copied into each artifact
     manifest_extra: dict = field(default_factory=dict)
+    strategy: str | None = None  # under torchrun: "ddp" (default) or "fsdp"; one process ignores it
 
 
 @dataclass
@@ -66,6 +68,7 @@ class TrainResult:
     resumed_from: int | None
     seconds: float
     runtime: dict
+    is_main: bool = True  # False on the other ranks of a distributed run: they print nothing
 
 
 # --------------------------------------------------------------------------- preparation
@@ -78,7 +81,8 @@ def default_data(cfg: TrainConfig, arch_task: str | None, overrides: dict) -> st
     if arch_task == "language-modeling":
         return "text:stdlib"
     digits_shape = {"input_size": 64, "num_classes": 10, "in_channels": 1, "height": 8, "width": 8}
-    if any(k in overrides and overrides[k] != v for k, v in digits_shape.items()):
+    # Only our own architectures' argument names mean a data shape; a user model's "width" is its own.
+    if arch_task and any(k in overrides and overrides[k] != v for k, v in digits_shape.items()):
         return "synthetic"  # the user sized the model for other data: make data of that shape
     return "digits"
 
@@ -163,7 +167,7 @@ def prepare_training(cfg: TrainConfig) -> TrainJob:
     overrides = cfg.model_overrides()
     is_user = ":" in cfg.model and cfg.model.split(":")[0].endswith(".py")
     arch_task = None if is_user else get_arch(cfg.model).task
-    if not cfg.resume:
+    if not cfg.resume and distributed.env_rank() == 0:  # other ranks would race rank 0 creating it
         art.check_output(cfg.out, cfg.overwrite)
     data_arg = default_data(cfg, arch_task, overrides)
     data = load_dataset(parse_data_arg(data_arg, cfg.target, **_synthetic_shape(overrides)))
@@ -248,23 +252,30 @@ def _fingerprint(job: TrainJob) -> dict:
     return {"options": options, "model": job.artifact_config["model"], "stage": job.stage}
 
 
+def check_resume(job: TrainJob) -> Path:
+    """--resume: the run directory exists and was started with the same options (reads only)."""
+    run_dir = Path(job.cfg.out)
+    record = _fingerprint(job)
+    previous_file = run_dir / RUN_FILE
+    if not previous_file.is_file():
+        raise UserError(f"--resume: {run_dir} has no {RUN_FILE}; it is not a training run directory (drop --resume to start one)")
+    previous = json.loads(previous_file.read_text(encoding="utf-8"))
+    changed = sorted(
+        k for k in set(previous["options"]) | set(record["options"])
+        if previous["options"].get(k) != record["options"].get(k)
+    )
+    if changed:
+        detail = ", ".join(f"{k} ({previous['options'].get(k)!r} → {record['options'].get(k)!r})" for k in changed)
+        raise UserError(f"--resume: options differ from the run being resumed: {detail}; resume with the same options")
+    return run_dir
+
+
 def _prepare_run_dir(job: TrainJob) -> Path:
     cfg = job.cfg
     run_dir = Path(cfg.out)
     record = _fingerprint(job)
     if cfg.resume:
-        previous_file = run_dir / RUN_FILE
-        if not previous_file.is_file():
-            raise UserError(f"--resume: {run_dir} has no {RUN_FILE}; it is not a training run directory (drop --resume to start one)")
-        previous = json.loads(previous_file.read_text(encoding="utf-8"))
-        changed = sorted(
-            k for k in set(previous["options"]) | set(record["options"])
-            if previous["options"].get(k) != record["options"].get(k)
-        )
-        if changed:
-            detail = ", ".join(f"{k} ({previous['options'].get(k)!r} → {record['options'].get(k)!r})" for k in changed)
-            raise UserError(f"--resume: options differ from the run being resumed: {detail}; resume with the same options")
-        return run_dir
+        return check_resume(job)
     if run_dir.exists():  # check_output already required --overwrite
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -279,7 +290,7 @@ class _MetricsLog:
         self.path = path
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if _step_of(line) is not None and _step_of(line) <= resume_step]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
             os.replace(tmp, path)
@@ -293,31 +304,66 @@ class _MetricsLog:
         self.handle.close()
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank line or one cut short by a killed process."""
+    try:
+        return json.loads(line).get("step", 0) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
+class _NoLog:
+    """metrics.jsonl on ranks other than 0: they write nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _is_better(task, value: float, best: float | None, min_delta: float) -> bool:
     if best is None:
         return True
     return value > best + min_delta if task.higher_is_better else value < best - min_delta
 
 
-def _save_artifact(job: TrainJob, path: Path, metrics: dict, runtime: dict) -> None:
+def _save_artifact(job: TrainJob, path: Path, metrics: dict, runtime: dict, model=None) -> None:
     art.save_torch_artifact(
-        path, job.model, config=job.artifact_config, stage=job.stage, overwrite=True, parent=job.parent,
+        path, job.model if model is None else model, config=job.artifact_config, stage=job.stage, overwrite=True, parent=job.parent,
         options=asdict(job.cfg), metrics=metrics, extra_files=job.extra_files,
         extra={"runtime": runtime, **job.manifest_extra},
     )
 
 
 def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
+    """Run a training job: in this process, or as one rank of a torchrun-launched run."""
+    device = hardware.resolve_device(job.cfg.device)
+    ranks = distributed.join(job, device)  # a single process unless launched by torchrun
+    ok = False
+    try:
+        result = _run(job, ranks, device, (progress or _no_progress) if ranks.is_main else _no_progress)
+        ok = True
+        return result
+    except Exception as exc:
+        converted = distributed.lost_contact(exc, ranks)
+        if converted is exc:
+            raise
+        raise converted from exc
+    finally:
+        ranks.close(ok)
+
+
+def _run(job: TrainJob, ranks, device: str, progress: Progress) -> TrainResult:
     import torch
 
-    progress = progress or _no_progress
     cfg, task, model = job.cfg, job.task, job.model
-    threads = hardware.set_threads(cfg.threads)
-    device = hardware.resolve_device(cfg.device)
+    threads = hardware.set_threads(ranks.threads(cfg.threads))
     n_params = count_parameters(model)
     precision = hardware.resolve_precision(cfg.precision, device, n_params)
-    runtime = {"device": device, "precision": precision, "threads": threads, "params": n_params}
-    model.to(device)
+    runtime = {"device": device, "precision": precision, "threads": threads, "params": n_params, **ranks.describe()}
+    if not ranks.shards:  # FSDP places each rank's shards on the device itself
+        model.to(device)
     if job.aux is not None:
         job.aux.to(device)
     params = _trainable(job)
@@ -326,18 +372,22 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
     steps_per_epoch = max(1, task.micro_batches_per_epoch // cfg.grad_accum)
     eval_every = cfg.eval_every or (steps_per_epoch if task.name == "classification" else max(1, total // 10))
     checkpoint_every = cfg.checkpoint_every or eval_every
-    run_dir = _prepare_run_dir(job)
+    run_dir = Path(ranks.on_main(lambda: str(_prepare_run_dir(job))))  # rank 0 creates it; all learn of errors
 
     step, best, best_step, bad_evals, skipped, resumed_from = 0, None, 0, 0, 0, None
     best_metrics: dict = {}
     if cfg.resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is not None:
-            state = load_checkpoint(checkpoint, model, optimizer, job.aux)
+        found = ranks.on_main(lambda: str(latest_checkpoint(run_dir) or ""))
+        if found:
+            # Checkpoints are full and in the single-process layout, whatever the number of
+            # processes that wrote them: every rank loads the same one before wrapping the model.
+            state = load_checkpoint(Path(found), model, optimizer, job.aux)
             step, best, best_step = state["step"], state["best"], state["best_step"]
             bad_evals, skipped, best_metrics = state["bad_evals"], state["skipped"], state.get("best_metrics", {})
             resumed_from = step
-    log = _MetricsLog(run_dir / METRICS_FILE, resumed_from if cfg.resume else None)
+    train_model, optimizer = ranks.wrap(model, optimizer, lambda ps: make_optimizer(cfg, ps))
+    params = _trainable(job)  # FSDP replaced the parameters with their shards
+    log = _MetricsLog(run_dir / METRICS_FILE, resumed_from if cfg.resume else None) if ranks.is_main else _NoLog()
     loss_fn = job.loss_fn or (lambda m, x, y: task.loss(m(x), y))
     tokens_per_sample = getattr(task, "block_size", 1)
     progress("start", total=total, step=step, runtime=runtime, run_dir=str(run_dir), resumed_from=resumed_from)
@@ -347,10 +397,18 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
                 "best_metrics": best_metrics, "epoch": task.epoch_of(step * cfg.grad_accum)}
 
     def evaluate() -> dict:
-        model.eval()
-        metrics = task.evaluate(torch_predict(model, device), "val")
-        model.train()
-        return metrics
+        def run() -> dict:
+            model.eval()
+            metrics = task.evaluate(torch_predict(model, device), "val")
+            model.train()
+            return metrics
+
+        return ranks.evaluate(run)
+
+    def save_artifact(name: str, metrics: dict) -> None:
+        full = ranks.full_model(model)  # under FSDP every rank takes part in gathering the weights
+        if ranks.is_main:
+            _save_artifact(job, run_dir / name, metrics, runtime, full)
 
     started, stopped_early, last_metrics = time.perf_counter(), False, {}
     window_start, window_items = time.perf_counter(), 0
@@ -362,16 +420,21 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
-            for k in range(cfg.grad_accum):
-                x, y = task.batch(step * cfg.grad_accum + k)
+            micro = [ranks.batch(task, step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+            sizes = ranks.global_sizes([n for _x, _y, n in micro])
+            for k, (x, y, n) in enumerate(micro):
                 x, y = x.to(device), y.to(device)
-                with hardware.autocast(device, precision):
-                    loss = loss_fn(model, x, y)
-                (loss / cfg.grad_accum).backward()
-                loss_value += loss.item() / cfg.grad_accum
-                window_items += len(y) * tokens_per_sample
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                weight = ranks.loss_weight(n, sizes[k])  # 1.0 in one process
+                with ranks.sync_gradients(train_model, k == cfg.grad_accum - 1):
+                    with hardware.autocast(device, precision):
+                        loss = loss_fn(train_model, x, y)
+                    ((loss * weight if weight != 1.0 else loss) / cfg.grad_accum).backward()
+                loss_value += loss.item() * (n / sizes[k]) / cfg.grad_accum
+                window_items += sizes[k] * tokens_per_sample
+            loss_value = ranks.sum(loss_value)  # the global batch's loss, the same on every rank
+            grad_norm = ranks.scalar(
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                 if skipped < cfg.skip_nonfinite:
                     skipped += 1
@@ -388,7 +451,7 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
             step += 1
             now = time.perf_counter()
             record = {"step": step, "epoch": task.epoch_of(step * cfg.grad_accum), "loss": loss_value, "lr": lr,
-                      "grad_norm": float(grad_norm)}
+                      "grad_norm": grad_norm}
             if now - window_start > 0:
                 record["items_per_s"] = window_items / (now - window_start)
             window_start, window_items = now, 0
@@ -402,14 +465,17 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
                 value = metrics[task.metric]
                 if _is_better(task, value, best, cfg.min_delta):
                     best, best_step, bad_evals, best_metrics = value, step, 0, last_metrics
-                    _save_artifact(job, run_dir / "best", best_metrics, runtime)
+                    save_artifact("best", best_metrics)
                 else:
                     bad_evals += 1
                 progress("eval", **last_metrics, best=best, best_step=best_step)
                 if cfg.patience and bad_evals >= cfg.patience:
                     stopped_early = True
             if step % checkpoint_every == 0 or step == total or stopped_early:
-                save_checkpoint(run_dir, step, model, optimizer, state_record(), job.aux, cfg.keep_checkpoints)
+                full_model, full_optimizer = ranks.full_model(model), ranks.full_optimizer(model, optimizer)
+                if ranks.is_main:
+                    save_checkpoint(run_dir, step, full_model, full_optimizer, state_record(), job.aux,
+                                    cfg.keep_checkpoints)
             if stopped_early:
                 log.write({"step": step, "event": "early_stop", "patience": cfg.patience})
                 break
@@ -417,14 +483,14 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
         log.close()
     if not last_metrics or last_metrics.get("step") != step:
         last_metrics = {"step": step, **{f"val_{k}": v for k, v in evaluate().items()}}
-    if not (run_dir / "best").exists():
+    if ranks.on_main(lambda: not (run_dir / "best").exists()):
         best_metrics = last_metrics
-        _save_artifact(job, run_dir / "best", best_metrics, runtime)
-    _save_artifact(job, run_dir / "last", last_metrics, runtime)
+        save_artifact("best", best_metrics)
+    save_artifact("last", last_metrics)
     result = TrainResult(
         run_dir=run_dir, best_dir=run_dir / "best", last_dir=run_dir / "last", steps=step, best_step=best_step,
         best_metrics=best_metrics, last_metrics=last_metrics, stopped_early=stopped_early,
-        resumed_from=resumed_from, seconds=time.perf_counter() - started, runtime=runtime,
+        resumed_from=resumed_from, seconds=time.perf_counter() - started, runtime=runtime, is_main=ranks.is_main,
     )
     progress("done", result=result)
     return result
