@@ -77,6 +77,9 @@ def _register() -> None:
     app.command("models")(listing.models)
     app.command("datasets")(listing.datasets)
     app.command("estimate")(estimate.estimate)
+    from . import export as export_cli  # issue 3: export, predict, generate (own lines: imports above are edited concurrently)
+
+    app.command("export")(export_cli.export)
 
 
 _register()

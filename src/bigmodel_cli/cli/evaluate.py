@@ -38,7 +38,12 @@ def eval_command(
     if iterations < 1 or warmup < 0 or (bench_batch is not None and bench_batch < 1):
         raise UserError("--iterations and --bench-batch must be at least 1 and --warmup not negative")
     cfg = BenchConfig(batch_size=bench_batch, warmup=warmup, iterations=iterations, seq_len=seq_len) if bench else None
-    result = evaluate_artifact(open_artifact(artifact), split=split, data_arg=data, target=target, backend=backend,
+    source = open_artifact(artifact)
+    if bench and backend == "auto" and source.has_weights and source.has_onnx:
+        _side_by_side(source, cfg, split=split, data_arg=data, target=target, device=device, threads=threads,
+                      limit=limit, json_out=json_out)
+        return
+    result = evaluate_artifact(source, split=split, data_arg=data, target=target, backend=backend,
                                device=device, threads=threads, bench=cfg, limit=limit)
     if json_out:
         console.print_json(result)
@@ -46,3 +51,20 @@ def eval_command(
     keys = [k for k in _ORDER if k in result]
     title = f"bigmodel eval · {result['artifact']} · {result['split']}"
     console.out.print(console.key_value_table(title, [(k, result[k]) for k in keys]))
+
+
+def _side_by_side(source, cfg, *, json_out: bool, **kwargs) -> None:
+    """--bench on an artifact with both model.safetensors and model.onnx: one report per backend,
+    timed interleaved with the same threads, in adjacent columns."""
+    from ..engine.evaluate import evaluate_backends
+
+    report = evaluate_backends(source, ("torch", "onnx"), bench=cfg, **kwargs)
+    if json_out:
+        console.print_json(report)
+        return
+    results = report["backends"]
+    keys = [k for k in _ORDER if any(k in r for r in results.values()) and k != "backend"]
+    rows = [(k, *(results[name].get(k) for name in results)) for k in keys]
+    ratio = report.get("latency_ratio_onnx_over_torch")
+    title = f"bigmodel eval --bench · {report['artifact']} · torch vs onnx" + (f" · onnx/torch p50 {ratio:.3g}×" if ratio else "")
+    console.out.print(console.rows_table(title, ["", *results], rows))

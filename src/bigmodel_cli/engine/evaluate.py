@@ -29,9 +29,13 @@ class BenchConfig:
     seq_len: int | None = None  # language models; default: the artifact's training window
 
 
-def size_stats(artifact: Artifact) -> dict:
-    """Parameters, non-zero parameters and file size, from the weights on disk."""
-    if artifact.has_weights:
+def size_stats(artifact: Artifact, backend: str | None = None) -> dict:
+    """Parameters, non-zero parameters and file size, from the weights on disk.
+
+    ``backend="onnx"`` measures model.onnx even when the artifact also carries safetensors (an
+    export keeps both), so each backend reports the file it actually runs.
+    """
+    if artifact.has_weights and not (backend == "onnx" and artifact.has_onnx):
         from safetensors import safe_open
 
         params = nonzero = 0
@@ -136,7 +140,7 @@ def evaluate_artifact(
         "task": artifact.task,
         "split": split if not data_arg else f"{data_arg}:{split}",
         **metrics,
-        **size_stats(artifact),
+        **size_stats(artifact, runner.name),
         "backend": runner.name,
         "device": runner.device,
         "threads": runner.threads,
@@ -145,3 +149,63 @@ def evaluate_artifact(
     if bench is not None:
         result.update(benchmark(runner.predict, bench_input(artifact, task, bench), bench, progress))
     return result
+
+
+def benchmark_interleaved(predicts: dict[str, Callable], example: np.ndarray, cfg: BenchConfig, progress=None) -> dict[str, dict]:
+    """``benchmark`` for several backends at once, timed in alternating order (A B B A …) after
+    warm-up, so that noise from a shared machine falls on all of them alike."""
+    names = list(predicts)
+    for _ in range(cfg.warmup):
+        for name in names:
+            predicts[name](example)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(cfg.iterations):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            predicts[name](example)
+            times[name].append((time.perf_counter() - start) * 1000.0)
+        if progress:
+            progress("bench", done=i + 1, total=cfg.iterations)
+    out = {}
+    for name, values in times.items():
+        values.sort()
+        p50 = statistics.median(values)
+        out[name] = {
+            "latency_ms_p50": p50,
+            "latency_ms_p95": values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))],
+            "throughput": len(example) / (p50 / 1000.0),
+            "bench_batch": int(len(example)),
+            "bench_iterations": cfg.iterations,
+        }
+    return out
+
+
+def evaluate_backends(
+    artifact: Artifact,
+    backends: tuple[str, ...] = ("torch", "onnx"),
+    *,
+    bench: BenchConfig | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress=None,
+    **kwargs,
+) -> dict:
+    """The same report for several backends of one artifact, side by side: each is evaluated on the
+    same data, and (with ``bench``) timed interleaved on the same input with the same threads."""
+    runners = {}
+    for name in backends:
+        runners[name] = open_backend(artifact, name, device, threads)
+        threads = runners[name].threads  # the first backend's count is imposed on the others
+    results = {name: evaluate_artifact(artifact, backend=name, device=device, runner=runner, progress=progress, **kwargs)
+               for name, runner in runners.items()}
+    if bench is not None:
+        data = open_data(artifact, kwargs.get("data_arg"), kwargs.get("target"))
+        task = make_task(data, batch_size=64, block_size=artifact.data_spec.get("block_size"))
+        timings = benchmark_interleaved({n: r.predict for n, r in runners.items()}, bench_input(artifact, task, bench), bench, progress)
+        for name, timing in timings.items():
+            results[name].update(timing)
+    report = {"artifact": str(artifact.path), "backends": results}
+    if bench is not None and len(backends) == 2:
+        a, b = backends
+        report[f"latency_ratio_{b}_over_{a}"] = results[b]["latency_ms_p50"] / results[a]["latency_ms_p50"]
+    return report

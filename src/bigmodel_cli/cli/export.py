@@ -1,0 +1,77 @@
+"""bigmodel export: a PyTorch artifact → a verified ONNX artifact (engine.export.export_artifact)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import console
+from .options import ArtifactArg, JsonOpt, OverwriteOpt, ThreadsOpt
+
+_STAGES = {"export": "exporting (dynamo, then TorchScript if needed)", "check": "running the ONNX checker",
+           "optimize": "optimizing with ONNX Runtime", "verify": "verifying against PyTorch", "write": "writing"}
+
+
+def parse_dynamic(value: Optional[str]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    items = [v for v in value.replace(" ", "").split(",") if v]
+    return [] if items == ["none"] else items
+
+
+def export(
+    artifact: ArtifactArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output artifact directory (must not exist unless --overwrite).")],
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (18 up to the installed onnx's newest).")] = 18,
+    dynamic: Annotated[Optional[str], typer.Option("--dynamic", help="Symbolic axes: batch,seq (default: batch, and seq for language models), or none.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, or fp16 weights and compute (inputs and outputs stay float32).")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda: where the model is traced and verified.")] = "cpu",
+    optimize: Annotated[str, typer.Option("--optimize", help="none (raw graph), basic (exporter's folding; portable) or extended (+ ONNX Runtime fusions; ORT-only).")] = "basic",
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Largest allowed |PyTorch − ONNX Runtime| (default 1e-4 fp32, 5e-2 fp16).")] = None,
+    exporter: Annotated[str, typer.Option("--exporter", help="auto (dynamo, then TorchScript), dynamo or torchscript.")] = "auto",
+    weights: Annotated[bool, typer.Option("--weights/--no-weights", help="Also keep model.safetensors, so the directory runs on both backends.")] = True,
+    threads: ThreadsOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export an artifact to ONNX, verify it against PyTorch, and write it as a new artifact."""
+    from ..artifact import open_artifact
+    from ..engine.export import ExportOptions, export_artifact
+
+    options = ExportOptions(opset=opset, dynamic=parse_dynamic(dynamic), dtype=dtype, device=device,
+                            optimize=optimize, atol=atol, exporter=exporter, weights=weights)
+    source = open_artifact(artifact)
+    with console.err.status("exporting") as status:
+        def progress(event: str, **info) -> None:
+            if event == "stage":
+                status.update(_STAGES.get(info["name"], info["name"]))
+
+        result = export_artifact(source, out, options, overwrite=overwrite, threads=threads, progress=progress)
+    v, o = result.verification, result.onnx
+    summary = {
+        "path": str(result.path), "exporter": result.exporter, "opset": o["opset"], "dtype": o["dtype"],
+        "optimize": o["optimize"], "inputs": o["inputs"], "outputs": o["outputs"], "portable": o["portable"],
+        "external_data": o["external_data"], "verification": v, "exporter_fallback": result.fallback_reason,
+        "files": {name: entry["bytes"] for name, entry in result.manifest["files"].items()},
+    }
+    if json_out:
+        console.print_json(summary)
+        return
+
+    def sig(values):
+        return ", ".join(f"{x['name']} {x['dtype']} ({'×'.join(str(d) for d in x['shape'])})" for x in values)
+
+    rows = [
+        ("artifact", summary["path"]), ("exporter", result.exporter), ("opset", o["opset"]), ("dtype", o["dtype"]),
+        ("optimize", o["optimize"] + ("" if o["portable"] else " (ONNX Runtime only)")),
+        ("inputs", sig(o["inputs"])), ("outputs", sig(o["outputs"])),
+        ("max |diff|", v["max_abs_diff"]), ("max rel diff", v["max_rel_diff"]),
+        ("top-1 agreement", f"{v['top1_agreement']:.2%}"), ("atol", v["atol"]),
+        ("verified shapes", "; ".join("×".join(map(str, s)) for s in v["shapes"])), ("provider", v["provider"]),
+        ("model.onnx bytes", summary["files"].get("model.onnx")),
+    ]
+    if result.fallback_reason:
+        console.warn(f"the dynamo exporter failed, TorchScript was used ({result.fallback_reason})")
+    console.out.print(console.key_value_table("bigmodel export · verified", rows))

@@ -1,0 +1,451 @@
+"""``bigmodel export``: a PyTorch artifact → a verified ONNX artifact.
+
+The export artifact holds ``model.onnx`` (one file under 2 GB, ``model.onnx.data`` beside it
+above that), ``config.json`` (the parent's model and data sections plus an ``onnx`` section:
+exporter, opset, input/output names, symbolic dimensions, dtype) and ``manifest.json`` (the same,
+plus the verification figures). By default it also carries the parent's ``model.safetensors``
+(and ``model.py`` for a user's model), so one directory runs on both backends and
+``bigmodel eval --bench`` compares them directly; ``weights=False`` leaves a lean ONNX-only
+directory for deployment.
+
+Verification is not optional: the ONNX checker (full check, with shape inference), an ONNX
+Runtime session, and a comparison with the PyTorch model on input shapes that differ from the
+tracing example. A difference above ``atol`` raises WorkFailed (exit 1), and because everything is
+written into ``atomic_directory`` nothing is kept.
+
+The pieces a later stage needs (``reference_inputs``, ``compare_outputs``, ``check_onnx_file``,
+``onnx_section``) are public, so ``quantize`` verifies its ONNX files the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import artifact as art
+from ..errors import ConfigErrors, UserError, WorkFailed
+
+DTYPES = ("fp32", "fp16")
+OPTIMIZE = ("none", "basic", "extended")
+EXPORTERS = ("auto", "dynamo", "torchscript")
+DYNAMIC_AXES = ("batch", "seq")
+# The dynamo exporter writes opset-18 ops (e.g. Split with num_outputs) even when asked for less,
+# so 18 is the floor; the TorchScript exporter stops at 20.
+MIN_OPSET = 18
+TORCHSCRIPT_MAX_OPSET = 20
+# 18 is the newest opset that both exporters and every ONNX Runtime since 1.14 understand, so the
+# file runs in the widest range of clients; newer opsets measured no faster here (docs/export.md).
+DEFAULT_OPSET = 18
+DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 5e-2}
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+TRACE_BATCH = 2  # tracing example; verification uses other batch sizes
+VERIFY_BATCHES = (1, 7)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def max_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+@dataclass
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    dynamic: list[str] | None = None  # default: batch (and seq for language models)
+    dtype: str = "fp32"
+    device: str = "cpu"
+    optimize: str = "basic"
+    atol: float | None = None  # default: DEFAULT_ATOL[dtype]
+    exporter: str = "auto"
+    weights: bool = True  # also carry model.safetensors so the torch backend runs the same directory
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str
+    onnx: dict
+    verification: dict
+    manifest: dict
+    fallback_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class IOLayout:
+    """How the model is fed: element type, per-sample shape, which axes are symbolic."""
+
+    task: str
+    sample_shape: tuple[int, ...]  # classification: input_shape; language models: ()
+    dtype: str  # "float32" or "int64"
+    dynamic: tuple[str, ...]
+    context: int | None = None  # language models: the longest sequence the model takes
+    window: int | None = None  # language models: the training window (the fixed seq length if seq is static)
+    vocab_size: int | None = None
+
+    def shape(self, batch: int, seq: int | None = None) -> tuple[int, ...]:
+        if self.task == "language-modeling":
+            return (batch, seq if "seq" in self.dynamic else self.window)
+        return (batch, *self.sample_shape)
+
+    def trace_shape(self) -> tuple[int, ...]:
+        batch = TRACE_BATCH if "batch" in self.dynamic else 1
+        if self.task == "language-modeling":
+            return self.shape(batch, max(1, min(self.context, max(2, self.context // 2))))
+        return self.shape(batch)
+
+    def verify_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes that differ from the tracing example along every symbolic axis."""
+        batches = VERIFY_BATCHES if "batch" in self.dynamic else (1, 1)
+        if self.task == "language-modeling" and "seq" in self.dynamic:
+            trace_seq = self.trace_shape()[1]
+            seqs = [s for s in dict.fromkeys((self.context, max(1, self.context // 3), 1)) if s != trace_seq][:2]
+            return [self.shape(b, s) for b in batches for s in seqs]
+        return [self.shape(b) for b in batches]
+
+
+def io_layout(artifact: art.Artifact, dynamic: list[str] | None = None) -> IOLayout:
+    data, model = artifact.data_spec, artifact.model_spec
+    if artifact.task == "language-modeling":
+        context = model.get("block_size") or data.get("block_size")
+        if not context:
+            raise UserError(f"{artifact.path}: config.json gives no block_size for this language model; re-create the artifact")
+        dyn = tuple(dynamic) if dynamic is not None else ("batch", "seq")
+        return IOLayout("language-modeling", (), "int64", dyn, context=int(context),
+                        window=int(data.get("block_size") or context),
+                        vocab_size=int(model.get("vocab_size") or data.get("vocab_size") or 256))
+    shape = data.get("input_shape")
+    if not shape:
+        raise UserError(f"{artifact.path}: config.json gives no data input_shape; re-create the artifact")
+    dyn = tuple(dynamic) if dynamic is not None else ("batch",)
+    if "seq" in dyn:
+        raise UserError("--dynamic seq is for language models; a classifier's only symbolic axis is batch")
+    return IOLayout("classification", tuple(int(s) for s in shape), "float32", dyn)
+
+
+def reference_inputs(layout: IOLayout, shapes: list[tuple[int, ...]], seed: int = 0) -> list[np.ndarray]:
+    """Random inputs of the model's type: standard-normal features (the model sees normalized
+    data) or token ids below the vocabulary size."""
+    rng = np.random.default_rng(seed)
+    if layout.task == "language-modeling":
+        return [rng.integers(0, layout.vocab_size, size=s).astype(np.int64) for s in shapes]
+    return [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+
+def compare_outputs(reference: Callable[[np.ndarray], np.ndarray], candidate: Callable[[np.ndarray], np.ndarray],
+                    inputs: list[np.ndarray]) -> dict:
+    """Largest absolute difference, the same relative to the largest reference magnitude, and how
+    often the top-1 class (or next token) agrees, over all ``inputs``."""
+    max_abs, max_ref, agree, total, shapes = 0.0, 0.0, 0, 0, []
+    for x in inputs:
+        ref = np.asarray(reference(x), dtype=np.float64)
+        out = np.asarray(candidate(x), dtype=np.float64)
+        shapes.append(list(x.shape))
+        if ref.shape != out.shape:
+            raise WorkFailed(f"verification failed: for input shape {list(x.shape)} PyTorch gives {list(ref.shape)} "
+                             f"but ONNX Runtime gives {list(out.shape)}; nothing was written")
+        if not np.isfinite(out).all():
+            raise WorkFailed(f"verification failed: ONNX Runtime gives NaN or Inf for input shape {list(x.shape)}; nothing was written")
+        max_abs = max(max_abs, float(np.abs(ref - out).max()))
+        max_ref = max(max_ref, float(np.abs(ref).max()))
+        agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+        total += int(np.prod(ref.shape[:-1]))
+    return {"max_abs_diff": max_abs, "max_rel_diff": max_abs / max_ref if max_ref else 0.0,
+            "top1_agreement": agree / total if total else 1.0, "shapes": shapes}
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def validate_options(options: ExportOptions, artifact: art.Artifact) -> None:
+    """Every problem with the options at once, before any work."""
+    problems = []
+    top = max_opset()
+    if options.dtype not in DTYPES:
+        problems.append(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+    if options.optimize not in OPTIMIZE:
+        problems.append(f"--optimize {options.optimize!r} is not one of {', '.join(OPTIMIZE)}")
+    if options.exporter not in EXPORTERS:
+        problems.append(f"--exporter {options.exporter!r} is not one of {', '.join(EXPORTERS)}")
+    if not isinstance(options.opset, int) or not MIN_OPSET <= options.opset <= top:
+        problems.append(f"--opset {options.opset} is outside the supported range {MIN_OPSET}–{top} "
+                        f"(the dynamo exporter needs {MIN_OPSET}+, the installed onnx knows up to {top})")
+    elif options.exporter == "torchscript" and options.opset > TORCHSCRIPT_MAX_OPSET:
+        problems.append(f"--exporter torchscript supports opsets up to {TORCHSCRIPT_MAX_OPSET}, not {options.opset}")
+    if options.dynamic is not None:
+        unknown = [d for d in options.dynamic if d not in DYNAMIC_AXES]
+        if unknown:
+            problems.append(f"--dynamic {','.join(unknown)}: symbolic axes are batch and seq (or none)")
+        elif "seq" in options.dynamic and artifact.task != "language-modeling":
+            problems.append("--dynamic seq is for language models; a classifier's only symbolic axis is batch")
+    if options.atol is not None and not options.atol > 0:
+        problems.append(f"--atol must be positive, got {options.atol}")
+    if options.device not in ("cpu", "cuda"):
+        problems.append(f"--device {options.device!r} is not cpu or cuda")
+    if options.optimize == "extended" and options.dtype == "fp16" and options.device == "cpu":
+        problems.append("--optimize extended with --dtype fp16 needs --device cuda: on the CPU, ONNX Runtime "
+                        "would bake fp32 casts into the file (use --optimize basic)")
+    if problems:
+        raise ConfigErrors(problems, "export options")
+    if not artifact.has_weights:
+        parent = (artifact.manifest.get("parent") or {}).get("path", "its parent")
+        raise UserError(f"{artifact.path}: has no model.safetensors (an ONNX-only artifact); export from the PyTorch "
+                        f"artifact it came from ({parent})")
+
+
+# --- exporters ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress to stdout and warnings to stderr; results on stdout must stay
+    clean (--json), so their chatter is swallowed and their failures reported by us, in one line."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line from an exporter's (often multi-page) error: the operator when one is named."""
+    text = _ANSI.sub("", f"{exc}\n{exc.__cause__ or ''}")
+    for pattern in (r"No ONNX function found for <OpOverload\(op='([\w.:]+)'", r"operator '([\w.:]+)'",
+                    r"target=torch\.ops\.([\w.]+?)(?:\.default)?\]"):
+        match = re.search(pattern, text)
+        if match:
+            return f"operator {match.group(1)} has no ONNX conversion"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("-", "#", "<"))]
+    summary = next((ln for ln in lines if "Error" in ln or "error" in ln), lines[0] if lines else type(exc).__name__)
+    return f"{type(exc).__name__}: {summary[:240]}"
+
+
+def _export_module(model, layout: IOLayout, dtype: str):
+    """The module to trace: the model itself, or (fp16) a half-precision copy between casts so the
+    file keeps float32 inputs and outputs — a client feeds it exactly like the fp32 export."""
+    if dtype == "fp32":
+        return model
+    import copy
+
+    import torch
+
+    class HalfPrecision(torch.nn.Module):
+        def __init__(self, inner, cast_input: bool):
+            super().__init__()
+            self.model = inner.half()
+            self.cast_input = cast_input
+
+        def forward(self, x):
+            return self.model(x.half() if self.cast_input else x).float()
+
+    return HalfPrecision(copy.deepcopy(model), layout.dtype == "float32").eval()
+
+
+def _dynamo_export(module, example, layout: IOLayout, options: ExportOptions, path: Path) -> None:
+    import torch
+    from torch.export import Dim
+
+    dims = {}
+    if "batch" in layout.dynamic:
+        dims[0] = Dim("batch", min=1)
+    if "seq" in layout.dynamic:
+        dims[1] = Dim("seq", min=1, max=layout.context)
+    program = torch.onnx.export(
+        module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=options.opset,
+        dynamic_shapes=(dims,) if dims else None, dynamo=True, optimize=options.optimize != "none",
+        external_data=False, verbose=False,
+    )
+    # external_data=None: one file while the weights are under 2 GB, model.onnx.data above that.
+    program.save(str(path), external_data=None)
+
+
+def _torchscript_export(module, example, layout: IOLayout, options: ExportOptions, path: Path) -> None:
+    import torch
+
+    axes = {i: name for i, name in enumerate(("batch", "seq")) if name in layout.dynamic}
+    torch.onnx.export(
+        module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        opset_version=options.opset, dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes} if axes else None,
+        dynamo=False, do_constant_folding=options.optimize != "none",
+    )
+
+
+def run_exporters(module, example, layout: IOLayout, options: ExportOptions, path: Path) -> tuple[str, str | None]:
+    """dynamo first; if it fails, TorchScript. Returns (exporter used, why dynamo was not used)."""
+    order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[options.exporter]
+    if options.opset > TORCHSCRIPT_MAX_OPSET and "torchscript" in order[1:]:
+        order = ["dynamo"]
+    failures = {}
+    for name in order:
+        for leftover in path.parent.glob(path.name + "*"):
+            leftover.unlink()
+        try:
+            with _quiet():
+                (_dynamo_export if name == "dynamo" else _torchscript_export)(module, example, layout, options, path)
+            return name, (f"dynamo: {failures['dynamo']}" if failures else None)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # the exporters raise many types; each failure is summarised below
+            failures[name] = _reason(exc)
+    detail = "; ".join(f"{k}: {v}" for k, v in failures.items())
+    if options.opset > TORCHSCRIPT_MAX_OPSET and options.exporter == "auto":
+        detail += f" (the TorchScript exporter was not tried: it stops at opset {TORCHSCRIPT_MAX_OPSET})"
+    raise UserError(f"the model cannot be exported to ONNX ({detail}); replace that operation in the model, "
+                    "or try another --opset or --exporter")
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def check_onnx_file(path: Path) -> None:
+    """The ONNX checker's full check (with shape inference); given the path so >2 GB models work."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise WorkFailed(f"the exported file fails the ONNX checker ({str(exc).splitlines()[0][:240]}); "
+                         "nothing was written") from None
+
+
+def _optimize_offline(path: Path, device: str, threads: int | None) -> None:
+    """ONNX Runtime's extended graph optimizations, saved into the file (fusions into ORT-only ops)."""
+    from .runtime import open_session
+
+    optimized = path.with_name("optimized-" + path.name)
+    external = path.with_name(path.name + ".data").exists()
+    if external:
+        raise UserError("--optimize extended is not supported for models over 2 GB (external data); use --optimize basic")
+    open_session(path, device=device, threads=threads, optimization="extended", optimized_model_path=optimized)
+    optimized.replace(path)
+
+
+def _prune_opset_imports(path: Path) -> None:
+    """ONNX Runtime's saved graph imports every domain it knows; keep only those the nodes use, so
+    other runtimes are not asked for domains the model never touches."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    used = {node.domain for node in model.graph.node} | {""}
+    keep = [imp for imp in model.opset_import if imp.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    onnx.save(model, str(path))
+
+
+def onnx_section(path: Path, *, exporter: str, opset: int, dtype: str, optimize: str, dynamic: tuple[str, ...]) -> dict:
+    """The ``onnx`` section of config.json / manifest.json, read back from the written file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def values(items):
+        out = []
+        for v in items:
+            t = v.type.tensor_type
+            shape = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
+        return out
+
+    inputs, outputs = values(model.graph.input), values(model.graph.output)
+    symbolic = sorted({d for v in inputs + outputs for d in v["shape"] if isinstance(d, str)})
+    domains = sorted({n.domain or "ai.onnx" for n in model.graph.node})
+    return {
+        "file": art.ONNX_FILE, "external_data": path.with_name(path.name + ".data").exists(),
+        "exporter": exporter, "opset": opset, "dtype": dtype, "optimize": optimize,
+        "inputs": inputs, "outputs": outputs, "dynamic": list(dynamic), "symbolic_dims": symbolic,
+        "domains": domains, "portable": domains == ["ai.onnx"],
+    }
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOptions | None = None, *,
+                    overwrite: bool = False, threads: int | None = None,
+                    progress: Callable[..., Any] | None = None) -> ExportResult:
+    """Export, check, optimize, verify and write ``out`` as a stage-"export" artifact."""
+    import torch
+
+    from . import hardware
+    from .runtime import open_session, session_predict
+    from .tasks import torch_predict
+
+    options = options or ExportOptions()
+    say = progress or (lambda *_a, **_k: None)
+    validate_options(options, artifact)
+    art.check_output(out, overwrite)
+    device = hardware.resolve_device(options.device)
+    layout = io_layout(artifact, options.dynamic)
+    atol = options.atol if options.atol is not None else DEFAULT_ATOL[options.dtype]
+
+    model = artifact.build_model().to(device)
+    module = _export_module(model, layout, options.dtype)
+    example_np = reference_inputs(layout, [layout.trace_shape()], seed=1)[0]
+    example = torch.from_numpy(example_np).to(device)
+
+    with art.atomic_directory(out, overwrite) as staging:
+        path = staging / art.ONNX_FILE
+        say("stage", name="export")
+        exporter, fallback = run_exporters(module, example, layout, options, path)
+        say("stage", name="check")
+        check_onnx_file(path)
+        if options.optimize == "extended":
+            say("stage", name="optimize")
+            _optimize_offline(path, device, threads)
+            _prune_opset_imports(path)
+            check_onnx_file(path)
+
+        say("stage", name="verify")
+        session, used_threads = open_session(path, device=device, threads=threads)
+        provider = session.get_providers()[0]
+        hardware.set_threads(used_threads)  # both sides of the comparison run on the same threads
+        figures = compare_outputs(torch_predict(model, device), session_predict(session),
+                                  reference_inputs(layout, layout.verify_shapes()))
+        verification = {**figures, "atol": atol, "passed": figures["max_abs_diff"] <= atol, "checker": "full",
+                        "provider": provider, "reference": f"torch fp32 on {device}", "threads": used_threads}
+        if not verification["passed"]:
+            raise WorkFailed(
+                f"verification failed: ONNX Runtime differs from PyTorch by up to {figures['max_abs_diff']:.3g} "
+                f"(--atol {atol:g}, {figures['top1_agreement']:.1%} top-1 agreement); nothing was written"
+            )
+        del session
+
+        section = onnx_section(path, exporter=exporter, opset=options.opset, dtype=options.dtype,
+                               optimize=options.optimize, dynamic=layout.dynamic)
+        if options.weights:
+            shutil.copyfile(artifact.path / art.WEIGHTS_FILE, staging / art.WEIGHTS_FILE)
+            if (artifact.path / art.MODEL_CODE_FILE).is_file():
+                shutil.copyfile(artifact.path / art.MODEL_CODE_FILE, staging / art.MODEL_CODE_FILE)
+        config = {**artifact.config, "onnx": section}
+        say("stage", name="write")
+        manifest = art.write_metadata(
+            staging, config=config, stage="export", parent=artifact,
+            options={"opset": options.opset, "dynamic": list(layout.dynamic), "dtype": options.dtype,
+                     "device": options.device, "optimize": options.optimize, "atol": atol,
+                     "exporter": options.exporter, "weights": options.weights},
+            metrics={"verify_max_abs_diff": figures["max_abs_diff"], "verify_max_rel_diff": figures["max_rel_diff"],
+                     "verify_top1_agreement": figures["top1_agreement"]},
+            extra={"onnx": section, "verification": verification,
+                   **({"exporter_fallback": fallback} if fallback else {})},
+        )
+    return ExportResult(Path(out), exporter, section, verification, manifest, fallback)
