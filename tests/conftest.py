@@ -33,18 +33,19 @@ def corpus(tmp_path_factory) -> Path:
     import sysconfig
 
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    source = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
+    source = Path(sysconfig.get_paths()["stdlib"]) / "argparse.py"
     path.write_bytes(source.read_bytes()[:40_000])
     return path
 
 
 @pytest.fixture(scope="session")
 def digits_mlp(tmp_path_factory) -> Path:
-    """A small MLP trained on the bundled digits; returns the run directory (best/ and last/ inside)."""
+    """The default classifier (`bigmodel train` with no options: an MLP on the bundled digits).
+    Returns the run directory (best/ and last/ inside)."""
     from bigmodel_cli import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "digits-mlp"
-    train(TrainConfig(model="mlp", hidden_sizes=[64], epochs=15, out=str(out), seed=0))
+    train(TrainConfig(out=str(out)))
     return out
 
 
@@ -64,6 +65,6 @@ def tiny_gpt(tmp_path_factory, corpus) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "tiny-gpt"
     train(TrainConfig(model="gpt", preset="nano", data=f"text:{corpus}", block_size=32, batch_size=8,
-                      max_steps=40, eval_windows=8, out=str(out), seed=0,
+                      max_steps=60, lr=3e-3, eval_windows=8, out=str(out), seed=0,
                       model_args={"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64}))
     return out
