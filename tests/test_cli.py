@@ -165,3 +165,12 @@ def test_installed_entry_point_in_a_subprocess(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     help_ = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "train" in help_.stdout
+
+
+def test_help_does_not_import_torch():
+    """`bigmodel --help` must stay fast: the CLI imports torch only inside the commands that need it."""
+    code = ("import sys; from bigmodel_cli.cli import app; "
+            "assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules and 'matplotlib' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnxruntime', 'matplotlib'))[:5]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
