@@ -73,6 +73,9 @@ def _register() -> None:
 
     app.command("train")(train.train)
     app.command("eval")(evaluate.eval_command)
+    from . import distill as distill_cli  # its own line: other commands' imports are edited concurrently
+
+    app.command("distill")(distill_cli.distill)
     app.command("info")(info.info)
     app.command("models")(listing.models)
     app.command("datasets")(listing.datasets)

@@ -1,0 +1,852 @@
+"""``bigmodel distill``: train a smaller student to imitate a teacher artifact.
+
+The student is trained by the one training loop (``engine.train.run_job``); distillation only
+changes the job: the loss (``DistillLoss``: the teacher's softened logits, the labels, and
+optionally its hidden states), the trainable extras (the projections that map student features to
+teacher widths: checkpointed for resume, never saved in the student artifact), the stage
+(``distill``) and the parent (the teacher). Hidden states are read with forward hooks on the
+built-in architectures' layers, so the model classes stay unchanged.
+
+``distillation_loss_fn`` is the small public entry point for other commands that fine-tune with a
+teacher (e.g. pruning's recovery training).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import artifact as art
+from ..config import TrainConfig
+from ..errors import ConfigErrors, UserError
+from ..models import USER_ARCH, build_model, count_parameters, get_arch, resolve_spec
+from .losses import HIDDEN_LOSSES, KD_LOSSES, distillation_loss, hidden_loss
+
+DISTILL_FILE = "distill.json"  # the distillation options of a run, checked on --resume
+BASELINE_DIR = "baseline"  # the --baseline run, inside the distill run directory
+REPORT_SPLITS = ("train", "val", "test")
+HIDDEN_ARCHS = ("mlp", "cnn", "gpt")
+# --cache-teacher keeps the teacher's outputs for the whole training split in memory; refuse when
+# that would take more than this share of the machine's RAM.
+CACHE_MEMORY_SHARE = 0.25
+
+Progress = Callable[..., None]
+
+
+def _no_progress(event: str, **info: Any) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None
+    # exactly one of these defines the student
+    student_preset: str | None = None  # a preset of the teacher's architecture
+    student_config: dict | None = None  # the "model" section of config.json; "arch" defaults to the teacher's
+    student: str | None = None  # an existing artifact: its architecture and weights
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the soft (teacher) term; 1 − alpha weighs the labels
+    kd_loss: str = "forward-kl"
+    hidden_loss: str | None = None  # None: logits only
+    hidden_weight: float = 1.0
+    layer_map: str | None = None  # "STUDENT:TEACHER,…", hidden-layer indices; default: spread evenly
+    init_from_teacher: bool = False
+    cache_teacher: bool = False
+    baseline: bool = False
+    report_split: str = "test"
+    bench_iterations: int = 30  # latency runs per model in the report; 0 skips latency
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/distill"))
+
+    def validate(self) -> None:
+        """Every problem with the options at once (the models are checked later, before any work)."""
+        p: list[str] = []
+        if not self.teacher:
+            p.append("--teacher ARTIFACT is required (the trained model to distil)")
+        given = [f for f, v in (("--student-preset", self.student_preset), ("--student-config", self.student_config),
+                                ("--student", self.student)) if v is not None]
+        if not given:
+            p.append("give the student: --student-preset NAME, --student-config JSON or --student ARTIFACT")
+        elif len(given) > 1:
+            p.append(f"give only one of {', '.join(given)} to define the student")
+        if self.student_config is not None and not isinstance(self.student_config, dict):
+            p.append("--student-config must be a JSON object like '{\"arch\": \"mlp\", \"hidden_sizes\": [32]}'")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            p.append(f"--temperature must be a positive number, got {self.temperature}")
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            p.append(f"--alpha must be between 0 and 1 (the weight of the teacher's soft targets), got {self.alpha}")
+        if self.kd_loss not in KD_LOSSES:
+            p.append(f"--kd-loss {self.kd_loss!r} is unknown; choose one of {', '.join(KD_LOSSES)}")
+        if self.hidden_loss is not None and self.hidden_loss not in HIDDEN_LOSSES:
+            p.append(f"--hidden-loss {self.hidden_loss!r} is unknown; choose one of {', '.join(HIDDEN_LOSSES)}")
+        if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
+            p.append(f"--hidden-weight must not be negative, got {self.hidden_weight}")
+        if self.layer_map is not None:
+            if self.hidden_loss is None:
+                p.append("--layer-map needs --hidden-loss mse|cosine (it says which hidden layers to match)")
+            try:
+                parse_layer_map(self.layer_map)
+            except UserError as exc:
+                p.append(str(exc))
+        if self.init_from_teacher and self.student is not None:
+            p.append("--init-from-teacher builds a new student; it cannot be combined with --student ARTIFACT")
+        if self.report_split not in REPORT_SPLITS:
+            p.append(f"--report-split {self.report_split!r} is unknown; choose one of {', '.join(REPORT_SPLITS)}")
+        if self.bench_iterations < 0:
+            p.append(f"--bench-iterations must not be negative, got {self.bench_iterations}")
+        try:
+            self.train.validate()
+        except ConfigErrors as exc:
+            p.extend(exc.problems)
+        if p:
+            raise ConfigErrors(p, "distillation options")
+
+    def fingerprint(self) -> dict:
+        """Options that change the result (so must not change on --resume), besides the trainer's."""
+        return {"teacher": self.teacher, "student_preset": self.student_preset, "student_config": self.student_config,
+                "student": self.student, "temperature": self.temperature, "alpha": self.alpha,
+                "kd_loss": self.kd_loss, "hidden_loss": self.hidden_loss, "hidden_weight": self.hidden_weight,
+                "layer_map": self.layer_map, "init_from_teacher": self.init_from_teacher}
+
+
+def parse_layer_map(value: str) -> list[tuple[int, int]]:
+    """'0:1,1:3' → [(0, 1), (1, 3)]: student hidden layer → teacher hidden layer."""
+    pairs = []
+    for item in value.replace(" ", "").split(","):
+        if not item:
+            continue
+        student, sep, teacher = item.partition(":")
+        if not sep or not student.isdigit() or not teacher.isdigit():
+            raise UserError(f"--layer-map: {item!r} is not STUDENT:TEACHER; write it like 0:1,1:3 (hidden-layer numbers from 0)")
+        pairs.append((int(student), int(teacher)))
+    if not pairs:
+        raise UserError("--layer-map is empty; write it like 0:1,1:3 (student layer : teacher layer)")
+    students = [s for s, _ in pairs]
+    if len(set(students)) != len(students):
+        raise UserError(f"--layer-map {value!r} names a student layer twice; map each student layer to one teacher layer")
+    return pairs
+
+
+# --------------------------------------------------------------------------- hidden states
+
+
+def hidden_layers(model, arch: str) -> list:
+    """The modules whose outputs count as the model's hidden states, in order.
+
+    mlp: each hidden layer's activation; cnn: each conv stage's output (after pooling); gpt: each
+    transformer block's output (the residual stream).
+    """
+    from torch import nn
+
+    if arch == "mlp":
+        return [m for m in model.net if isinstance(m, nn.ReLU)]
+    if arch == "cnn":
+        stages, current = [], None
+        for module in model.features:
+            if isinstance(module, nn.Conv2d) and current is not None:
+                stages.append(current)
+            current = module
+        if current is not None:
+            stages.append(current)
+        return stages
+    if arch == "gpt":
+        return list(model.blocks)
+    raise UserError(
+        f"hidden-state distillation reads the layers of the built-in models ({', '.join(HIDDEN_ARCHS)}); "
+        f"this model is {arch!r}: drop --hidden-loss to distil its logits only"
+    )
+
+
+class HiddenTap:
+    """Forward hooks that keep the outputs of chosen layers while ``active`` (channel-last)."""
+
+    def __init__(self, modules: list, indices: list[int], channels_first: bool):
+        self.outputs: dict[int, Any] = {}
+        self.active = False
+        self.channels_first = channels_first
+        self.handles = [modules[i].register_forward_hook(self._hook(i)) for i in sorted(set(indices))]
+
+    def _hook(self, index: int):
+        def hook(_module, _inputs, output):
+            if self.active:
+                # (B, C, H, W) → (B, H, W, C): every feature then has its width last, so one
+                # nn.Linear projects mlp, cnn and gpt features alike.
+                self.outputs[index] = output.permute(0, 2, 3, 1) if self.channels_first else output
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def default_layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """Spread the student's layers over the teacher's, last to last (2 over 4 → 0:1, 1:3); a
+    student deeper than its teacher maps several layers to one."""
+    return [(i, -(-(i + 1) * teacher_layers // student_layers) - 1) for i in range(student_layers)]
+
+
+def _pool_to_common(s, t):
+    """Feature maps of different spatial sizes (cnn stages) are average-pooled to the smaller one."""
+    import torch.nn.functional as F
+
+    if s.dim() != 4 or s.shape[1:3] == t.shape[1:3]:
+        return s, t
+    size = (min(s.shape[1], t.shape[1]), min(s.shape[2], t.shape[2]))
+
+    def pool(x):
+        return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)
+
+    return pool(s), pool(t)
+
+
+@dataclass
+class HiddenMatch:
+    """Which student layers imitate which teacher layers, how, and the learned projections."""
+
+    kind: str
+    weight: float
+    pairs: list[tuple[int, int]]
+    student_tap: HiddenTap
+    teacher_tap: HiddenTap
+    projections: Any  # nn.ModuleDict "s{i}_t{j}" → Linear(student width, teacher width), or None
+    widths: dict
+
+    def loss(self, teacher_hidden: dict, targets):
+        total = 0.0
+        for s_index, t_index in self.pairs:
+            s = self.student_tap.outputs[s_index]
+            key = f"s{s_index}_t{t_index}"
+            if self.projections is not None and key in self.projections:
+                s = self.projections[key](s)
+            s, t = _pool_to_common(s, teacher_hidden[t_index])
+            total = total + hidden_loss(s, t, self.kind, targets)
+        return self.weight * total / len(self.pairs)
+
+    def close(self) -> None:
+        self.student_tap.close()
+        self.teacher_tap.close()
+
+
+def build_hidden_match(teacher, student, teacher_arch: str, student_arch: str, example, kind: str, weight: float,
+                       layer_map: list[tuple[int, int]] | None) -> HiddenMatch:
+    """Hook both models, check the layer map against their layers, size the projections."""
+    import torch
+    from torch import nn
+
+    t_layers, s_layers = hidden_layers(teacher, teacher_arch), hidden_layers(student, student_arch)
+    if not t_layers or not s_layers:
+        who = "teacher" if not t_layers else "student"
+        raise UserError(f"the {who} has no hidden layers to match; drop --hidden-loss")
+    pairs = layer_map or default_layer_map(len(s_layers), len(t_layers))
+    for s_index, t_index in pairs:
+        if s_index >= len(s_layers):
+            raise UserError(f"--layer-map: the student has no hidden layer {s_index} (it has {len(s_layers)}: 0–{len(s_layers) - 1})")
+        if t_index >= len(t_layers):
+            raise UserError(f"--layer-map: the teacher has no hidden layer {t_index} (it has {len(t_layers)}: 0–{len(t_layers) - 1})")
+    s_tap = HiddenTap(s_layers, [s for s, _ in pairs], student_arch == "cnn")
+    t_tap = HiddenTap(t_layers, [t for _, t in pairs], teacher_arch == "cnn")
+    s_tap.active = t_tap.active = True
+    try:
+        with torch.no_grad():
+            teacher(example)
+            student(example)
+    finally:
+        s_tap.active = t_tap.active = False
+    projections, widths = nn.ModuleDict(), {}
+    for s_index, t_index in pairs:
+        s_out, t_out = s_tap.outputs[s_index], t_tap.outputs[t_index]
+        if s_out.dim() != t_out.dim():
+            raise UserError(f"--layer-map {s_index}:{t_index}: the student's features {tuple(s_out.shape)} and the "
+                            f"teacher's {tuple(t_out.shape)} have different shapes; map layers of the same kind")
+        ws, wt = s_out.shape[-1], t_out.shape[-1]
+        widths[f"{s_index}:{t_index}"] = [int(ws), int(wt)]
+        if ws != wt:  # FitNets-style regressor from the student's width to the teacher's
+            projections[f"s{s_index}_t{t_index}"] = nn.Linear(ws, wt)
+    s_tap.outputs.clear()
+    t_tap.outputs.clear()
+    return HiddenMatch(kind, weight, pairs, s_tap, t_tap, projections if len(projections) else None, widths)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+class DistillLoss:
+    """The trainer's ``loss_fn(model, x, y)``: the teacher runs in eval mode under no_grad, then
+    alpha·T²·KD + (1 − alpha)·CE, plus the weighted hidden-state term when there is one.
+
+    With a cache (``--cache-teacher``) ``y`` holds row numbers of the training split, and the
+    teacher's outputs and the labels are looked up instead of computed.
+    """
+
+    def __init__(self, teacher, *, temperature: float = 2.0, alpha: float = 0.5, kind: str = "forward-kl",
+                 hidden: HiddenMatch | None = None):
+        self.teacher = teacher.eval()
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        self.temperature, self.alpha, self.kind = temperature, alpha, kind
+        self.hidden = hidden
+        self.cache: dict | None = None
+
+    @property
+    def projections(self):
+        return self.hidden.projections if self.hidden is not None else None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.alpha > 0 or self.hidden is not None
+
+    def _teacher_outputs(self, x):
+        import torch
+
+        first = next(self.teacher.parameters(), None)
+        if first is not None and first.device != x.device:  # run_job moves the student only
+            self.teacher.to(x.device)
+        self.teacher.eval()
+        tap = self.hidden.teacher_tap if self.hidden else None
+        if tap:
+            tap.active = True
+        try:
+            with torch.no_grad():
+                logits = self.teacher(x)
+            hidden = dict(tap.outputs) if tap else {}
+        finally:
+            if tap:
+                tap.active = False
+                tap.outputs.clear()
+        return logits, hidden
+
+    def __call__(self, model, x, y):
+        if self.cache is not None:
+            rows = y.cpu()
+            y = self.cache["labels"][rows].to(x.device)
+            t_logits = self.cache["logits"][rows].to(x.device)
+            t_hidden = {k: v[rows].to(x.device) for k, v in self.cache["hidden"].items()}
+        elif self.needs_teacher:
+            t_logits, t_hidden = self._teacher_outputs(x)
+        else:
+            t_logits, t_hidden = None, {}
+        tap = self.hidden.student_tap if self.hidden else None
+        if tap:
+            tap.active = True
+        try:
+            s_logits = model(x)
+            loss = distillation_loss(s_logits, t_logits, y, self.temperature, self.alpha, self.kind)
+            if self.hidden is not None:
+                loss = loss + self.hidden.loss(t_hidden, y)
+        finally:
+            if tap:
+                tap.active = False
+                tap.outputs.clear()
+        return loss
+
+    def check_cacheable(self, task) -> int:
+        """The bytes a cache of the teacher's outputs would take; UserError where one cannot be kept."""
+        if task.name != "classification":
+            raise UserError(
+                "--cache-teacher needs a classification dataset: language-model windows start at random "
+                "positions, so each teacher output is used once; drop --cache-teacher"
+            )
+        need = self._output_bytes_per_row(task.x_train[:2]) * len(task.x_train)
+        limit = _physical_memory() * CACHE_MEMORY_SHARE
+        if need > limit:
+            raise UserError(
+                f"--cache-teacher would keep {need / 2**30:.1f} GiB of teacher outputs in memory (limit "
+                f"{limit / 2**30:.1f} GiB, a quarter of RAM); drop --cache-teacher"
+            )
+        return need
+
+    def fill_cache(self, task, batch_size: int = 512) -> dict:
+        """Run the teacher once over the training split (classification only) and keep its outputs."""
+        import torch
+
+        need = self.check_cacheable(task)
+        x = task.x_train
+        logits, hidden = [], {}
+        for start in range(0, len(x), batch_size):
+            out, feats = self._teacher_outputs(x[start:start + batch_size])
+            logits.append(out.float().cpu())
+            for k, v in feats.items():
+                hidden.setdefault(k, []).append(v.float().cpu())
+        self.cache = {"labels": task.y_train.clone(), "logits": torch.cat(logits),
+                      "hidden": {k: torch.cat(v) for k, v in hidden.items()}}
+        return {"rows": len(x), "bytes": need}
+
+    def _output_bytes_per_row(self, sample) -> int:
+        out, feats = self._teacher_outputs(sample)
+        return 4 * (out[0].numel() + sum(v[0].numel() for v in feats.values()))
+
+    def close(self) -> None:
+        if self.hidden is not None:
+            self.hidden.close()
+
+
+class RowsTask:
+    """A classification task whose batches carry each row's number in the training split instead
+    of its label, so ``DistillLoss`` can look up the cached teacher outputs. The rows come from the
+    task's own sampler, so the batches are exactly those of an uncached run."""
+
+    def __init__(self, task):
+        import torch
+
+        self._task = task
+        self._rows = copy.copy(task)
+        self._rows.y_train = torch.arange(len(task.y_train))
+
+    def __getattr__(self, name: str):
+        return getattr(self._task, name)
+
+    def batch(self, micro_step: int, rank: int = 0, world: int = 1):
+        return self._rows.batch(micro_step, rank, world)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def check_agreement(teacher, student, task) -> int:
+    """Run both models on two real samples: the student must take the teacher's input and give
+    one output per class (or vocabulary entry) exactly as the teacher does. Returns that width."""
+    import torch
+
+    example = torch.from_numpy(task.example_input(2))
+    outputs = {}
+    for who, model in (("teacher", teacher), ("student", student)):
+        try:
+            with torch.no_grad():
+                outputs[who] = model(example)
+        except Exception as exc:  # a misfit model: say which and why, no traceback
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise UserError(f"the {who} does not accept this data's input of shape {tuple(example.shape)}: "
+                            f"{type(exc).__name__}: {first}; make the {who}'s input size match the teacher's data") from None
+    t_out, s_out = outputs["teacher"], outputs["student"]
+    lm = task.name == "language-modeling"
+    what, key = ("vocabulary", "vocab_size") if lm else ("classes", "num_classes")
+    if s_out.shape[-1] != t_out.shape[-1]:
+        raise UserError(
+            f"teacher and student must agree on the {what}: the teacher has {t_out.shape[-1]} "
+            f"{'tokens' if lm else 'classes'} but the student has {s_out.shape[-1]}; set {key} to {t_out.shape[-1]} "
+            "in --student-config (or drop it to inherit the teacher's)"
+        )
+    if s_out.shape != t_out.shape:
+        raise UserError(f"the student returns shape {tuple(s_out.shape)} but the teacher {tuple(t_out.shape)} for the same "
+                        "input; a student must return what its teacher returns")
+    return int(t_out.shape[-1])
+
+
+def distillation_loss_fn(teacher_model, student_model, task, temperature: float = 2.0, alpha: float = 0.5,
+                         kd_loss: str = "forward-kl") -> Callable:
+    """A ``loss_fn(model, x, y)`` for ``engine.train.TrainJob`` that distils ``teacher_model``'s logits
+    into the model being trained: alpha·T²·KL(teacher ‖ student) + (1 − alpha)·CE(labels).
+
+    For commands that fine-tune with a teacher (``bigmodel prune --distill``): the teacher is put in
+    eval mode with its parameters frozen, runs under no_grad, and follows the student to its device.
+    Raises UserError for a temperature ≤ 0, alpha outside [0, 1], an unknown ``kd_loss``, or a
+    student that disagrees with the teacher on the input or the classes / vocabulary.
+    """
+    problems = []
+    if not (math.isfinite(temperature) and temperature > 0):
+        problems.append(f"the distillation temperature must be positive, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        problems.append(f"the distillation alpha must be between 0 and 1, got {alpha}")
+    if kd_loss not in KD_LOSSES:
+        problems.append(f"unknown distillation loss {kd_loss!r}; choose one of {', '.join(KD_LOSSES)}")
+    if problems:
+        raise ConfigErrors(problems, "distillation options")
+    teacher_model.eval()
+    was_training = student_model.training
+    student_model.eval()
+    try:
+        check_agreement(teacher_model, student_model, task)
+    finally:
+        student_model.train(was_training)
+    return DistillLoss(teacher_model, temperature=temperature, alpha=alpha, kind=kd_loss)
+
+
+# --------------------------------------------------------------------------- the student
+
+
+def _layer_pairs(student, teacher, arch: str, stride: int, s_spec: dict, t_spec: dict):
+    """(label, student module, teacher module) to copy for --init-from-teacher."""
+    from torch import nn
+
+    pairs = []
+    if arch == "gpt":
+        for key in ("n_head", "head_dim"):
+            if s_spec.get(key) != t_spec.get(key):
+                raise UserError(f"--init-from-teacher: the student's {key} ({s_spec.get(key)}) differs from the teacher's "
+                                f"({t_spec.get(key)}); keep the teacher's widths and change only n_layer")
+        pairs += [("tok_emb", student.tok_emb, teacher.tok_emb), ("pos_emb", student.pos_emb, teacher.pos_emb),
+                  ("ln_f", student.ln_f, teacher.ln_f)]
+        if not student.config.tie_weights:  # a tied head is the embedding, already copied
+            pairs.append(("lm_head", student.lm_head, teacher.lm_head))
+        pairs += [(f"blocks.{i}", block, teacher.blocks[i * stride]) for i, block in enumerate(student.blocks)]
+    elif arch == "mlp":
+        s_lin = [m for m in student.net if isinstance(m, nn.Linear)]
+        t_lin = [m for m in teacher.net if isinstance(m, nn.Linear)]
+        pairs += [(f"hidden.{i}", m, t_lin[i * stride]) for i, m in enumerate(s_lin[:-1])]
+        pairs.append(("output", s_lin[-1], t_lin[-1]))
+    elif arch == "cnn":
+        s_conv = [m for m in student.features if isinstance(m, nn.Conv2d)]
+        t_conv = [m for m in teacher.features if isinstance(m, nn.Conv2d)]
+        pairs += [(f"stage.{i}", m, t_conv[i * stride]) for i, m in enumerate(s_conv)]
+        s_head = [m for m in student.head if isinstance(m, nn.Linear)]
+        t_head = [m for m in teacher.head if isinstance(m, nn.Linear)]
+        if len(s_head) != len(t_head):
+            raise UserError("--init-from-teacher: the student's head has a different number of layers from the "
+                            "teacher's; keep the teacher's hidden_sizes")
+        pairs += [(f"head.{i}", s, t) for i, (s, t) in enumerate(zip(s_head, t_head))]
+    return pairs
+
+
+def _depth(model, arch: str) -> int:
+    from torch import nn
+
+    if arch == "gpt":
+        return len(model.blocks)
+    if arch == "mlp":
+        return sum(isinstance(m, nn.Linear) for m in model.net) - 1
+    return sum(isinstance(m, nn.Conv2d) for m in model.features)
+
+
+def init_from_teacher(student, teacher, student_spec: dict, teacher_spec: dict) -> dict:
+    """Copy every k-th teacher layer into the student (as DistilBERT did), plus the parts outside
+    the layer stack (embeddings, final norm, output layer). Returns which teacher layers were used.
+
+    Works when the student is the teacher's architecture with fewer layers of the same widths;
+    otherwise a UserError lists the tensors that do not line up.
+    """
+    import torch
+
+    arch = student_spec.get("arch")
+    if arch != teacher_spec.get("arch") or arch not in HIDDEN_ARCHS:
+        raise UserError(f"--init-from-teacher needs a student of the teacher's built-in architecture "
+                        f"({teacher_spec.get('arch')}); the student is {arch}")
+    s_depth, t_depth = _depth(student, arch), _depth(teacher, arch)
+    if s_depth < 1 or s_depth > t_depth:
+        raise UserError(f"--init-from-teacher: the student has {s_depth} layers and the teacher {t_depth}; "
+                        "the student needs between 1 and the teacher's number of layers")
+    stride = t_depth // s_depth
+    pairs = _layer_pairs(student, teacher, arch, stride, student_spec, teacher_spec)
+    problems, copies = [], []
+    for label, s_mod, t_mod in pairs:
+        t_state = t_mod.state_dict()
+        for name, s_tensor in s_mod.state_dict().items():
+            t_tensor = t_state.get(name)
+            if t_tensor is None:
+                problems.append(f"{label}.{name} (not in the teacher)")
+                continue
+            if label == "pos_emb" and t_tensor.shape[0] >= s_tensor.shape[0]:
+                t_tensor = t_tensor[: s_tensor.shape[0]]  # a shorter context keeps the first positions
+            if t_tensor.shape != s_tensor.shape:
+                problems.append(f"{label}.{name} {tuple(s_tensor.shape)} vs teacher {tuple(t_tensor.shape)}")
+                continue
+            copies.append((s_tensor, t_tensor))
+    if problems:
+        raise UserError("--init-from-teacher: the student's layers do not fit the teacher's: " + "; ".join(problems[:4])
+                        + "; give the student the teacher's widths and fewer layers")
+    with torch.no_grad():
+        for s_tensor, t_tensor in copies:
+            s_tensor.copy_(t_tensor)
+    return {"stride": stride, "teacher_layers": [i * stride for i in range(s_depth)]}
+
+
+def _student_spec(cfg: DistillConfig, teacher: art.Artifact, data, width: int):
+    """The student's config.json model dict, and the artifact it comes from (--student)."""
+    if cfg.student is not None:
+        source = art.open_artifact(cfg.student)
+        if not source.has_weights:
+            raise UserError(f"--student {source.path}: is ONNX-only; give an artifact with model.safetensors")
+        if source.task != teacher.task:
+            raise UserError(f"--student {source.path}: is a {source.task} model but the teacher does {teacher.task}")
+        return dict(source.model_spec), source
+    teacher_arch = teacher.model_spec["arch"]
+    fit = dict(data.model_fit())
+    fit["vocab_size" if teacher.task == "language-modeling" else "num_classes"] = width
+    if cfg.student_preset is not None:
+        if teacher_arch == USER_ARCH:
+            raise UserError("--student-preset picks a preset of the teacher's architecture, but the teacher is a user "
+                            "model; use --student-config '{\"arch\": \"mlp\", ...}' or --student ARTIFACT")
+        return resolve_spec(teacher_arch, cfg.student_preset, {}, fit), None
+    values = dict(cfg.student_config)
+    arch = values.pop("arch", teacher_arch)
+    preset = values.pop("preset", None)
+    if arch == USER_ARCH or not isinstance(arch, str):
+        raise UserError("--student-config: \"arch\" must be a built-in model (mlp, cnn, gpt); "
+                        "train a user model first and give it as --student ARTIFACT")
+    if get_arch(arch).task != teacher.task:
+        raise UserError(f"--student-config: a {arch} student does {get_arch(arch).task} but the teacher does "
+                        f"{teacher.task}; choose an architecture for {teacher.task}")
+    if arch == teacher_arch and preset is None:
+        # The student is the teacher with the keys given changed ({"n_layer": 2} halves a 4-layer
+        # teacher), rather than the architecture's default preset, which may be bigger.
+        values = {**_inheritable(teacher.model_spec), **values}
+        preset = teacher.model_spec.get("preset")
+    return resolve_spec(arch, preset, values, fit), None
+
+
+def _inheritable(spec: dict) -> dict:
+    """A teacher's model arguments that a student inherits: widths derived from others (a gpt's
+    head_dim and mlp_hidden at their defaults) are left out, so they follow the student's n_embd."""
+    values = {k: v for k, v in spec.items() if k not in ("arch", "preset")}
+    if spec.get("arch") == "gpt":
+        if values.get("head_dim") == values["n_embd"] // values["n_head"]:
+            values.pop("head_dim")
+        if values.get("mlp_hidden") == 4 * values["n_embd"]:
+            values.pop("mlp_hidden")
+    return values
+
+
+def _block_size(cfg: TrainConfig, teacher: art.Artifact, student_spec: dict) -> int | None:
+    """Language models: the training window, which both models' context must hold."""
+    if teacher.task != "language-modeling":
+        return None
+    limits = {"teacher": teacher.model_spec.get("block_size"), "student": student_spec.get("block_size")}
+    if cfg.block_size:
+        for who, limit in limits.items():
+            if limit and cfg.block_size > limit:
+                raise UserError(f"--block-size {cfg.block_size} is longer than the {who}'s context ({limit}); lower it")
+        return cfg.block_size
+    candidates = [teacher.data_spec.get("block_size") or 128] + [v for v in limits.values() if v]
+    return min(candidates)
+
+
+# --------------------------------------------------------------------------- plan and run
+
+
+@dataclass
+class DistillPlan:
+    cfg: DistillConfig
+    teacher: art.Artifact
+    job: Any  # engine.train.TrainJob
+    loss: DistillLoss
+    student_spec: dict
+    student_source: dict
+    initial_state: dict  # the student's starting weights (the --baseline run starts from them too)
+    record: dict  # what the manifest says about the distillation
+    base_dir: Path | None = None  # where a user-model student's model.py lives
+
+
+@dataclass
+class DistillResult:
+    run: Any  # TrainResult of the distillation
+    baseline: Any  # TrainResult of --baseline, or None
+    report: dict
+    record: dict
+
+    def summary(self) -> dict:
+        out = {"run_dir": str(self.run.run_dir), "best": str(self.run.best_dir), "last": str(self.run.last_dir),
+               "steps": self.run.steps, "best_step": self.run.best_step, "seconds": self.run.seconds,
+               "resumed_from": self.run.resumed_from, **self.run.runtime,
+               "best_metrics": self.run.best_metrics, "distill": self.record, "report": self.report}
+        if self.baseline is not None:
+            out["baseline"] = {"run_dir": str(self.baseline.run_dir), "best": str(self.baseline.best_dir),
+                               "best_metrics": self.baseline.best_metrics}
+        return out
+
+
+def _check_resume(cfg: DistillConfig) -> None:
+    path = Path(cfg.train.out) / DISTILL_FILE
+    if not path.is_file():
+        raise UserError(f"--resume: {cfg.train.out} has no {DISTILL_FILE}; it is not a distillation run (drop --resume to start one)")
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    now = json.loads(json.dumps(cfg.fingerprint()))
+    changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
+    if changed:
+        detail = ", ".join(f"{k} ({previous.get(k)!r} → {now.get(k)!r})" for k in changed)
+        raise UserError(f"--resume: distillation options differ from the run being resumed: {detail}; resume with the same options")
+
+
+def prepare_distill(cfg: DistillConfig) -> DistillPlan:
+    """Check everything (options, teacher, student, data, layer map) and build the job; no writes."""
+    import torch
+
+    from .evaluate import open_data
+    from .tasks import make_task
+    from .train import TrainJob
+
+    cfg.validate()
+    tc = cfg.train
+    if tc.resume:
+        _check_resume(cfg)
+    else:
+        art.check_output(tc.out, tc.overwrite)
+    teacher = art.open_artifact(cfg.teacher)
+    if not teacher.has_weights:
+        raise UserError(f"--teacher {teacher.path}: is ONNX-only (no model.safetensors); distil from its PyTorch "
+                        f"parent ({(teacher.manifest.get('parent') or {}).get('path', 'the artifact it was exported from')})")
+    data = open_data(teacher, tc.data, tc.target)
+    teacher_model = teacher.build_model()
+    # The teacher's output width decides the student's classes / vocabulary unless the user
+    # overrides it; asking the model itself works for user models too. A short window suffices.
+    probe_task = make_task(data, 2, tc.seed, 8 if data.task == "language-modeling" else None)
+    with torch.no_grad():
+        width = int(teacher_model(torch.from_numpy(probe_task.example_input(2))).shape[-1])
+
+    spec, source_artifact = _student_spec(cfg, teacher, data, width)
+    block_size = _block_size(tc, teacher, spec)
+    task = make_task(data, tc.batch_size, tc.seed, block_size, tc.eval_windows)
+    torch.manual_seed(tc.seed)
+    base_dir = source_artifact.path if source_artifact is not None else None
+    student = build_model(spec, base_dir=base_dir)
+    source: dict = {"from": "artifact" if source_artifact else ("preset" if cfg.student_preset else "config")}
+    if source_artifact is not None:
+        from ..weights import load_into
+
+        load_into(student, source_artifact.load_state_dict(), source=source_artifact.path / art.WEIGHTS_FILE)
+        source["artifact"] = art.parent_ref(source_artifact)
+    check_agreement(teacher_model, student, task)
+    if cfg.init_from_teacher:
+        source["init_from_teacher"] = init_from_teacher(student, teacher_model, spec, teacher.model_spec)
+
+    hidden = None
+    if cfg.hidden_loss is not None:
+        example = torch.from_numpy(task.example_input(2))
+        layer_map = parse_layer_map(cfg.layer_map) if cfg.layer_map else None
+        hidden = build_hidden_match(teacher_model, student, teacher.model_spec["arch"], spec["arch"], example,
+                                    cfg.hidden_loss, cfg.hidden_weight, layer_map)
+    loss = DistillLoss(teacher_model, temperature=cfg.temperature, alpha=cfg.alpha, kind=cfg.kd_loss, hidden=hidden)
+    if cfg.cache_teacher:
+        loss.check_cacheable(task)
+
+    extra_files = {}
+    if spec["arch"] == USER_ARCH:  # a user-model student carries its code, like the artifact it came from
+        extra_files[art.MODEL_CODE_FILE] = source_artifact.path / art.MODEL_CODE_FILE
+    data_spec = dict(data.spec)
+    if block_size:
+        data_spec["block_size"] = block_size
+    config = art.new_config(data.task, spec, data_spec)
+    teacher_params, student_params = count_parameters(teacher_model), count_parameters(student)
+    record = {
+        "teacher": art.parent_ref(teacher), "student": source,
+        "temperature": cfg.temperature, "alpha": cfg.alpha, "kd_loss": cfg.kd_loss,
+        "hidden_loss": cfg.hidden_loss, "hidden_weight": cfg.hidden_weight if hidden else None,
+        "layer_map": [list(p) for p in hidden.pairs] if hidden else None,
+        "hidden_widths": hidden.widths if hidden else None,
+        "projection_params": count_parameters(hidden.projections) if hidden and hidden.projections is not None else 0,
+        "cache_teacher": cfg.cache_teacher, "teacher_params": teacher_params, "student_params": student_params,
+        "param_ratio": student_params / teacher_params if teacher_params else None,
+    }
+    job = TrainJob(cfg=tc, model=student, data=data, task=task, artifact_config=config, stage="distill",
+                   parent=teacher, loss_fn=loss, aux=loss.projections, extra_files=extra_files,
+                   manifest_extra={"distill": record})
+    initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    return DistillPlan(cfg, teacher, job, loss, spec, source, initial, record, base_dir)
+
+
+def _recording(progress: Progress, run_dir: Path, fingerprint: dict, fresh: bool) -> Progress:
+    """Write distill.json into the run directory as soon as the trainer has created it (a fresh run
+    starts from an empty directory, so it cannot be written earlier)."""
+
+    def forward(event: str, **info: Any) -> None:
+        if event == "start" and fresh:
+            (run_dir / DISTILL_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
+        progress(event, **info)
+
+    return forward
+
+
+def _baseline_job(plan: DistillPlan):
+    """The same student, from the same starting weights, data, budget and seed, without the teacher."""
+    from .train import TrainJob
+
+    tc = plan.cfg.train
+    out = Path(tc.out) / BASELINE_DIR
+    model = build_model(plan.student_spec, base_dir=plan.base_dir)
+    model.load_state_dict(plan.initial_state)
+    resume = tc.resume and (out / "run.json").is_file()
+    base_cfg = replace(tc, out=str(out), resume=resume, overwrite=True)
+    task = plan.job.task._task if isinstance(plan.job.task, RowsTask) else plan.job.task
+    if plan.cfg.student is not None:
+        parent = art.open_artifact(plan.cfg.student)
+    elif plan.cfg.init_from_teacher:
+        parent = plan.teacher
+    else:
+        parent = None
+    return TrainJob(cfg=base_cfg, model=model, data=plan.job.data, task=task, artifact_config=plan.job.artifact_config,
+                    stage="train", parent=parent, extra_files=plan.job.extra_files,
+                    manifest_extra={"baseline_for": {"distill_run": str(Path(tc.out).resolve())}})
+
+
+def run_distill(plan: DistillPlan, progress: Progress | None = None) -> DistillResult:
+    import torch
+
+    from .train import run_job
+
+    progress = progress or _no_progress
+    cfg, tc = plan.cfg, plan.cfg.train
+    try:
+        if cfg.cache_teacher:
+            progress("phase", name="cache teacher")
+            plan.record["cache"] = plan.loss.fill_cache(plan.job.task)
+            plan.job.task = RowsTask(plan.job.task)
+        progress("phase", name="distill")
+        torch.manual_seed(tc.seed)  # dropout draws the same numbers in the distilled and the baseline run
+        run = run_job(plan.job, _recording(progress, Path(tc.out), cfg.fingerprint(), not tc.resume))
+    finally:
+        plan.loss.close()
+    baseline = None
+    if cfg.baseline:
+        progress("phase", name="baseline")
+        torch.manual_seed(tc.seed)
+        baseline = run_job(_baseline_job(plan), progress)
+    progress("phase", name="report")
+    report = compare_models(plan, run, baseline, progress)
+    return DistillResult(run, baseline, report, plan.record)
+
+
+def distill(cfg: DistillConfig, progress: Progress | None = None) -> DistillResult:
+    return run_distill(prepare_distill(cfg), progress)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def compare_models(plan: DistillPlan, run, baseline, progress: Progress | None = None) -> dict:
+    """Teacher, baseline and distilled student on the same data, split and window: metric,
+    parameters, size and latency (torch, this machine's threads)."""
+    from .evaluate import BenchConfig, evaluate_artifact
+    from .hardware import resolve_device
+
+    cfg = plan.cfg
+    student_art = art.open_artifact(run.best_dir)
+    # The teacher is measured on the student's data spec, so a language model sees the same windows.
+    teacher_view = replace(plan.teacher, config={**plan.teacher.config, "data": student_art.data_spec})
+    entries = [("teacher", teacher_view)]
+    if baseline is not None:
+        entries.append(("baseline", art.open_artifact(baseline.best_dir)))
+    entries.append(("distilled", student_art))
+    bench = BenchConfig(warmup=min(5, cfg.bench_iterations), iterations=cfg.bench_iterations) if cfg.bench_iterations else None
+    device = resolve_device(cfg.train.device)
+    models = {}
+    for name, artifact in entries:
+        if progress is not None:
+            progress("measure", name=name)
+        result = evaluate_artifact(artifact, split=cfg.report_split, backend="torch", device=device,
+                                   threads=cfg.train.threads, bench=bench)
+        models[name] = {k: result[k] for k in ("artifact", "accuracy", "loss", "perplexity", "params", "file_bytes",
+                                                "latency_ms_p50", "latency_ms_p95", "samples", "tokens") if k in result}
+    metric = "accuracy" if plan.teacher.task == "classification" else "loss"
+    report = {"split": cfg.report_split, "metric": metric, "models": models,
+              "param_ratio": models["distilled"]["params"] / models["teacher"]["params"]}
+    teacher_value, student_value = models["teacher"].get(metric), models["distilled"].get(metric)
+    if metric == "accuracy" and teacher_value:
+        report["retention"] = student_value / teacher_value  # share of the teacher's accuracy kept
+    if baseline is not None:
+        base_value = models["baseline"].get(metric)
+        # Positive = distillation helped (higher accuracy, or lower loss).
+        report["margin_vs_baseline"] = (student_value - base_value) if metric == "accuracy" else (base_value - student_value)
+    if "latency_ms_p50" in models["teacher"]:
+        report["speedup_vs_teacher"] = models["teacher"]["latency_ms_p50"] / models["distilled"]["latency_ms_p50"]
+    return report
