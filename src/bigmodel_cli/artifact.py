@@ -293,14 +293,31 @@ def atomic_directory(out: Path | str, overwrite: bool = False) -> Iterator[Path]
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno == 28:
-            raise UserError(f"{out}: the disk is full; free space or choose another --out (nothing was written)") from None
-        raise UserError(f"{out}: cannot write ({exc.strerror}); choose another --out (nothing was written)") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        problem = storage_problem(exc)
+        if problem:
+            raise UserError(f"{out}: {problem}; choose another --out (nothing was written)") from None
         raise
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """'the disk is full' etc. for an exception from a failed write, else None.
+
+    safetensors raises its own error type for I/O failures, so the OS error is recognised by its
+    errno or its text.
+    """
+    import errno
+
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "os error 28" in text:
+        return "the disk is full"
+    if code == errno.EROFS or "Read-only file system" in text or "os error 30" in text:
+        return "the location is read-only"
+    if code == errno.EACCES or "Permission denied" in text:
+        return "permission denied"
+    return None
 
 
 def file_entries(root: Path) -> dict[str, dict]:

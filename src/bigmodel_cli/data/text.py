@@ -129,8 +129,7 @@ class TextData:
     def eval_starts(self, split: str, block_size: int, max_windows: int) -> list[int]:
         """Non-overlapping windows from the start of ``split``: the same every time."""
         start, end = self.ranges[split]
-        starts = list(range(start, end - block_size - 1, block_size + 1))[:max_windows]
-        return starts
+        return list(range(start, end - block_size - 1, block_size + 1)[:max_windows])  # range slices lazily
 
 
 def load_text(spec: dict) -> TextData:
