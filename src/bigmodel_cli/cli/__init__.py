@@ -73,6 +73,9 @@ def _register() -> None:
 
     app.command("train")(train.train)
     app.command("eval")(evaluate.eval_command)
+    from . import prune as prune_cli  # issue 5 (own lines: the imports above are edited concurrently)
+
+    app.command("prune")(prune_cli.prune)
     from . import distill as distill_cli  # its own line: other commands' imports are edited concurrently
 
     app.command("distill")(distill_cli.distill)

@@ -133,7 +133,12 @@ def build_model(spec: dict, base_dir: Path | None = None):
     if spec.get("arch") == USER_ARCH:
         from .user import build_user_model
 
-        return build_user_model(spec, base_dir)
+        model = build_user_model(spec, base_dir)
+        if spec.get("pruned"):  # structured pruning changed its shapes (JSON record, no pickle)
+            from ..engine.pruning.user_graph import restore_pruned_shapes
+
+            restore_pruned_shapes(model, spec["pruned"])
+        return model
     validate_spec(spec)
     arch = get_arch(spec["arch"])
     values = {k: v for k, v in spec.items() if k not in ("arch", "preset")}
