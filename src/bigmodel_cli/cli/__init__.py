@@ -87,6 +87,10 @@ def _register() -> None:
 
     app.command("export")(export_cli.export)
 
+    from . import explain as explain_cli  # issue 10 (own lines: the imports above are edited concurrently)
+
+    app.command("explain")(explain_cli.explain_command)
+
 
 _register()
 
