@@ -25,12 +25,10 @@ import numpy as np
 from ..artifact import MANIFEST_FILE, Artifact, open_artifact, sha256_file
 from ..errors import ConfigErrors, UserError
 from . import attribution as attr
+from .explain_inputs import dataset_inputs, gaussian_blur, read_input, read_prompt, shape_text
 
 BASELINES = ("zeros", "blur", "mean")
 THROUGH = ("auto", "torch", "onnx")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-INPUT_SUFFIXES = (".npy", ".npz", ".csv", *IMAGE_SUFFIXES)
-SPLITS = ("train", "val", "test")
 # Finite differences cost 2·d + 1 model runs per path point; refine less far than autograd does.
 FD_MAX_INTERVALS = 256
 
@@ -237,6 +235,11 @@ class Explainer:
             return int(self.spec.get("vocab_size", 256))
         return int(self.spec["num_classes"])
 
+    @property
+    def context(self) -> int | None:
+        """The longest prompt the model takes (language models)."""
+        return self.source.model_spec.get("block_size") or self.spec.get("block_size")
+
     def class_name(self, index: int) -> str:
         if self.kind == "tokens":
             return token_text(index)
@@ -272,8 +275,8 @@ class Explainer:
             raise UserError(f"--compare {b.path}: is a {b.task} model with {other.kind} inputs but {a.path} "
                             f"takes {self.kind} inputs; compare models of the same task and input")
         if self.kind != "tokens" and list(a.data_spec.get("input_shape", [])) != list(b.data_spec.get("input_shape", [])):
-            raise UserError(f"--compare {b.path}: takes inputs of shape {_shape(b.data_spec['input_shape'])} but "
-                            f"{a.path} takes {_shape(a.data_spec['input_shape'])}; compare models of the same data")
+            raise UserError(f"--compare {b.path}: takes inputs of shape {shape_text(b.data_spec['input_shape'])} but "
+                            f"{a.path} takes {shape_text(a.data_spec['input_shape'])}; compare models of the same data")
 
     # -- the model as functions of its (model-space) input ---------------------------------
 
@@ -415,195 +418,6 @@ def _token_embedding(model, artifact: Artifact):
                     f"{vocab} rows) to attribute through; explain needs one")
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def _shape(shape) -> str:
-    return "×".join(str(int(d)) for d in shape)
-
-
-def default_pixel_max(spec: dict) -> float:
-    # The bundled digits are 0–16 ink intensities; other image data is usually 8-bit.
-    return 16.0 if spec.get("name") == "digits" else 255.0
-
-
-def _fit_shape(arr: np.ndarray, shape: tuple[int, ...], row: int | None, where: str) -> np.ndarray:
-    """One sample of ``shape`` from an array that is one sample or a batch (axes of size 1 tolerated)."""
-    core = tuple(d for d in shape if d != 1)
-    if tuple(d for d in arr.shape if d != 1) == core and arr.size == int(np.prod(shape)):
-        if row not in (None, 0):
-            raise UserError(f"{where}: holds one sample, so --row {row} does not exist; drop --row")
-        return arr.reshape(shape)
-    if arr.ndim >= 2 and tuple(d for d in arr.shape[1:] if d != 1) == core:
-        row = 0 if row is None else row
-        if not 0 <= row < arr.shape[0]:
-            raise UserError(f"{where}: has {arr.shape[0]} samples; --row must be 0–{arr.shape[0] - 1}")
-        return arr[row].reshape(shape)
-    raise UserError(f"{where}: shape {_shape(arr.shape)} does not fit the model's input {_shape(shape)}; give one "
-                    f"sample of shape {_shape(shape)} (or N×{_shape(shape)} with --row)")
-
-
-def _numeric(arr: np.ndarray, where: str) -> np.ndarray:
-    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-        raise UserError(f"{where}: holds {arr.dtype} values; give real numbers")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        raise UserError(f"{where}: contains NaN or Inf; give finite values")
-    return arr
-
-
-def _read_csv(path: Path, feature_names: list[str] | None) -> np.ndarray:
-    import csv
-
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"{path}: not a readable UTF-8 CSV file ({exc})") from None
-    if not rows:
-        raise UserError(f"{path}: is empty; give a header row (optional) and at least one row of numbers")
-
-    def number(cell: str) -> float | None:
-        try:
-            return float(cell)
-        except ValueError:
-            return None
-
-    header = None if all(number(c) is not None for c in rows[0]) else [c.strip() for c in rows[0]]
-    body = rows[1:] if header else rows
-    columns = list(range(len(rows[0])))
-    if header and feature_names:
-        missing = [n for n in feature_names if n not in header]
-        if missing:
-            raise UserError(f"{path}: has no column(s) {', '.join(missing)} that the model was trained on; "
-                            f"its header is {', '.join(header)}")
-        columns = [header.index(n) for n in feature_names]  # extra columns (such as the label) are ignored
-    values = []
-    for line, row in enumerate(body, start=2 if header else 1):
-        cells = []
-        for i in columns:
-            value = number(row[i]) if i < len(row) else None
-            if value is None:
-                name = header[i] if header else f"{i + 1}"
-                raise UserError(f"{path} line {line}, column {name}: {row[i] if i < len(row) else ''!r} is not a number")
-            cells.append(value)
-        values.append(cells)
-    if not values:
-        raise UserError(f"{path}: has a header but no rows of numbers")
-    return np.asarray(values, dtype=np.float64)
-
-
-def _read_image(path: Path, shape: tuple[int, ...], pixel_max: float) -> np.ndarray:
-    import matplotlib.image as mpimg
-
-    try:
-        img = np.asarray(mpimg.imread(path))
-    except Exception as exc:  # PIL / libpng errors for a broken or foreign file
-        raise UserError(f"{path}: cannot read the image ({type(exc).__name__}); give a PNG or JPEG file") from None
-    img = img.astype(np.float64) / (255.0 if img.dtype == np.uint8 else 1.0)  # PNG reads as 0–1 floats
-    if img.ndim == 3:
-        img = img[..., :3]  # drop alpha
-    channels, (height, width) = (shape[0] if len(shape) == 3 else 1), shape[-2:]
-    if img.shape[:2] != (height, width):
-        raise UserError(f"{path}: the image is {img.shape[1]}×{img.shape[0]} pixels but the model takes "
-                        f"{width}×{height}; resize it to {width}×{height}")
-    if channels == 1:
-        img = img.mean(axis=2) if img.ndim == 3 else img
-        img = img[None]
-    elif channels == 3:
-        img = np.stack([img] * 3) if img.ndim == 2 else img.transpose(2, 0, 1)
-    else:
-        raise UserError(f"{path}: the model takes {channels}-channel inputs; give them as a .npy array instead of an image")
-    return (img * pixel_max).reshape(shape)
-
-
-def read_input(explainer: Explainer, source: str, row: int | None = None, pixel_max: float | None = None) -> np.ndarray:
-    """A file named on the command line → one raw input (the units the training data was in)."""
-    spec = explainer.spec
-    shape = tuple(int(d) for d in spec["input_shape"])
-    path = Path(source)
-    if not path.is_file():
-        raise UserError(f"{source}: no such file; give a {', '.join(INPUT_SUFFIXES)} file, or --data SPLIT")
-    suffix = path.suffix.lower()
-    if suffix not in INPUT_SUFFIXES:
-        raise UserError(f"{path}: unknown input type {suffix or '(no suffix)'}; give one of {', '.join(INPUT_SUFFIXES)}")
-    if suffix in IMAGE_SUFFIXES:
-        if explainer.kind != "image":
-            raise UserError(f"{path}: image files are for image models; this model takes {_shape(shape)} "
-                            "features, give a .csv, .npy or .npz row")
-        if row is not None:
-            raise UserError(f"{path}: an image is one sample; drop --row")
-        return _read_image(path, shape, pixel_max or default_pixel_max(spec))
-    if suffix == ".csv":
-        arr = _read_csv(path, spec.get("feature_names"))
-    else:
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise UserError(f"{path}: cannot read without pickle ({exc}); save plain numeric arrays") from None
-        except Exception as exc:
-            raise UserError(f"{path}: not a valid {suffix} file ({type(exc).__name__}); save it with numpy") from None
-        if suffix == ".npz":
-            with loaded:
-                names = list(loaded.files)
-                if "x" in names:
-                    arr = loaded["x"]
-                elif len(names) == 1:
-                    arr = loaded[names[0]]
-                else:
-                    raise UserError(f"{path}: holds several arrays ({', '.join(names)}); name the inputs 'x'")
-        else:
-            arr = loaded
-    return _fit_shape(_numeric(np.asarray(arr), str(path)), shape, row, str(path))
-
-
-def read_prompt(explainer: Explainer, text: str) -> np.ndarray:
-    """A prompt → byte token ids, checked against the model's context."""
-    ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-    if len(ids) == 0:
-        raise UserError("the prompt is empty; give some text to explain the next-token prediction of")
-    context = explainer.source.model_spec.get("block_size") or explainer.spec.get("block_size")
-    if context and len(ids) > int(context):
-        raise UserError(f"the prompt has {len(ids)} tokens (bytes) but the model's context is {context}; shorten it")
-    return ids
-
-
-def dataset_inputs(explainer: Explainer, split: str, count: int, first: int = 0) -> list[np.ndarray]:
-    """``count`` raw inputs from the artifact's own data split, from position ``first`` on."""
-    from .evaluate import open_data
-
-    if split not in SPLITS:
-        raise UserError(f"unknown --data {split!r}; choose one of {', '.join(SPLITS)} (the artifact's own data)")
-    data = open_data(explainer.artifact)
-    if explainer.kind == "tokens":
-        block = int(explainer.spec.get("block_size") or 128)
-        starts = data.eval_starts(split, block, first + count)
-        if len(starts) <= first:
-            raise UserError(f"the {split} split has {len(starts)} windows of {block} bytes; ask for fewer")
-        x, _ = data.windows(starts[first:first + count], block)
-        return [w for w in x.numpy()]
-    raw = data.x[data.splits[split]]
-    if len(raw) <= first:
-        raise UserError(f"the {split} split has {len(raw)} samples; --row must be below that")
-    return [np.asarray(r, dtype=np.float64) for r in raw[first:first + count]]
-
-
-def gaussian_blur(image: np.ndarray, sigma: float | None = None) -> np.ndarray:
-    """Blur the last two axes (H, W) with a separable Gaussian; sigma defaults to a quarter of the image."""
-    h, w = image.shape[-2:]
-    sigma = sigma or max(h, w) / 4.0
-    out = np.asarray(image, dtype=np.float64)
-    for axis, size in ((-2, h), (-1, w)):
-        radius = max(1, min(size - 1, int(3 * sigma)))
-        kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-        kernel /= kernel.sum()
-        pad = [(0, 0)] * out.ndim
-        pad[axis] = (radius, radius)
-        padded = np.pad(out, pad, mode="reflect")
-        out = np.apply_along_axis(lambda v: np.convolve(v, kernel, mode="valid"), axis, padded)
-    return out
-
-
 # --------------------------------------------------------------------------- presentation helpers
 
 
@@ -727,6 +541,8 @@ def explain(
                         + (f" (got {' and '.join(given)})" if given else ""))
     a = _open(artifact)
     kind = input_kind(a)
+    if row is not None and kind == "tokens" and split is None:
+        raise UserError("--row picks a sample of --data SPLIT; a prompt is one input, so drop --row")
     if prompt is not None and kind != "tokens":
         raise UserError("--prompt is for language models; this model takes " + kind + " inputs (give a file as INPUT)")
     out_path = check_output_file(out, overwrite, output_suffixes(kind)) if out is not None else None
@@ -739,17 +555,17 @@ def explain(
         explainer.check_compatible(other)
     target = explainer.resolve_target(opts.target)
     if split is not None:
-        raw = dataset_inputs(explainer, split, 1, row or 0)[0]
+        raw = dataset_inputs(a, split, 1, row or 0)[0]
     elif kind == "tokens":
         text = prompt if prompt is not None else source
         file = Path(text)
         if prompt is None and file.suffix == ".txt" and file.is_file():
             text = file.read_text(encoding="utf-8", errors="replace")
-        raw = read_prompt(explainer, text)
+        raw = read_prompt(text, explainer.context)
         if other is not None:
-            read_prompt(other, text)
+            read_prompt(text, other.context)
     else:
-        raw = read_input(explainer, source, row, opts.pixel_max)
+        raw = read_input(a.data_spec, kind, source, row, opts.pixel_max)
     first = explainer.explain(raw, target, opts)
     second = agree = None
     if other is not None:
@@ -805,7 +621,7 @@ def explain_split(
     if other is not None:
         explainer.check_compatible(other)
     target = explainer.resolve_target(opts.target)
-    inputs = dataset_inputs(explainer, split, samples)
+    inputs = dataset_inputs(a, split, samples)
     progress = progress or (lambda *_a, **_k: None)
     progress("start", total=len(inputs))
     rhos, overlaps, gaps_a, gaps_b, same = [], [], [], [], []
