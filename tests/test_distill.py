@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ torch = pytest.importorskip("torch")
 from bigmodel_cli import artifact as art  # noqa: E402
 from bigmodel_cli.config import TrainConfig  # noqa: E402
 from bigmodel_cli.engine import distill as D  # noqa: E402
-from bigmodel_cli.engine.losses import IGNORE_INDEX, distillation_loss, hidden_loss, kd_loss  # noqa: E402
+from bigmodel_cli.engine.losses import IGNORE_INDEX, default_layer_map, distillation_loss, hidden_loss, kd_loss  # noqa: E402
 from bigmodel_cli.errors import UserError  # noqa: E402
 
 FAST = ("--bench-iterations", "2", "--threads", "1")
@@ -96,9 +95,9 @@ def test_alpha_weighs_soft_and_hard_terms():
 
 def test_layer_maps():
     assert D.parse_layer_map("0:1, 1:3") == [(0, 1), (1, 3)]
-    assert D.default_layer_map(2, 4) == [(0, 1), (1, 3)]
-    assert D.default_layer_map(1, 5) == [(0, 4)]
-    assert D.default_layer_map(3, 3) == [(0, 0), (1, 1), (2, 2)]
+    assert default_layer_map(2, 4) == [(0, 1), (1, 3)]
+    assert default_layer_map(1, 5) == [(0, 4)]
+    assert default_layer_map(3, 3) == [(0, 0), (1, 1), (2, 2)]
     for bad in ("0-1", "a:1", "0:1,0:2", ""):
         with pytest.raises(UserError):
             D.parse_layer_map(bad)

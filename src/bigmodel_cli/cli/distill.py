@@ -26,7 +26,7 @@ def distill(
     student_config: Annotated[Optional[str], typer.Option("--student-config", help="JSON like config.json's model section, e.g. '{\"arch\": \"mlp\", \"hidden_sizes\": [32]}'.", rich_help_panel=_S)] = None,
     student: Annotated[Optional[Path], typer.Option("--student", help="Start from an existing artifact (its architecture and weights).", rich_help_panel=_S)] = None,
     init_from_teacher: Annotated[bool, typer.Option("--init-from-teacher", help="Copy every k-th teacher layer into the student (same widths, fewer layers).", rich_help_panel=_S)] = False,
-    temperature: Annotated[float, typer.Option("--temperature", help="Softens both distributions; > 0.", rich_help_panel=_L)] = 2.0,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Softens both distributions; > 0. Default: 2 for classifiers, 1 for language models.", rich_help_panel=_L, show_default=False)] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of the teacher's soft targets; 1 − alpha weighs the labels.", rich_help_panel=_L)] = 0.5,
     kd_loss: Annotated[str, typer.Option("--kd-loss", help="forward-kl, reverse-kl or mse (logits).", rich_help_panel=_L)] = "forward-kl",
     hidden_loss: Annotated[Optional[str], typer.Option("--hidden-loss", help="Also match hidden states: mse or cosine.", rich_help_panel=_L)] = None,

@@ -5,7 +5,7 @@ changes the job: the loss (``DistillLoss``: the teacher's softened logits, the l
 optionally its hidden states), the trainable extras (the projections that map student features to
 teacher widths: checkpointed for resume, never saved in the student artifact), the stage
 (``distill``) and the parent (the teacher). Hidden states are read with forward hooks on the
-built-in architectures' layers, so the model classes stay unchanged.
+built-in architectures' layers (``engine/losses.py``), so the model classes stay unchanged.
 
 ``distillation_loss_fn`` is the small public entry point for other commands that fine-tune with a
 teacher (e.g. pruning's recovery training).
@@ -13,10 +13,8 @@ teacher (e.g. pruning's recovery training).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -25,15 +23,14 @@ from .. import artifact as art
 from ..config import TrainConfig
 from ..errors import ConfigErrors, UserError
 from ..models import USER_ARCH, build_model, count_parameters, get_arch, resolve_spec
-from .losses import HIDDEN_LOSSES, KD_LOSSES, distillation_loss, hidden_loss
+from .losses import HIDDEN_ARCHS, HIDDEN_LOSSES, KD_LOSSES, DistillLoss, RowsTask, build_hidden_match
 
 DISTILL_FILE = "distill.json"  # the distillation options of a run, checked on --resume
 BASELINE_DIR = "baseline"  # the --baseline run, inside the distill run directory
 REPORT_SPLITS = ("train", "val", "test")
-HIDDEN_ARCHS = ("mlp", "cnn", "gpt")
-# --cache-teacher keeps the teacher's outputs for the whole training split in memory; refuse when
-# that would take more than this share of the machine's RAM.
-CACHE_MEMORY_SHARE = 0.25
+# Measured (docs/benchmarks.md): a softer teacher (T = 2) helps small classifiers, while a byte-level
+# language model's student learned best from the unsoftened distribution (T = 1) in short runs.
+DEFAULT_TEMPERATURE = {"classification": 2.0, "language-modeling": 1.0}
 
 Progress = Callable[..., None]
 
@@ -52,7 +49,7 @@ class DistillConfig:
     student_preset: str | None = None  # a preset of the teacher's architecture
     student_config: dict | None = None  # the "model" section of config.json; "arch" defaults to the teacher's
     student: str | None = None  # an existing artifact: its architecture and weights
-    temperature: float = 2.0
+    temperature: float | None = None  # None: DEFAULT_TEMPERATURE for the teacher's task
     alpha: float = 0.5  # weight of the soft (teacher) term; 1 − alpha weighs the labels
     kd_loss: str = "forward-kl"
     hidden_loss: str | None = None  # None: logits only
@@ -78,7 +75,8 @@ class DistillConfig:
             p.append(f"give only one of {', '.join(given)} to define the student")
         if self.student_config is not None and not isinstance(self.student_config, dict):
             p.append("--student-config must be a JSON object like '{\"arch\": \"mlp\", \"hidden_sizes\": [32]}'")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+        if self.temperature is not None and not (
+                isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
             p.append(f"--temperature must be a positive number, got {self.temperature}")
         if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             p.append(f"--alpha must be between 0 and 1 (the weight of the teacher's soft targets), got {self.alpha}")
@@ -134,287 +132,6 @@ def parse_layer_map(value: str) -> list[tuple[int, int]]:
     return pairs
 
 
-# --------------------------------------------------------------------------- hidden states
-
-
-def hidden_layers(model, arch: str) -> list:
-    """The modules whose outputs count as the model's hidden states, in order.
-
-    mlp: each hidden layer's activation; cnn: each conv stage's output (after pooling); gpt: each
-    transformer block's output (the residual stream).
-    """
-    from torch import nn
-
-    if arch == "mlp":
-        return [m for m in model.net if isinstance(m, nn.ReLU)]
-    if arch == "cnn":
-        stages, current = [], None
-        for module in model.features:
-            if isinstance(module, nn.Conv2d) and current is not None:
-                stages.append(current)
-            current = module
-        if current is not None:
-            stages.append(current)
-        return stages
-    if arch == "gpt":
-        return list(model.blocks)
-    raise UserError(
-        f"hidden-state distillation reads the layers of the built-in models ({', '.join(HIDDEN_ARCHS)}); "
-        f"this model is {arch!r}: drop --hidden-loss to distil its logits only"
-    )
-
-
-class HiddenTap:
-    """Forward hooks that keep the outputs of chosen layers while ``active`` (channel-last)."""
-
-    def __init__(self, modules: list, indices: list[int], channels_first: bool):
-        self.outputs: dict[int, Any] = {}
-        self.active = False
-        self.channels_first = channels_first
-        self.handles = [modules[i].register_forward_hook(self._hook(i)) for i in sorted(set(indices))]
-
-    def _hook(self, index: int):
-        def hook(_module, _inputs, output):
-            if self.active:
-                # (B, C, H, W) → (B, H, W, C): every feature then has its width last, so one
-                # nn.Linear projects mlp, cnn and gpt features alike.
-                self.outputs[index] = output.permute(0, 2, 3, 1) if self.channels_first else output
-
-        return hook
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-
-def default_layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
-    """Spread the student's layers over the teacher's, last to last (2 over 4 → 0:1, 1:3); a
-    student deeper than its teacher maps several layers to one."""
-    return [(i, -(-(i + 1) * teacher_layers // student_layers) - 1) for i in range(student_layers)]
-
-
-def _pool_to_common(s, t):
-    """Feature maps of different spatial sizes (cnn stages) are average-pooled to the smaller one."""
-    import torch.nn.functional as F
-
-    if s.dim() != 4 or s.shape[1:3] == t.shape[1:3]:
-        return s, t
-    size = (min(s.shape[1], t.shape[1]), min(s.shape[2], t.shape[2]))
-
-    def pool(x):
-        return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)
-
-    return pool(s), pool(t)
-
-
-@dataclass
-class HiddenMatch:
-    """Which student layers imitate which teacher layers, how, and the learned projections."""
-
-    kind: str
-    weight: float
-    pairs: list[tuple[int, int]]
-    student_tap: HiddenTap
-    teacher_tap: HiddenTap
-    projections: Any  # nn.ModuleDict "s{i}_t{j}" → Linear(student width, teacher width), or None
-    widths: dict
-
-    def loss(self, teacher_hidden: dict, targets):
-        total = 0.0
-        for s_index, t_index in self.pairs:
-            s = self.student_tap.outputs[s_index]
-            key = f"s{s_index}_t{t_index}"
-            if self.projections is not None and key in self.projections:
-                s = self.projections[key](s)
-            s, t = _pool_to_common(s, teacher_hidden[t_index])
-            total = total + hidden_loss(s, t, self.kind, targets)
-        return self.weight * total / len(self.pairs)
-
-    def close(self) -> None:
-        self.student_tap.close()
-        self.teacher_tap.close()
-
-
-def build_hidden_match(teacher, student, teacher_arch: str, student_arch: str, example, kind: str, weight: float,
-                       layer_map: list[tuple[int, int]] | None) -> HiddenMatch:
-    """Hook both models, check the layer map against their layers, size the projections."""
-    import torch
-    from torch import nn
-
-    t_layers, s_layers = hidden_layers(teacher, teacher_arch), hidden_layers(student, student_arch)
-    if not t_layers or not s_layers:
-        who = "teacher" if not t_layers else "student"
-        raise UserError(f"the {who} has no hidden layers to match; drop --hidden-loss")
-    pairs = layer_map or default_layer_map(len(s_layers), len(t_layers))
-    for s_index, t_index in pairs:
-        if s_index >= len(s_layers):
-            raise UserError(f"--layer-map: the student has no hidden layer {s_index} (it has {len(s_layers)}: 0–{len(s_layers) - 1})")
-        if t_index >= len(t_layers):
-            raise UserError(f"--layer-map: the teacher has no hidden layer {t_index} (it has {len(t_layers)}: 0–{len(t_layers) - 1})")
-    s_tap = HiddenTap(s_layers, [s for s, _ in pairs], student_arch == "cnn")
-    t_tap = HiddenTap(t_layers, [t for _, t in pairs], teacher_arch == "cnn")
-    s_tap.active = t_tap.active = True
-    try:
-        with torch.no_grad():
-            teacher(example)
-            student(example)
-    finally:
-        s_tap.active = t_tap.active = False
-    projections, widths = nn.ModuleDict(), {}
-    for s_index, t_index in pairs:
-        s_out, t_out = s_tap.outputs[s_index], t_tap.outputs[t_index]
-        if s_out.dim() != t_out.dim():
-            raise UserError(f"--layer-map {s_index}:{t_index}: the student's features {tuple(s_out.shape)} and the "
-                            f"teacher's {tuple(t_out.shape)} have different shapes; map layers of the same kind")
-        ws, wt = s_out.shape[-1], t_out.shape[-1]
-        widths[f"{s_index}:{t_index}"] = [int(ws), int(wt)]
-        if ws != wt:  # FitNets-style regressor from the student's width to the teacher's
-            projections[f"s{s_index}_t{t_index}"] = nn.Linear(ws, wt)
-    s_tap.outputs.clear()
-    t_tap.outputs.clear()
-    return HiddenMatch(kind, weight, pairs, s_tap, t_tap, projections if len(projections) else None, widths)
-
-
-# --------------------------------------------------------------------------- the loss
-
-
-class DistillLoss:
-    """The trainer's ``loss_fn(model, x, y)``: the teacher runs in eval mode under no_grad, then
-    alpha·T²·KD + (1 − alpha)·CE, plus the weighted hidden-state term when there is one.
-
-    With a cache (``--cache-teacher``) ``y`` holds row numbers of the training split, and the
-    teacher's outputs and the labels are looked up instead of computed.
-    """
-
-    def __init__(self, teacher, *, temperature: float = 2.0, alpha: float = 0.5, kind: str = "forward-kl",
-                 hidden: HiddenMatch | None = None):
-        self.teacher = teacher.eval()
-        for param in teacher.parameters():
-            param.requires_grad_(False)
-        self.temperature, self.alpha, self.kind = temperature, alpha, kind
-        self.hidden = hidden
-        self.cache: dict | None = None
-
-    @property
-    def projections(self):
-        return self.hidden.projections if self.hidden is not None else None
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.alpha > 0 or self.hidden is not None
-
-    def _teacher_outputs(self, x):
-        import torch
-
-        first = next(self.teacher.parameters(), None)
-        if first is not None and first.device != x.device:  # run_job moves the student only
-            self.teacher.to(x.device)
-        self.teacher.eval()
-        tap = self.hidden.teacher_tap if self.hidden else None
-        if tap:
-            tap.active = True
-        try:
-            with torch.no_grad():
-                logits = self.teacher(x)
-            hidden = dict(tap.outputs) if tap else {}
-        finally:
-            if tap:
-                tap.active = False
-                tap.outputs.clear()
-        return logits, hidden
-
-    def __call__(self, model, x, y):
-        if self.cache is not None:
-            rows = y.cpu()
-            y = self.cache["labels"][rows].to(x.device)
-            t_logits = self.cache["logits"][rows].to(x.device)
-            t_hidden = {k: v[rows].to(x.device) for k, v in self.cache["hidden"].items()}
-        elif self.needs_teacher:
-            t_logits, t_hidden = self._teacher_outputs(x)
-        else:
-            t_logits, t_hidden = None, {}
-        tap = self.hidden.student_tap if self.hidden else None
-        if tap:
-            tap.active = True
-        try:
-            s_logits = model(x)
-            loss = distillation_loss(s_logits, t_logits, y, self.temperature, self.alpha, self.kind)
-            if self.hidden is not None:
-                loss = loss + self.hidden.loss(t_hidden, y)
-        finally:
-            if tap:
-                tap.active = False
-                tap.outputs.clear()
-        return loss
-
-    def check_cacheable(self, task) -> int:
-        """The bytes a cache of the teacher's outputs would take; UserError where one cannot be kept."""
-        if task.name != "classification":
-            raise UserError(
-                "--cache-teacher needs a classification dataset: language-model windows start at random "
-                "positions, so each teacher output is used once; drop --cache-teacher"
-            )
-        need = self._output_bytes_per_row(task.x_train[:2]) * len(task.x_train)
-        limit = _physical_memory() * CACHE_MEMORY_SHARE
-        if need > limit:
-            raise UserError(
-                f"--cache-teacher would keep {need / 2**30:.1f} GiB of teacher outputs in memory (limit "
-                f"{limit / 2**30:.1f} GiB, a quarter of RAM); drop --cache-teacher"
-            )
-        return need
-
-    def fill_cache(self, task, batch_size: int = 512) -> dict:
-        """Run the teacher once over the training split (classification only) and keep its outputs."""
-        import torch
-
-        need = self.check_cacheable(task)
-        x = task.x_train
-        logits, hidden = [], {}
-        for start in range(0, len(x), batch_size):
-            out, feats = self._teacher_outputs(x[start:start + batch_size])
-            logits.append(out.float().cpu())
-            for k, v in feats.items():
-                hidden.setdefault(k, []).append(v.float().cpu())
-        self.cache = {"labels": task.y_train.clone(), "logits": torch.cat(logits),
-                      "hidden": {k: torch.cat(v) for k, v in hidden.items()}}
-        return {"rows": len(x), "bytes": need}
-
-    def _output_bytes_per_row(self, sample) -> int:
-        out, feats = self._teacher_outputs(sample)
-        return 4 * (out[0].numel() + sum(v[0].numel() for v in feats.values()))
-
-    def close(self) -> None:
-        if self.hidden is not None:
-            self.hidden.close()
-
-
-class RowsTask:
-    """A classification task whose batches carry each row's number in the training split instead
-    of its label, so ``DistillLoss`` can look up the cached teacher outputs. The rows come from the
-    task's own sampler, so the batches are exactly those of an uncached run."""
-
-    def __init__(self, task):
-        import torch
-
-        self._task = task
-        self._rows = copy.copy(task)
-        self._rows.y_train = torch.arange(len(task.y_train))
-
-    def __getattr__(self, name: str):
-        return getattr(self._task, name)
-
-    def batch(self, micro_step: int, rank: int = 0, world: int = 1):
-        return self._rows.batch(micro_step, rank, world)
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
-
-
 def check_agreement(teacher, student, task) -> int:
     """Run both models on two real samples: the student must take the teacher's input and give
     one output per class (or vocabulary entry) exactly as the teacher does. Returns that width."""
@@ -445,16 +162,19 @@ def check_agreement(teacher, student, task) -> int:
     return int(t_out.shape[-1])
 
 
-def distillation_loss_fn(teacher_model, student_model, task, temperature: float = 2.0, alpha: float = 0.5,
+def distillation_loss_fn(teacher_model, student_model, task, temperature: float | None = None, alpha: float = 0.5,
                          kd_loss: str = "forward-kl") -> Callable:
     """A ``loss_fn(model, x, y)`` for ``engine.train.TrainJob`` that distils ``teacher_model``'s logits
     into the model being trained: alpha·T²·KL(teacher ‖ student) + (1 − alpha)·CE(labels).
 
     For commands that fine-tune with a teacher (``bigmodel prune --distill``): the teacher is put in
     eval mode with its parameters frozen, runs under no_grad, and follows the student to its device.
-    Raises UserError for a temperature ≤ 0, alpha outside [0, 1], an unknown ``kd_loss``, or a
-    student that disagrees with the teacher on the input or the classes / vocabulary.
+    ``temperature=None`` takes the command's default for the task (2 for classifiers, 1 for
+    language models). Raises UserError for a temperature ≤ 0, alpha outside [0, 1], an unknown
+    ``kd_loss``, or a student that disagrees with the teacher on the input or the classes / vocabulary.
     """
+    if temperature is None:
+        temperature = DEFAULT_TEMPERATURE[task.name]
     problems = []
     if not (math.isfinite(temperature) and temperature > 0):
         problems.append(f"the distillation temperature must be positive, got {temperature}")
@@ -635,6 +355,7 @@ class DistillPlan:
     student_source: dict
     initial_state: dict  # the student's starting weights (the --baseline run starts from them too)
     record: dict  # what the manifest says about the distillation
+    fingerprint: dict  # the options --resume must not change (distill.json)
     base_dir: Path | None = None  # where a user-model student's model.py lives
 
 
@@ -656,12 +377,12 @@ class DistillResult:
         return out
 
 
-def _check_resume(cfg: DistillConfig) -> None:
-    path = Path(cfg.train.out) / DISTILL_FILE
+def _check_distill_resume(out: str, fingerprint: dict) -> None:
+    path = Path(out) / DISTILL_FILE
     if not path.is_file():
-        raise UserError(f"--resume: {cfg.train.out} has no {DISTILL_FILE}; it is not a distillation run (drop --resume to start one)")
+        raise UserError(f"--resume: {out} has no {DISTILL_FILE}; it is not a distillation run (drop --resume to start one)")
     previous = json.loads(path.read_text(encoding="utf-8"))
-    now = json.loads(json.dumps(cfg.fingerprint()))
+    now = json.loads(json.dumps(fingerprint))
     changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
     if changed:
         detail = ", ".join(f"{k} ({previous.get(k)!r} → {now.get(k)!r})" for k in changed)
@@ -670,22 +391,26 @@ def _check_resume(cfg: DistillConfig) -> None:
 
 def prepare_distill(cfg: DistillConfig) -> DistillPlan:
     """Check everything (options, teacher, student, data, layer map) and build the job; no writes."""
+    cfg.validate()  # before the heavy imports: a mistyped option costs nothing
+    tc = cfg.train
+    if not tc.resume:
+        art.check_output(tc.out, tc.overwrite)
+
     import torch
 
     from .evaluate import open_data
     from .tasks import make_task
-    from .train import TrainJob
+    from .train import TrainJob, check_resume
 
-    cfg.validate()
-    tc = cfg.train
-    if tc.resume:
-        _check_resume(cfg)
-    else:
-        art.check_output(tc.out, tc.overwrite)
     teacher = art.open_artifact(cfg.teacher)
     if not teacher.has_weights:
         raise UserError(f"--teacher {teacher.path}: is ONNX-only (no model.safetensors); distil from its PyTorch "
                         f"parent ({(teacher.manifest.get('parent') or {}).get('path', 'the artifact it was exported from')})")
+    # The teacher by content (path and manifest hash), so a resumed run refuses a changed teacher.
+    fingerprint = {**cfg.fingerprint(), "teacher": art.parent_ref(teacher),
+                   "student": str(Path(cfg.student).resolve()) if cfg.student else None}
+    if tc.resume:
+        _check_distill_resume(tc.out, fingerprint)
     data = open_data(teacher, tc.data, tc.target)
     teacher_model = teacher.build_model()
     # The teacher's output width decides the student's classes / vocabulary unless the user
@@ -716,7 +441,8 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
         layer_map = parse_layer_map(cfg.layer_map) if cfg.layer_map else None
         hidden = build_hidden_match(teacher_model, student, teacher.model_spec["arch"], spec["arch"], example,
                                     cfg.hidden_loss, cfg.hidden_weight, layer_map)
-    loss = DistillLoss(teacher_model, temperature=cfg.temperature, alpha=cfg.alpha, kind=cfg.kd_loss, hidden=hidden)
+    temperature = cfg.temperature if cfg.temperature is not None else DEFAULT_TEMPERATURE[teacher.task]
+    loss = DistillLoss(teacher_model, temperature=temperature, alpha=cfg.alpha, kind=cfg.kd_loss, hidden=hidden)
     if cfg.cache_teacher:
         loss.check_cacheable(task)
 
@@ -730,7 +456,7 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
     teacher_params, student_params = count_parameters(teacher_model), count_parameters(student)
     record = {
         "teacher": art.parent_ref(teacher), "student": source,
-        "temperature": cfg.temperature, "alpha": cfg.alpha, "kd_loss": cfg.kd_loss,
+        "temperature": temperature, "alpha": cfg.alpha, "kd_loss": cfg.kd_loss,
         "hidden_loss": cfg.hidden_loss, "hidden_weight": cfg.hidden_weight if hidden else None,
         "layer_map": [list(p) for p in hidden.pairs] if hidden else None,
         "hidden_widths": hidden.widths if hidden else None,
@@ -741,8 +467,10 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
     job = TrainJob(cfg=tc, model=student, data=data, task=task, artifact_config=config, stage="distill",
                    parent=teacher, loss_fn=loss, aux=loss.projections, extra_files=extra_files,
                    manifest_extra={"distill": record})
+    if tc.resume:
+        check_resume(job)  # the trainer's options, before any work (distill's were checked above)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    return DistillPlan(cfg, teacher, job, loss, spec, source, initial, record, base_dir)
+    return DistillPlan(cfg, teacher, job, loss, spec, source, initial, record, fingerprint, base_dir)
 
 
 def _recording(progress: Progress, run_dir: Path, fingerprint: dict, fresh: bool) -> Progress:
@@ -793,7 +521,7 @@ def run_distill(plan: DistillPlan, progress: Progress | None = None) -> DistillR
             plan.job.task = RowsTask(plan.job.task)
         progress("phase", name="distill")
         torch.manual_seed(tc.seed)  # dropout draws the same numbers in the distilled and the baseline run
-        run = run_job(plan.job, _recording(progress, Path(tc.out), cfg.fingerprint(), not tc.resume))
+        run = run_job(plan.job, _recording(progress, Path(tc.out), plan.fingerprint, not tc.resume))
     finally:
         plan.loss.close()
     baseline = None
