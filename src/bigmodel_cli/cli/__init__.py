@@ -86,6 +86,10 @@ def _register() -> None:
     from . import export as export_cli  # issue 3: export, predict, generate (own lines: imports above are edited concurrently)
 
     app.command("export")(export_cli.export)
+    from . import generate as generate_cli, predict as predict_cli
+
+    app.command("predict")(predict_cli.predict)
+    app.command("generate")(generate_cli.generate)
 
     from . import explain as explain_cli  # issue 10 (own lines: the imports above are edited concurrently)
 
