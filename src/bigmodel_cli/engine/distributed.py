@@ -388,7 +388,9 @@ def lost_contact(exc: BaseException, ranks: Ranks) -> BaseException:
         return exc
     import torch.distributed as dist
 
-    if isinstance(exc, (dist.DistError, RuntimeError)):
+    # gloo reports a vanished peer as a plain RuntimeError naming its transport; NCCL as DistError.
+    transport = isinstance(exc, RuntimeError) and any(w in str(exc) for w in ("gloo", "NCCL", "Connection", "peer"))
+    if isinstance(exc, dist.DistError) or transport:
         return WorkFailed(f"rank {ranks.rank} lost contact with the other ranks ({_first_line(exc)}); "
                           "another rank probably failed — see its error")
     return exc
@@ -444,8 +446,13 @@ def _optimizer_by_name(state: dict, optimizer, model) -> dict:
 
 
 def _first_line(exc: BaseException) -> str:
+    import re
+
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # gloo's "[/path/pair.cc:537]" source location
+    line = line.split(". ")[0]  # its first sentence says what happened; the rest is general advice
+    return line.replace("[", "(").replace("]", ")")  # not console markup
 
 
 # --------------------------------------------------------------------------- the launcher
@@ -529,9 +536,10 @@ def _failure(exc, logs: Path, out: Path) -> BigModelError:
     from .checkpoint import latest_checkpoint
 
     failures = exc.failures
-    # The root cause: a rank that was killed by a signal, else the first to fail.
-    died = [r for r, f in failures.items() if f.exitcode < 0]
-    rank = min(died) if died else exc.get_first_failure()[0]
+    # The root cause: not a rank that the agent itself stopped with SIGTERM after the first failure,
+    # and among the others a rank killed by a signal before one that exited with an error.
+    rank = min(failures, key=lambda r: (failures[r].exitcode == -signal.SIGTERM, failures[r].exitcode >= 0,
+                                        failures[r].timestamp, r))
     failure = failures[rank]
     if failure.exitcode < 0:
         try:
