@@ -65,7 +65,7 @@ def _first_line(exc: Exception) -> str:
 
 
 def open_session(path: Path | str, device: str = "cpu", threads: int | None = None, optimization: str = "all",
-                 optimized_model_path: Path | None = None):
+                 optimized_model_path: Path | None = None, spin: bool = True):
     """An InferenceSession with fixed threads (intra-op = ``threads``, inter-op = 1, sequential).
 
     A file ONNX Runtime cannot load (not ONNX, truncated, an unsupported opset or operator) is the
@@ -88,6 +88,10 @@ def open_session(path: Path | str, device: str = "cpu", threads: int | None = No
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = levels[optimization]
     options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
+    if not spin:
+        # Two sessions timed in turn in one process: idle pool threads that spin steal the cores
+        # the other session needs (quantize's before/after comparison turns them off for both).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     path = Path(path)
