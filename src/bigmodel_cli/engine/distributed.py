@@ -467,6 +467,7 @@ def launch(job, nproc: int, argv: list[str]) -> None:
     back only when one of them fails.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -490,20 +491,22 @@ def launch(job, nproc: int, argv: list[str]) -> None:
     env_before = os.environ.get("OMP_NUM_THREADS")
     if env_before is None and job.cfg.threads is None and hardware.resolve_device(job.cfg.device) == "cpu":
         os.environ["OMP_NUM_THREADS"] = str(max(1, available_cores() // nproc))  # no oversubscription
-    quiet = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.distributed.launcher")]
+    # The agent's own logging (each module sets its logger's level) repeats what our one line says.
+    quiet = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+             if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher"))]
     levels = [logger.level for logger in quiet]
-    for logger in quiet:  # the agent's own logging repeats what the one-line error below says
+    for logger in quiet:
         logger.setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, sys.executable)("-m", "bigmodel_cli", "train", *argv)
     except ChildFailedError as exc:
         _remove_staging(out)
+        if all(f.exitcode in (130, -signal.SIGINT) for f in exc.failures.values()):
+            raise SystemExit(130) from None  # Ctrl-C: rank 0 has already said "interrupted"
         raise _failure(exc, logs, out) from None
-    except BaseException as exc:
+    except SignalException as exc:  # the agent got SIGINT/SIGTERM and stopped the ranks
         _remove_staging(out)
-        if type(exc).__name__ == "SignalException":  # the agent got SIGINT/SIGTERM and stopped the ranks
-            raise KeyboardInterrupt from None
-        raise
+        raise SystemExit(128 + int(exc.sigval)) from None  # rank 0 has said "interrupted" (Ctrl-C)
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
