@@ -138,6 +138,8 @@ def train(
     rows = [("run", summary["run_dir"]), ("steps", result.steps), ("seconds", result.seconds),
             ("device / precision", f"{result.runtime['device']} / {result.runtime['precision']}"),
             ("parameters", result.runtime["params"]), ("best step", result.best_step)]
+    if "world_size" in result.runtime:
+        rows.insert(4, ("processes / strategy", f"{result.runtime['world_size']} / {result.runtime['strategy']}"))
     rows += [(f"best {k}", v) for k, v in result.best_metrics.items() if k.startswith("val_")]
     rows += [(f"last {k}", v) for k, v in result.last_metrics.items() if k.startswith("val_")]
     if result.stopped_early:
