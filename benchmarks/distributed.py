@@ -6,7 +6,7 @@ no evaluation or checkpoint inside the timed steps. The claim is the ratio of me
 On a 2-core CPU expect no speed-up: two ranks get one core each, and they add a gradient
 all-reduce per step.
 
-    .venv/bin/python benchmarks/distributed.py [--rounds 3] [--steps 60]
+    .venv/bin/python benchmarks/distributed.py [--rounds 3] [--steps 50]   # ~3 minutes on an idle 2-core machine
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import machine, machine_line, percentile, write_section
+from _common import ROOT, machine, machine_line, percentile, write_section
+
+RESULTS = ROOT / "benchmarks" / "results"
 
 MODEL = ["--model", "gpt", "--preset", "nano", "--data", "text:stdlib", "--block-size", "64", "--batch-size", "32"]
 CANDIDATES = {
@@ -52,7 +54,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the docs section from benchmarks/results/distributed.json")
     args = parser.parse_args()
+    if args.render_only:
+        write_section("distributed", render(json.loads((RESULTS / "distributed.json").read_text())))
+        return
     results: dict[str, list[dict]] = {name: [] for name in CANDIDATES}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,41 +68,61 @@ def main() -> None:
                 results[name].append(run_once(CANDIDATES[name], args.steps, Path(tmp)))
                 print(f"round {r + 1}: {name}: {results[name][-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
     info = machine()
-    load = (load_before, os.getloadavg()[0])
+    data = {"machine": info, "model": MODEL, "steps": args.steps, "rounds": args.rounds,
+            "load_average": [load_before, os.getloadavg()[0]], "params": results["1 process"][0]["params"],
+            "results": {}}
     base = statistics.median(x["tokens_per_s"] for x in results["1 process"])
-    rows, data = [], {"machine": info, "model": MODEL, "steps": args.steps, "rounds": args.rounds,
-                      "load_average": load, "results": {}}
     for name, runs in results.items():
         rates = [x["tokens_per_s"] for x in runs]
-        p50, p95 = statistics.median(rates), percentile(rates, 0.95)
-        rows.append(f"| {name} | {runs[0]['threads_per_rank']} | {p50:,.0f} | {min(rates):,.0f}–{max(rates):,.0f} | {p50 / base:.2f}× |")
-        data["results"][name] = {"tokens_per_s": rates, "p50": p50, "p95": p95, "ratio_vs_1": p50 / base,
+        data["results"][name] = {"tokens_per_s": rates, "p50": statistics.median(rates), "p95": percentile(rates, 0.95),
+                                 "ratio_vs_1": statistics.median(rates) / base,
                                  "threads_per_rank": runs[0]["threads_per_rank"]}
-    params = results["1 process"][0]["params"]
-    markdown = "\n".join([
-        "## Distributed training: 1 vs 2 processes (`benchmarks/distributed.py`)",
-        "",
-        f"GPT `nano` ({params:,} parameters), byte-level `text:stdlib`, global batch 32 × 64 tokens, "
-        f"{args.steps} steps per run, median tokens/s per run after {WARMUP_STEPS} warm-up steps; "
-        f"{args.rounds} interleaved rounds; gloo on CPU.",
-        "",
-        "| run | threads per rank | tokens/s (median of runs) | range over runs | vs 1 process |",
-        "|---|---:|---:|---:|---:|",
-        *rows,
-        "",
-        f"Machine: {machine_line(info)}. Load average {load[0]:.1f} before and {load[1]:.1f} after: "
-        f"{'other work shared the CPU, so absolute figures are low and noisy' if max(load) > 1.5 else 'the machine was otherwise idle'}.",
-        "",
-        "Two processes on two cores should not beat one process using both cores for its matmuls: each "
-        "rank gets one core and adds a gradient all-reduce (DDP) or per-block all-gather and "
-        "reduce-scatter (FSDP) every step. Compare each 2-process row with `1 process, 1 thread` for the "
-        "cost of the communication itself. On a busy machine a 2-thread process can lose far more to "
-        "thread contention than two 1-thread ranks do, which flatters the 2-process rows; the load "
-        "average above says whether that happened. Data parallelism pays when each rank has its own "
-        "device, or cores that one process could not use.",
-    ])
+    markdown = render(data)
     write_section("distributed", markdown, data)
     print(markdown)
+
+
+def render(data: dict) -> str:
+    """The docs/benchmarks.md section for one run's data (also: --render-only from results JSON)."""
+    rows = []
+    control = data["results"]["1 process, 1 thread"]["p50"]
+    for name, r in data["results"].items():
+        rates = r["tokens_per_s"]
+        rows.append(f"| {name} | {r['threads_per_rank']} | {r['p50']:,.0f} | {min(rates):,.0f}–{max(rates):,.0f} "
+                    f"| {r['ratio_vs_1']:.2f}× | {r['p50'] / control:.2f}× |")
+    load = data["load_average"]
+    cores = data["machine"]["cores"] or 1
+    busy = max(load) > 0.75 * cores
+    verdict = (
+        f"**These figures were taken on a busy machine** (load average {load[0]:.1f} before and {load[1]:.1f} "
+        f"after, on {cores} cores): other work shared the CPU, and a job's share of it grew with its number of "
+        "processes and shrank when a 2-thread process waited on a descheduled thread. The ratios therefore "
+        "measure the scheduler more than distributed training, and must not be read as a speed-up. Rerun "
+        "`make bench` (or this script) on an idle machine for figures that mean something."
+        if busy else
+        f"The machine was otherwise idle (load average {load[0]:.1f} before, {load[1]:.1f} after)."
+    )
+    return "\n".join([
+        "## Distributed training: 1 vs 2 processes (`benchmarks/distributed.py`)",
+        "",
+        f"GPT `nano` ({data['params']:,} parameters), byte-level `text:stdlib`, global batch 32 × 64 tokens, "
+        f"{data['steps']} steps per run, median tokens/s per run after {WARMUP_STEPS} warm-up steps; "
+        f"{data['rounds']} interleaved rounds; gloo on CPU.",
+        "",
+        "| run | threads per rank | tokens/s (median of runs) | range over runs | vs 1 process | vs 1 process, 1 thread |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"Machine: {machine_line(data['machine'])}.",
+        "",
+        verdict,
+        "",
+        "What to expect: two processes on two cores should not beat one process that uses both cores for "
+        "its matmuls. Each rank gets one core, and every step adds a gradient all-reduce (DDP) or per-block "
+        "all-gathers and reduce-scatters (FSDP). The last column compares with a 1-thread process, which "
+        "isolates that communication cost. Data parallelism pays when each rank has its own device, or "
+        "cores that one process could not use.",
+    ])
 
 
 if __name__ == "__main__":
