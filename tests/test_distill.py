@@ -210,6 +210,33 @@ def test_cross_architecture_student_from_a_cnn_teacher(cli, tmp_path, digits_cnn
     assert art.open_artifact(tmp_path / "x" / "best").model_spec["arch"] == "mlp"
 
 
+def test_a_user_model_teacher_distils_its_logits_into_a_builtin_student(cli, tmp_path, monkeypatch):
+    file = tmp_path / "net.py"
+    file.write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 24), torch.nn.ReLU(),\n"
+        "                                        torch.nn.Linear(24, 10))\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n")
+    assert cli("train", "--model", f"{file}:Net", "--epochs", "2", "--out", tmp_path / "t").exit_code == 0
+    student, out = '{"arch": "mlp", "hidden_sizes": [8]}', tmp_path / "s"
+    _one_error_line(cli("distill", "--teacher", tmp_path / "t", "--student-config", student, "--out", out),
+                    "--trust-model-code")
+    monkeypatch.setenv("BIGMODEL_TRUST_MODEL_CODE", "1")  # restored after the test
+    _one_error_line(cli("distill", "--teacher", tmp_path / "t", "--student-config", student, "--hidden-loss", "mse",
+                        "--out", out), "drop --hidden-loss")
+    _one_error_line(cli("distill", "--teacher", tmp_path / "t", "--student-config", '{"hidden_sizes": [8]}',
+                        "--out", out), "name the student's \"arch\"")
+    assert not out.exists()
+    result = cli("distill", "--teacher", tmp_path / "t", "--student-config", student, "--max-steps", "3",
+                 "--out", out, "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    assert art.open_artifact(out / "best").model_spec["arch"] == "mlp"
+
+
 # --------------------------------------------------------------------------- engine pieces
 
 

@@ -107,6 +107,8 @@ def _print_report(summary: dict) -> None:
     if "margin_vs_baseline" in report:
         better = "better" if report["margin_vs_baseline"] > 0 else "not better"
         facts.append((f"{metric} vs baseline", f"{report['margin_vs_baseline']:+.4f} ({better})"))
+    if "note" in report:
+        facts.append(("note", report["note"]))
     if "speedup_vs_teacher" in report:
         facts.append(("speed-up vs teacher (p50)", f"{report['speedup_vs_teacher']:.2f}×"))
     console.out.print(console.key_value_table("summary", facts))

@@ -300,6 +300,9 @@ def _student_spec(cfg: DistillConfig, teacher: art.Artifact, data, width: int):
                             "model; use --student-config '{\"arch\": \"mlp\", ...}' or --student ARTIFACT")
         return resolve_spec(teacher_arch, cfg.student_preset, {}, fit), None
     values = dict(cfg.student_config)
+    if teacher_arch == USER_ARCH and "arch" not in values:
+        raise UserError("--student-config: the teacher is a user model, so name the student's \"arch\" "
+                        "(mlp, cnn or gpt), e.g. '{\"arch\": \"mlp\", \"hidden_sizes\": [32]}'")
     arch = values.pop("arch", teacher_arch)
     preset = values.pop("preset", None)
     if arch == USER_ARCH or not isinstance(arch, str):
@@ -569,10 +572,12 @@ def compare_models(plan: DistillPlan, run, baseline, progress: Progress | None =
     report = {"split": cfg.report_split, "metric": metric, "models": models,
               "param_ratio": models["distilled"]["params"] / models["teacher"]["params"]}
     teacher_value, student_value = models["teacher"].get(metric), models["distilled"].get(metric)
-    if metric == "accuracy" and teacher_value:
+    if student_value is None:  # an empty split (a tiny dataset): sizes and latency only
+        report["note"] = f"the {cfg.report_split} split is empty; choose another --report-split for the metric"
+    elif metric == "accuracy" and teacher_value:
         report["retention"] = student_value / teacher_value  # share of the teacher's accuracy kept
-    if baseline is not None:
-        base_value = models["baseline"].get(metric)
+    base_value = models.get("baseline", {}).get(metric)
+    if student_value is not None and base_value is not None:
         # Positive = distillation helped (higher accuracy, or lower loss).
         report["margin_vs_baseline"] = (student_value - base_value) if metric == "accuracy" else (base_value - student_value)
     if "latency_ms_p50" in models["teacher"]:
