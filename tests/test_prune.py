@@ -160,6 +160,32 @@ def test_gradual_schedule_fine_tunes_and_the_zeros_stay(cli, mlp, tmp_path):
     assert one_shot["after"]["nonzero_params"] == report["after"]["nonzero_params"]
 
 
+def test_distill_fine_tunes_against_the_unpruned_teacher(cli, mlp, tmp_path, monkeypatch):
+    from bigmodel_cli.engine import distill
+
+    calls = []
+    real = distill.distillation_loss_fn
+
+    def spy(teacher, student, task, **kwargs):
+        loss = real(teacher, student, task, **kwargs)
+        calls.append({"kwargs": kwargs, "teacher_zeros": sum(_zeros(p) for p in teacher.parameters()), "calls": 0})
+
+        def counted(model, x, y):
+            calls[-1]["calls"] += 1
+            return loss(model, x, y)
+
+        return counted
+
+    monkeypatch.setattr(distill, "distillation_loss_fn", spy)
+    report = _prune(cli, mlp, "--sparsity", 0.7, "--steps", 2, "--max-steps", 3, "--distill", "--alpha", 0.9,
+                    "--no-bench", "--out", tmp_path / "p")
+    assert len(calls) == 2 and all(c["calls"] == 3 for c in calls)  # one teacher loss per step, used by every batch
+    assert calls[0]["kwargs"] == {"temperature": 2.0, "alpha": 0.9, "kd_loss": "forward-kl"}
+    dense_zeros = sum(_zeros(t) for t in load_file(mlp / "model.safetensors").values())
+    assert all(c["teacher_zeros"] == dense_zeros for c in calls)  # the teacher is the unpruned model
+    assert report["after"]["nonzero_params"] < report["before"]["nonzero_params"]
+
+
 # --------------------------------------------------------------------------- structured
 
 
@@ -285,7 +311,9 @@ def _onnx_only(source: Path, where: Path) -> Path:
     (["--sparsity", "0.5", "--steps", "3"], "needs --finetune-epochs"),
     (["--method", "structured", "--sparsity", "0.5", "--head-sparsity", "0.5"], "attention heads of gpt"),
     (["--method", "structured", "--pattern", "2:4"], "use it with --method magnitude"),
-    (["--sparsity", "0.5", "--distill", "--finetune-epochs", "1"], "--distill is not available yet"),
+    (["--sparsity", "0.5", "--distill"], "give --finetune-epochs"),
+    (["--sparsity", "0.5", "--distill", "--finetune-epochs", "1", "--temperature", "0"], "--temperature must be positive"),
+    (["--sparsity", "0.5", "--alpha", "0.9"], "add --distill"),
     ([], "give --sparsity"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(cli, mlp, tmp_path, args, message):

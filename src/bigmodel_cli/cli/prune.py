@@ -33,9 +33,13 @@ def prune(
     steps: Annotated[int, typer.Option("--steps", help="Prune in K increments along a cubic schedule, fine-tuning after each.", rich_help_panel=_P)] = 1,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Training epochs after each step (0: no fine-tuning; --max-steps also works).", rich_help_panel=_F)] = 0,
     calibration_batches: Annotated[int, typer.Option("--calibration-batches", help="taylor: training batches whose gradients score the units.", rich_help_panel=_P)] = 8,
-    distill: Annotated[bool, typer.Option("--distill", help="Fine-tune against the unpruned model as teacher.", rich_help_panel=_F)] = False,
+    distill: Annotated[bool, typer.Option("--distill", help="Fine-tune against the unpruned model as teacher (bigmodel distill's loss).", rich_help_panel=_F)] = False,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="--distill: softens both distributions; > 0 (default 2).", rich_help_panel=_F)] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="--distill: weight of the teacher's soft targets (default 0.5).", rich_help_panel=_F)] = None,
+    kd_loss: Annotated[Optional[str], typer.Option("--kd-loss", help="--distill: forward-kl (default), reverse-kl or mse.", rich_help_panel=_F)] = None,
     split: Annotated[str, typer.Option("--split", help="Split on which the report measures before and after.")] = "test",
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure torch latency before and after.")] = True,
+    bench_onnx: Annotated[bool, typer.Option("--bench-onnx", help="Also export before and after (verified, not kept) and time them with ONNX Runtime.")] = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -50,7 +54,8 @@ def prune(
     cfg = PruneConfig(method=method, sparsity=sparsity, scope=scope, pattern=pattern, importance=importance,
                       head_sparsity=head_sparsity, round_to=round_to, ignore=list(ignore or []), steps=steps,
                       finetune_epochs=finetune_epochs, calibration_batches=calibration_batches, distill=distill,
-                      split=split, bench=bench, out=str(out) if out else None, overwrite=overwrite)
+                      temperature=temperature, alpha=alpha, kd_loss=kd_loss,
+                      split=split, bench=bench, bench_onnx=bench_onnx, out=str(out) if out else None, overwrite=overwrite)
     cfg.validate()
     train_cfg = build_config(TrainConfig, {}, train_flags)
     source = open_artifact(artifact)
@@ -67,7 +72,7 @@ def prune(
 def _print_report(result, report: dict) -> None:
     before, after, ratio = report["before"], report["after"], report["ratio"]
     order = ["params", "nonzero_params", "file_bytes", "compressed_bytes", "accuracy", "perplexity", "loss",
-             "bits_per_byte", "latency_ms_p50", "latency_ms_p95"]
+             "bits_per_byte", "latency_ms_p50", "latency_ms_p95", "onnx_latency_ms_p50", "onnx_latency_ms_p95"]
     rows = [(k, before[k], after[k], ratio.get(k)) for k in order if k in before and k in after]
     title = f"bigmodel prune · {report['method']} · {result.artifact} · measured on {report['split']}"
     console.out.print(console.rows_table(title, ["", "before", "after", "after/before"], rows))
@@ -87,6 +92,9 @@ def _print_report(result, report: dict) -> None:
         lat = report["latency"]
         console.note(f"latency: {lat['backend']}, {lat['threads']} threads, input {tuple(lat['input_shape'])}, "
                      "interleaved before/after on this machine")
+    if report.get("onnx"):
+        onnx = report["onnx"]
+        console.note(f"onnx latency: {onnx['provider']}, {onnx['threads']} threads, exported with {onnx['exporter']}")
 
 
 class _Progress:
@@ -107,5 +115,7 @@ class _Progress:
             self.bar(event, **info)
         elif self.bar is not None and event in ("step", "eval", "done"):
             self.bar(event, **info)
+        elif event == "onnx" and self.enabled:
+            console.note("exporting before and after to ONNX to time them with ONNX Runtime")
         elif event == "measure" and self.enabled:
             console.note(f"measuring before and after on the {info['split']} split")

@@ -14,9 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
-import statistics
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,9 +23,10 @@ from .. import artifact as art
 from ..config import TrainConfig
 from ..errors import ConfigErrors, UserError
 from ..models import USER_ARCH
+from .pruning import report as measure
 from .pruning.magnitude import SCOPES, check_nm, hold_masks, layer_sparsity, prunable_layers, prune_unstructured
 from .pruning.plan import cubic_schedule, parse_pattern, split_ignored, torch_pruning_scheduler
-from .pruning.structured import ARCHS, CRITERIA, accumulate_gradients, prune_builtin
+from .pruning.structured import ARCHS, CRITERIA, accumulate_gradients, check_ignore, prune_builtin, unit_groups
 
 METHODS = ("magnitude", "structured")
 SPLITS = ("train", "val", "test")
@@ -47,9 +46,13 @@ class PruneConfig:
     steps: int = 1  # increments along the cubic schedule
     finetune_epochs: int = 0  # training epochs after each step
     calibration_batches: int = 8  # taylor: training batches whose gradients score the units
-    distill: bool = False
+    distill: bool = False  # fine-tune against the unpruned model as teacher (engine/distill.py's loss)
+    temperature: float | None = None  # --distill: softening of both distributions (default 2)
+    alpha: float | None = None  # --distill: weight of the teacher's soft targets (default 0.5)
+    kd_loss: str | None = None  # --distill: forward-kl (default), reverse-kl or mse
     split: str = "test"  # where the report measures before and after
     bench: bool = True  # measure torch latency before/after
+    bench_onnx: bool = False  # also export both (temporarily) and time them with ONNX Runtime
     bench_iterations: int = 30
     out: str | None = None
     overwrite: bool = False
@@ -93,6 +96,20 @@ class PruneConfig:
                 p.append("--round-to rounds the widths of --method structured; magnitude pruning keeps every shape")
             if self.head_sparsity:
                 p.append("--head-sparsity removes attention heads: use it with --method structured")
+        if self.distill:
+            from .losses import KD_LOSSES  # plain constants, no torch
+
+            if self.temperature is not None and not self.temperature > 0:
+                p.append(f"--temperature must be positive, got {self.temperature}")
+            if self.alpha is not None and not 0 <= self.alpha <= 1:
+                p.append(f"--alpha must be between 0 and 1, got {self.alpha}")
+            if self.kd_loss is not None and self.kd_loss not in KD_LOSSES:
+                p.append(f"--kd-loss {self.kd_loss!r} is unknown; choose one of {', '.join(KD_LOSSES)}")
+        else:
+            given = [f for f, v in (("--temperature", self.temperature), ("--alpha", self.alpha),
+                                    ("--kd-loss", self.kd_loss)) if v is not None]
+            if given:
+                p.append(f"{', '.join(given)} set(s) the distillation loss; add --distill (and --finetune-epochs)")
         if self.steps < 1:
             p.append(f"--steps must be at least 1, got {self.steps}")
         if self.finetune_epochs < 0:
@@ -122,220 +139,68 @@ class PruneResult:
     seconds: float
 
 
-# --------------------------------------------------------------------------- measuring
+# --------------------------------------------------------------------------- the methods
+# Each is set up (and every layer pattern and shape checked) before any work, then called once per
+# step: step(model, spec, sparsity, head_sparsity) → (model, spec, rows, masks).
 
 
-def _flat_size(model) -> tuple[int, int]:
-    params = nonzero = 0
-    seen = set()
-    for tensor in model.state_dict().values():
-        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
-        if key in seen or not tensor.is_floating_point():
-            continue
-        seen.add(key)
-        params += tensor.numel()
-        nonzero += int((tensor != 0).sum())
-    return params, nonzero
-
-
-def _file_sizes(path: Path) -> dict:
-    data = path.read_bytes()
-    # Dense storage keeps zeros, so unstructured sparsity does not shrink the file; it does make it
-    # compress, which is what shipping it zipped would buy.
-    return {"file_bytes": len(data), "compressed_bytes": len(zlib.compress(data, 6))}
-
-
-def _latency(predicts: dict[str, Callable], example, iterations: int, warmup: int = 3) -> dict:
-    """p50/p95 of each predict on the same input, interleaved (A B B A …) so drift hits both alike."""
-    names = list(predicts)
-    for _ in range(warmup):
-        for name in names:
-            predicts[name](example)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(iterations):
-        for name in names if i % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            predicts[name](example)
-            times[name].append((time.perf_counter() - start) * 1000.0)
-    out = {}
-    for name, values in times.items():
-        values.sort()
-        out[name] = {"latency_ms_p50": statistics.median(values),
-                     "latency_ms_p95": values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]}
-    return out
-
-
-def _task_metrics(task, model, split: str) -> dict:
-    from .tasks import torch_predict
-
-    model.eval()
-    metrics = task.evaluate(torch_predict(model.cpu()), split)
-    return {k: v for k, v in metrics.items() if k not in ("samples", "tokens")}
-
-
-# --------------------------------------------------------------------------- the command
-
-
-def _check_request(artifact: art.Artifact, cfg: PruneConfig, spec: dict) -> None:
-    if not artifact.has_weights:
-        parent = (artifact.manifest.get("parent") or {}).get("path", "its PyTorch parent")
-        raise UserError(f"{artifact.path}: is ONNX-only (no {art.WEIGHTS_FILE}); prune the PyTorch artifact it came from ({parent})")
-    arch = spec.get("arch")
-    if cfg.method == "structured" and arch not in ARCHS + (USER_ARCH,):
-        raise UserError(f"--method structured knows {', '.join(ARCHS)} and user models; this model is {arch!r}")
-    if cfg.head_sparsity and arch != "gpt":
-        raise UserError(f"--head-sparsity removes attention heads of gpt models; this model is {arch}")
-    if cfg.distill:
-        raise UserError(
-            "--distill is not available yet (it needs `bigmodel distill`, which has not landed); "
-            "fine-tune without it, or distill the pruned model afterwards"
-        )
-
-
-def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainConfig | None = None,
-                   progress: Progress | None = None) -> PruneResult:
-    """Prune ``artifact`` as ``cfg`` says, fine-tune with ``train_cfg``, write ``cfg.out``."""
-    import torch
-
-    from .evaluate import BenchConfig, bench_input, open_data
-    from .tasks import make_task, torch_predict
-    from .train import TrainJob, run_job
-
-    progress = progress or (lambda event, **info: None)
-    started = time.perf_counter()
-    cfg.validate()
-    train_cfg = train_cfg or TrainConfig()
-    train_cfg.validate()
-    out = art.check_output(cfg.out, cfg.overwrite)
-    spec = copy.deepcopy(artifact.model_spec)
-    _check_request(artifact, cfg, spec)
-    finetune = cfg.finetune_epochs > 0 or bool(train_cfg.max_steps)
-    if cfg.steps > 1 and not finetune:
-        raise UserError(f"--steps {cfg.steps} needs --finetune-epochs E: the training between steps is what makes gradual pruning work")
-
-    data = open_data(artifact)
-    block_size = artifact.data_spec.get("block_size")
-    task = make_task(data, train_cfg.batch_size, train_cfg.seed, block_size, train_cfg.eval_windows)
-    if task.name == "classification" and len(data.arrays(cfg.split)[1]) == 0:
-        raise UserError(f"the artifact's {cfg.split} split is empty; measure on another one with --split val or train")
-    from . import hardware
-
-    threads = hardware.set_threads(train_cfg.threads)
-    torch.manual_seed(train_cfg.seed)
-    dense = artifact.build_model()
-    model = copy.deepcopy(dense)
-    is_user = spec["arch"] == USER_ARCH
-    structured = cfg.method == "structured"
-
-    # Check every layer pattern and shape before any work (and before anything is written).
-    graph = None
-    if structured and is_user:
-        from .pruning.user_graph import GraphPruner
-
-        example = torch.from_numpy(task.example_input(2))
-        graph = GraphPruner(model, example, sparsity=cfg.sparsity or 0.0, steps=cfg.steps,
-                            criterion=cfg.importance or "l2", round_to=cfg.round_to, ignore=cfg.ignore,
-                            schedule=torch_pruning_scheduler)
-    elif structured:
-        from .pruning.structured import check_ignore, unit_groups
-
-        groups = unit_groups(model, spec)
-        check_ignore(groups, spec, cfg.ignore)
-        original = {g.name: g.size for g in groups}  # widths before the first step
-    else:
+class _Magnitude:
+    def __init__(self, cfg: PruneConfig, model):
         candidates = prunable_layers(model)
         if not candidates:
             raise UserError("the model has no Linear or Conv weights that magnitude pruning can sparsify")
-        pruned_names, _ = split_ignored([n for n, _ in candidates], cfg.ignore)
-        layers = [(n, m) for n, m in candidates if n in pruned_names]
-        pattern = parse_pattern(cfg.pattern) if cfg.pattern else None
-        if pattern:
-            check_nm(layers, pattern[1])
-    targets = cubic_schedule(cfg.target, cfg.steps)[1:]
-    head_targets = cubic_schedule(cfg.head_sparsity, cfg.steps)[1:]
+        self.names, _ = split_ignored([n for n, _ in candidates], cfg.ignore)
+        self.scope = cfg.scope or "global"
+        self.pattern = parse_pattern(cfg.pattern) if cfg.pattern else None
+        if self.pattern:
+            check_nm([(n, model.get_submodule(n)) for n in self.names], self.pattern[1])
 
-    before_metrics = _task_metrics(task, dense, cfg.split)
-    artifact_files = {}
-    if is_user:
-        artifact_files[art.MODEL_CODE_FILE] = artifact.path / art.MODEL_CODE_FILE
-    schedule: list[dict] = []
-    rows: list[dict] = []
-    with art.atomic_directory(out, cfg.overwrite) as staging:
-        for k in range(cfg.steps):
-            step_record = {"step": k + 1, "sparsity": targets[k]}
-            if cfg.head_sparsity:
-                step_record["head_sparsity"] = head_targets[k]
-            progress("prune", **step_record, steps=cfg.steps, method=cfg.method)
-            masks = {}
-            if graph is not None:
-                rows = graph.step(task, cfg.calibration_batches)
-                spec = _with_structure(spec, model, artifact.path)
-            elif structured:
-                model.cpu()
-                grads = None
-                if (cfg.importance or "l2") == "taylor":
-                    accumulate_gradients(model, task, cfg.calibration_batches)
-                    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-                    model.zero_grad(set_to_none=True)
-                model, spec, rows = prune_builtin(
-                    model, spec, sparsity=targets[k], head_sparsity=head_targets[k],
-                    criterion=cfg.importance or "l2", round_to=cfg.round_to, ignore=cfg.ignore,
-                    original=original, grads=grads)
-                model.eval()
-            else:
-                model.cpu()
-                layers = [(n, model.get_submodule(n)) for n, _ in layers]
-                masks = prune_unstructured(layers, targets[k], cfg.scope or "global", pattern)
-            if finetune:
-                handles = hold_masks(model, masks)
-                try:
-                    step_record["finetune"] = _finetune(
-                        TrainJob, run_job, model, data, task, artifact, spec, train_cfg, cfg,
-                        staging / "finetune" / f"step-{k + 1}", artifact_files, step_record, progress)
-                finally:
-                    for handle in handles:
-                        handle.remove()
-            schedule.append(step_record)
-        model.cpu().eval()
-        if not structured:
-            rows = layer_sparsity([(n, model.get_submodule(n)) for n, _ in prunable_layers(model)])
+    def step(self, model, spec, sparsity, _heads):
+        model.cpu()
+        masks = prune_unstructured([(n, model.get_submodule(n)) for n in self.names], sparsity, self.scope, self.pattern)
+        return model, spec, [], masks
 
-        progress("measure", split=cfg.split)
-        after_metrics = _task_metrics(task, model, cfg.split)
-        best = staging / "best"
-        best.mkdir()
-        from ..weights import save_model_weights
 
-        save_model_weights(model, best / art.WEIGHTS_FILE)
-        for name, source in artifact_files.items():
-            shutil.copyfile(source, best / name)
-        before_params, before_nonzero = _flat_size(dense)
-        after_params, after_nonzero = _flat_size(model)
-        before = {"params": before_params, "nonzero_params": before_nonzero,
-                  **_file_sizes(artifact.path / art.WEIGHTS_FILE), **before_metrics}
-        after = {"params": after_params, "nonzero_params": after_nonzero,
-                 **_file_sizes(best / art.WEIGHTS_FILE), **after_metrics}
-        if cfg.bench:
-            example = bench_input(artifact, task, BenchConfig())
-            timed = _latency({"before": torch_predict(dense.eval()), "after": torch_predict(model)},
-                             example, cfg.bench_iterations)
-            before.update(timed["before"])
-            after.update(timed["after"])
-        report = {
-            "method": cfg.method, "split": cfg.split, "before": before, "after": after,
-            "ratio": {k: after[k] / before[k] for k in before if k in after and isinstance(before[k], (int, float)) and before[k]},
-            "layers": rows, "schedule": schedule,
-            "latency": {"backend": "torch", "threads": threads, "input_shape": list(example.shape)} if cfg.bench else None,
-        }
-        config = {**artifact.config, "model": spec}
-        metrics = {f"{cfg.split}_{k}": v for k, v in after_metrics.items()}
-        metrics.update(params=after_params, nonzero_params=after_nonzero,
-                       sparsity=1 - after_nonzero / after_params if after_params else 0.0)
-        options = {"prune": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite")},
-                   "finetune": dataclasses.asdict(train_cfg) if finetune else None}
-        art.write_metadata(best, config=config, stage="prune", parent=artifact, options=options,
-                           metrics=metrics, extra={"prune": report})
-    return PruneResult(run_dir=out, artifact=out / "best", report=report, seconds=time.perf_counter() - started)
+class _Structured:
+    """Built-in architectures: the new widths go into the spec, the model is rebuilt from it."""
+
+    def __init__(self, cfg: PruneConfig, model, spec: dict, task):
+        groups = unit_groups(model, spec)
+        check_ignore(groups, spec, cfg.ignore)
+        self.original = {g.name: g.size for g in groups}  # schedule targets are fractions of these
+        self.cfg, self.task = cfg, task
+
+    def step(self, model, spec, sparsity, heads):
+        cfg, grads = self.cfg, None
+        model.cpu()
+        if cfg.importance == "taylor":
+            accumulate_gradients(model, self.task, cfg.calibration_batches)
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            model.zero_grad(set_to_none=True)
+        model, spec, rows = prune_builtin(model, spec, sparsity=sparsity, head_sparsity=heads,
+                                          criterion=cfg.importance or "l2", round_to=cfg.round_to, ignore=cfg.ignore,
+                                          original=self.original, grads=grads)
+        return model.eval(), spec, rows, {}
+
+
+class _UserGraph:
+    """Users' models: Torch-Pruning's dependency graph; the changed shapes are recorded in the spec."""
+
+    def __init__(self, cfg: PruneConfig, model, task, base_dir: Path):
+        import torch
+
+        from .pruning.user_graph import GraphPruner
+
+        example = torch.from_numpy(task.example_input(2))
+        self.graph = GraphPruner(model, example, sparsity=cfg.sparsity or 0.0, steps=cfg.steps,
+                                 criterion=cfg.importance or "l2", round_to=cfg.round_to, ignore=cfg.ignore,
+                                 schedule=torch_pruning_scheduler)
+        self.cfg, self.task, self.base_dir = cfg, task, base_dir
+
+    def step(self, model, spec, _sparsity, _heads):
+        # Torch-Pruning's pruner keeps its own cubic schedule (set up for cfg.steps steps).
+        rows = self.graph.step(self.task, self.cfg.calibration_batches)
+        return model, _with_structure(spec, model, self.base_dir), rows, {}
 
 
 def _with_structure(spec: dict, model, base_dir: Path) -> dict:
@@ -349,25 +214,163 @@ def _with_structure(spec: dict, model, base_dir: Path) -> dict:
     return {**bare, PRUNED_KEY: record} if record else bare
 
 
-def _finetune(TrainJob, run_job, model, data, task, artifact, spec, train_cfg, cfg, run_dir: Path,
-              files: dict, step_record: dict, progress) -> dict:
+# --------------------------------------------------------------------------- the command
+
+
+def _check_request(artifact: art.Artifact, cfg: PruneConfig, spec: dict, finetune: bool) -> None:
+    if not artifact.has_weights:
+        parent = (artifact.manifest.get("parent") or {}).get("path", "its PyTorch parent")
+        raise UserError(f"{artifact.path}: is ONNX-only (no {art.WEIGHTS_FILE}); prune the PyTorch artifact it came from ({parent})")
+    arch = spec.get("arch")
+    if cfg.method == "structured" and arch not in ARCHS + (USER_ARCH,):
+        raise UserError(f"--method structured knows {', '.join(ARCHS)} and user models; this model is {arch!r}")
+    if cfg.head_sparsity and arch != "gpt":
+        raise UserError(f"--head-sparsity removes attention heads of gpt models; this model is {arch}")
+    if cfg.steps > 1 and not finetune:
+        raise UserError(f"--steps {cfg.steps} needs --finetune-epochs E: the training between steps is what makes gradual pruning work")
+    if cfg.distill and not finetune:
+        raise UserError("--distill fine-tunes against the unpruned model; give --finetune-epochs E (or --max-steps N)")
+
+
+def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainConfig | None = None,
+                   progress: Progress | None = None) -> PruneResult:
+    """Prune ``artifact`` as ``cfg`` says, fine-tune with ``train_cfg``, write ``cfg.out``."""
+    import torch
+
+    from . import hardware
+    from .evaluate import open_data
+
+    progress = progress or (lambda event, **info: None)
+    started = time.perf_counter()
+    cfg.validate()
+    train_cfg = train_cfg or TrainConfig()
+    train_cfg.validate()
+    out = art.check_output(cfg.out, cfg.overwrite)
+    spec = copy.deepcopy(artifact.model_spec)
+    finetune = cfg.finetune_epochs > 0 or bool(train_cfg.max_steps)
+    _check_request(artifact, cfg, spec, finetune)
+
+    from .tasks import make_task
+
+    data = open_data(artifact)
+    task = make_task(data, train_cfg.batch_size, train_cfg.seed, artifact.data_spec.get("block_size"), train_cfg.eval_windows)
+    if task.name == "classification" and len(data.arrays(cfg.split)[1]) == 0:
+        raise UserError(f"the artifact's {cfg.split} split is empty; measure on another one with --split val or train")
+    threads = hardware.set_threads(train_cfg.threads)
+    torch.manual_seed(train_cfg.seed)
+    dense = artifact.build_model()
+    model = copy.deepcopy(dense)
+    is_user = spec["arch"] == USER_ARCH
+    if cfg.method == "magnitude":
+        method = _Magnitude(cfg, model)
+    elif is_user:
+        method = _UserGraph(cfg, model, task, artifact.path)
+    else:
+        method = _Structured(cfg, model, spec, task)
+    targets = cubic_schedule(cfg.target, cfg.steps)[1:]
+    head_targets = cubic_schedule(cfg.head_sparsity, cfg.steps)[1:]
+    files = {art.MODEL_CODE_FILE: artifact.path / art.MODEL_CODE_FILE} if is_user else {}
+    before = measure.task_metrics(task, dense, cfg.split)
+
+    schedule: list[dict] = []
+    with art.atomic_directory(out, cfg.overwrite) as staging:
+        for k in range(cfg.steps):
+            record = {"step": k + 1, "sparsity": targets[k], **({"head_sparsity": head_targets[k]} if cfg.head_sparsity else {})}
+            progress("prune", **record, steps=cfg.steps, method=cfg.method)
+            model, spec, rows, masks = method.step(model, spec, targets[k], head_targets[k])
+            if finetune:
+                handles = hold_masks(model, masks)
+                loss_fn = _teacher_loss(dense, model, task, cfg) if cfg.distill else None
+                try:
+                    record["finetune"] = _finetune(model, data, task, artifact, spec, train_cfg, cfg,
+                                                   staging / "finetune" / f"step-{k + 1}", files, record, progress, loss_fn)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            schedule.append(record)
+        model.cpu().eval()
+        dense.cpu().eval()  # a distillation teacher followed the student to its device
+        if cfg.method == "magnitude":
+            rows = layer_sparsity(prunable_layers(model))
+
+        progress("measure", split=cfg.split)
+        config = {**artifact.config, "model": spec}
+        report, after_metrics = _report(artifact, dense, model, task, cfg, staging / "best", config, files, threads,
+                                        before, progress)
+        report.update(layers=rows, schedule=schedule)
+        after = report["after"]
+        metrics = {f"{cfg.split}_{k}": v for k, v in after_metrics.items()}
+        metrics.update(params=after["params"], nonzero_params=after["nonzero_params"],
+                       sparsity=1 - after["nonzero_params"] / after["params"] if after["params"] else 0.0)
+        options = {"prune": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite")},
+                   "finetune": dataclasses.asdict(train_cfg) if finetune else None}
+        art.write_metadata(staging / "best", config=config, stage="prune", parent=artifact, options=options,
+                           metrics=metrics, extra={"prune": report})
+    return PruneResult(run_dir=out, artifact=out / "best", report=report, seconds=time.perf_counter() - started)
+
+
+def _report(artifact, dense, model, task, cfg: PruneConfig, best: Path, config: dict, files: dict, threads: int,
+            before_metrics: dict, progress) -> tuple[dict, dict]:
+    """Write the pruned weights into ``best`` and measure both models side by side; returns the
+    report and the pruned model's task metrics."""
+    from ..weights import save_model_weights
+    from .evaluate import BenchConfig, bench_input
+    from .tasks import torch_predict
+
+    after_metrics = measure.task_metrics(task, model, cfg.split)
+    best.mkdir()
+    save_model_weights(model, best / art.WEIGHTS_FILE)
+    for name, source in files.items():
+        shutil.copyfile(source, best / name)
+    before = {**measure.size_figures(dense, artifact.path / art.WEIGHTS_FILE), **before_metrics}
+    after = {**measure.size_figures(model, best / art.WEIGHTS_FILE), **after_metrics}
+    # A batch of 64 for classifiers, one training-length sequence for language models (as eval --bench).
+    example = bench_input(artifact, task, BenchConfig())
+    latency = onnx = None
+    if cfg.bench:
+        timed = measure.interleaved_latency({"before": torch_predict(dense), "after": torch_predict(model)},
+                                            example, cfg.bench_iterations)
+        before.update(timed["before"])
+        after.update(timed["after"])
+        latency = {"backend": "torch", "threads": threads, "input_shape": list(example.shape)}
+    if cfg.bench_onnx:
+        progress("onnx")
+        timed, onnx = measure.onnx_latency(artifact, model, config, files, example, threads, cfg.bench_iterations)
+        before.update(timed["before"])
+        after.update(timed["after"])
+    return {"method": cfg.method, "split": cfg.split, "before": before, "after": after,
+            "ratio": measure.ratios(before, after), "latency": latency, "onnx": onnx}, after_metrics
+
+
+def _teacher_loss(teacher, student, task, cfg: PruneConfig):
+    """The distillation loss of ``bigmodel distill`` (its public hook for other commands), with the
+    unpruned model as teacher: pruning removed capacity, the teacher shows what it computed."""
+    from .distill import distillation_loss_fn
+
+    return distillation_loss_fn(teacher, student, task, temperature=2.0 if cfg.temperature is None else cfg.temperature,
+                                alpha=0.5 if cfg.alpha is None else cfg.alpha, kd_loss=cfg.kd_loss or "forward-kl")
+
+
+def _finetune(model, data, task, artifact, spec, train_cfg, cfg, run_dir: Path, files: dict, record: dict,
+              progress, loss_fn=None) -> dict:
     """One trainer run on the pruned model; the model ends with the run's best weights."""
+    from safetensors.torch import load_file
+
     from ..weights import load_into
+    from .train import TrainJob, run_job
 
     job_cfg = dataclasses.replace(
         train_cfg, model=str(artifact.path), epochs=cfg.finetune_epochs or None, out=str(run_dir),
         overwrite=False, resume=False)
     job = TrainJob(cfg=job_cfg, model=model, data=data, task=task,
-                   artifact_config={**artifact.config, "model": spec}, stage="prune", parent=artifact,
-                   extra_files=dict(files), manifest_extra={"prune_step": dict(step_record)})
+                   artifact_config={**artifact.config, "model": spec}, stage="prune", parent=artifact, loss_fn=loss_fn,
+                   extra_files=dict(files), manifest_extra={"prune_step": dict(record)})
     shown = Path(cfg.out) / "finetune" / run_dir.name  # where it will be, not the staging directory
 
     def relay(event: str, **info) -> None:
         progress(event, **({**info, "run_dir": str(shown)} if event == "start" else info))
 
     result = run_job(job, relay)
-    from safetensors.torch import load_file
-
     best = result.best_dir / art.WEIGHTS_FILE
     model.cpu()
     load_into(model, load_file(best), source=best)
