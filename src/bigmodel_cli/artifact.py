@@ -153,9 +153,15 @@ class Artifact:
                 f"({(self.manifest.get('parent') or {}).get('path', 'unknown')}) for this command"
             )
         try:
-            return load_file(self.path / WEIGHTS_FILE)
+            state = load_file(self.path / WEIGHTS_FILE)
         except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"{self.path / WEIGHTS_FILE}: cannot read weights ({exc}); re-create the artifact") from None
+        quantization = self.config.get("quantization") or {}
+        if quantization.get("mode") == "weight-only":  # int8/int4 weights + scales → float (bigmodel quantize)
+            from .engine.quantization.weight_only import dequantize_state
+
+            state = dequantize_state(state, quantization, source=str(self.path / WEIGHTS_FILE))
+        return state
 
     def build_model(self):
         """Rebuild the torch model from config.json and load its weights (eval mode, CPU)."""

@@ -1,0 +1,350 @@
+"""``bigmodel quantize``: int8 models that are smaller, faster where the CPU allows it, and measured
+on the runtime that will run them.
+
+One call, ``quantize_artifact``: validate everything, then
+
+- ``dynamic`` / ``static``: take the artifact's fp32 ``model.onnx`` (exporting a PyTorch artifact
+  first with ``export=True``), run ONNX Runtime's pre-processing and quantizer
+  (``quantization/onnx_int8.py``) with the int8 scheme chosen for this CPU
+  (``quantization/scheme.py``), calibrating static models on ``calib_samples`` inputs;
+- ``weight-only``: int8 or packed int4 weights in ``model.safetensors``
+  (``quantization/weight_only.py``), dequantized when the artifact is loaded;
+
+then measure before and after on the same split and the same threads (``quantization/measure.py``),
+apply the accuracy gate (``quantization/gate.py``: rank nodes by per-tensor error, keep the worst in
+float, retry), and write a stage-"quantize" artifact whose parent is the input artifact. Temporary
+files live in a TemporaryDirectory; the artifact is written through ``atomic_directory``, so a
+failure (exit 1) or a user error (exit 2) leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import artifact as art
+from ..errors import ConfigErrors, UserError, WorkFailed
+from .evaluate import SPLITS, BenchConfig
+from .quantization import gate as gating
+from .quantization.measure import Evaluator, build_report, latency, manifest_metrics, model_bytes, onnx_predict
+from .quantization.onnx_int8 import METHODS
+from .quantization.scheme import SCHEMES
+from .quantization.weight_only import BITS
+
+MODES = ("auto", "dynamic", "static", "weight-only")
+# The issue's defaults: convolutions calibrate well and run as QLinearConv; dense layers and
+# transformers quantize their weights ahead of time and their activations at run time.
+AUTO_MODE = {"cnn": "static"}
+
+
+@dataclass
+class QuantizeOptions:
+    mode: str = "auto"  # auto: static for cnn, dynamic for mlp, gpt and user models
+    method: str | None = None  # static calibration: minmax (default), entropy, percentile
+    calib_samples: int = 256
+    calib_data: str | None = None  # the --data forms, or a .npy array of raw inputs
+    target: str | None = None  # --calib-data csv:PATH
+    per_channel: bool = False
+    scheme: str = "auto"  # auto (per CPU), u8s8, s8s8, u8u8
+    reduce_range: bool | None = None  # None: as the scheme says
+    exclude: list[str] = field(default_factory=list)  # nodes (ONNX) or tensors (weight-only) kept in float
+    exclude_sensitive: bool | None = None  # static transformers: LayerNorm, Softmax, GELU, residual Add (default on)
+    bits: int = 8  # weight-only: 8 or 4
+    group_size: int = 64  # weight-only --bits 4
+    max_metric_drop: float | None = None  # accuracy points, or perplexity increase in percent
+    max_retries: int = 3
+    export: bool = False  # export a PyTorch artifact to ONNX first
+    preprocess: bool = True
+    split: str = "val"
+    limit: int | None = None
+    bench: bool = True
+    bench_batch: int | None = None
+    seq_len: int | None = None
+    iterations: int = 30
+    warmup: int = 3
+    threads: int | None = None
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    mode: str
+    report: dict
+    quantization: dict
+    gate: dict
+    manifest: dict
+
+
+def resolve_mode(options: QuantizeOptions, artifact: art.Artifact) -> str:
+    if options.mode != "auto":
+        return options.mode
+    return AUTO_MODE.get(artifact.model_spec.get("arch"), "dynamic")
+
+
+def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
+    """Every problem with the options (and whether this artifact can be quantized) at once, before
+    any work. Returns the mode."""
+    p: list[str] = []
+    if options.mode not in MODES:
+        p.append(f"--mode {options.mode!r} is unknown; choose dynamic, static or weight-only (auto: static for cnn, dynamic otherwise)")
+    mode = resolve_mode(options, artifact) if options.mode in MODES else None
+    onnx_mode = mode in ("dynamic", "static")
+    if options.method is not None and options.method not in METHODS:
+        p.append(f"--method {options.method!r} is unknown; choose one of {', '.join(METHODS)}")
+    elif options.method is not None and mode != "static" and mode is not None:
+        p.append(f"--method is the calibration method of --mode static; {mode} quantization does not calibrate")
+    if options.bits not in BITS:
+        p.append(f"--bits {options.bits} is not possible; weight-only stores 8 or 4 bits per weight")
+    elif options.bits != 8 and onnx_mode:
+        p.append(f"--bits {options.bits} is for --mode weight-only; ONNX Runtime's {mode} quantization is int8")
+    if options.group_size < 2 or options.group_size % 2:
+        p.append(f"--group-size must be an even number of at least 2 (two 4-bit weights share a byte), got {options.group_size}")
+    if options.calib_samples < 1:
+        p.append(f"--calib-samples must be at least 1, got {options.calib_samples}")
+    if options.calib_data is not None and (mode == "weight-only" or (mode == "dynamic" and options.max_metric_drop is None)):
+        p.append("--calib-data feeds static calibration and the accuracy gate's error ranking; "
+                 f"{mode} quantization without --max-metric-drop does not use it")
+    if options.max_metric_drop is not None and not options.max_metric_drop >= 0:
+        p.append(f"--max-metric-drop must be 0 or more (accuracy points, or perplexity percent), got {options.max_metric_drop}")
+    if options.max_retries < 0:
+        p.append(f"--max-retries must be 0 or more, got {options.max_retries}")
+    if options.scheme not in SCHEMES:
+        p.append(f"--scheme {options.scheme!r} is unknown; choose one of {', '.join(SCHEMES)}")
+    if options.split not in SPLITS:
+        p.append(f"--split {options.split!r} is unknown; choose one of {', '.join(SPLITS)}")
+    if options.iterations < 1 or options.warmup < 0 or (options.bench_batch is not None and options.bench_batch < 1):
+        p.append("--iterations and --bench-batch must be at least 1 and --warmup not negative")
+    if options.limit is not None and options.limit < 1:
+        p.append(f"--limit must be at least 1, got {options.limit}")
+    if options.threads is not None and options.threads < 1:
+        p.append(f"--threads must be at least 1, got {options.threads}")
+    if options.export and mode == "weight-only":
+        p.append("--export is for the ONNX modes; weight-only quantizes model.safetensors")
+    if p:
+        raise ConfigErrors(p, "quantize options")
+    if artifact.stage == "quantize":
+        parent = (artifact.manifest.get("parent") or {}).get("path", "its parent")
+        raise UserError(f"{artifact.path}: is already quantized; quantize the artifact it came from ({parent})")
+    if mode == "weight-only" and not artifact.has_weights:
+        parent = (artifact.manifest.get("parent") or {}).get("path", "its PyTorch parent")
+        raise UserError(f"{artifact.path}: has no model.safetensors (an ONNX-only artifact); weight-only quantizes "
+                        f"PyTorch weights: give the artifact it came from ({parent})")
+    if onnx_mode and not artifact.has_onnx:
+        if not options.export:
+            raise UserError(f"{artifact.path}: was never exported to ONNX; run `bigmodel export {artifact.path} --out DIR` "
+                            "and quantize DIR, or pass --export to export it here")
+    elif onnx_mode and (artifact.config.get("onnx") or {}).get("dtype", "fp32") != "fp32":
+        raise UserError(f"{artifact.path}: is a {artifact.config['onnx']['dtype']} export; quantize an fp32 export "
+                        f"(bigmodel export {(artifact.manifest.get('parent') or {}).get('path', 'PARENT')} --out DIR)")
+    return mode
+
+
+def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOptions | None = None, *,
+                      overwrite: bool = False, progress: Callable[..., Any] | None = None) -> QuantizeResult:
+    options = options or QuantizeOptions()
+    say = progress or (lambda *_a, **_k: None)
+    mode = validate(options, source)
+    art.check_output(out, overwrite)
+    with tempfile.TemporaryDirectory(prefix="bigmodel-quantize-") as tmp:
+        if mode == "weight-only":
+            from .quantization.weight_only import quantize_weights
+
+            report, section, gate, manifest = quantize_weights(source, Path(out), options, overwrite, Path(tmp), say,
+                                                               _options_record(options, mode))
+            return QuantizeResult(Path(out), mode, report, section, gate, manifest)
+        return _onnx_int8(source, Path(out), options, mode, overwrite, Path(tmp), say)
+
+
+def _options_record(options: QuantizeOptions, mode: str) -> dict:
+    record = dataclasses.asdict(options)
+    record["mode"] = mode
+    return record
+
+
+# --- ONNX Runtime int8 ---------------------------------------------------------------------------
+
+
+def _working_float_model(fp32: Path, tmp: Path, options: QuantizeOptions, mode: str) -> tuple[Path, dict]:
+    """The float model the quantizer, the ranking and the exclusions all see (pre-processed)."""
+    from .quantization.onnx_int8 import has_external_data, preprocess
+
+    work = tmp / "float.onnx"
+    info: dict = {"applied": False, "reason": "--no-preprocess"}
+    if options.preprocess:
+        info = preprocess(fp32, work)
+    if not work.exists():
+        shutil.copyfile(fp32, work)
+        if has_external_data(fp32):
+            shutil.copyfile(fp32.with_name(fp32.name + ".data"), tmp / "float.onnx.data")
+    if mode == "dynamic":
+        # The dynamic quantizer turns Gemm into MatMul + Add before it reads its exclusion list;
+        # doing it here first (with ORT's own helper) gives every node its final name.
+        import onnx
+        from onnxruntime.quantization.onnx_model import ONNXModel
+
+        model = ONNXModel(onnx.load(str(work)))
+        if any(n.op_type == "Gemm" for n in model.graph().node):
+            model.replace_gemm_with_matmul()
+            onnx.save(model.model, str(work), save_as_external_data=has_external_data(work))
+    return work, info
+
+
+def _user_exclusions(names: list[str], graph) -> list[str]:
+    nodes = {n.name for n in graph.node}
+    resolved, unknown = [], []
+    for name in names:
+        if name in nodes:
+            resolved.append(name)
+        elif name + "_MatMul" in nodes:  # a Gemm the dynamic quantizer sees as MatMul + Add
+            resolved.append(name + "_MatMul")
+        else:
+            unknown.append(name)
+    if unknown:
+        known = ", ".join(n.name for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Gather"))[:300]
+        raise UserError(f"--exclude {', '.join(unknown)}: no node of that name in the model; its compute nodes are {known}")
+    return resolved
+
+
+def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: str, overwrite: bool, tmp: Path,
+               say: Callable) -> QuantizeResult:
+    from . import hardware
+    from .export import check_onnx_file, onnx_section
+    from .quantization.calibration import calibration_set, make_reader, onnx_input
+    from .quantization.onnx_int8 import Int8Settings, is_transformer, load_graph, quantize_file, quantized_nodes, sensitive_nodes
+    from .quantization.scheme import choose_scheme, detect_isa
+
+    # Calibration inputs first: data that does not fit the model is the user's to fix, before any
+    # work. (An export made here has symbolic batch and sequence axes, like no fixed input at all.)
+    calib = None
+    if mode == "static" or options.max_metric_drop is not None:
+        fixed = onnx_input(source.path / art.ONNX_FILE) if source.has_onnx else None
+        calib = calibration_set(source, fixed, samples=options.calib_samples, calib_data=options.calib_data,
+                                target=options.target, seq_len=options.seq_len)
+
+    exported = None
+    onnx_artifact = source
+    if not source.has_onnx:
+        from .export import ExportOptions, export_artifact
+
+        say("stage", name="export")
+        result = export_artifact(source, tmp / "export", ExportOptions(weights=False), threads=options.threads)
+        onnx_artifact = art.open_artifact(result.path)
+        exported = {"exporter": result.exporter, "opset": result.onnx["opset"],
+                    "verify_max_abs_diff": result.verification["max_abs_diff"]}
+    fp32 = onnx_artifact.path / art.ONNX_FILE
+    input_spec = onnx_input(fp32)
+
+    say("stage", name="preprocess")
+    work, preprocess_info = _working_float_model(fp32, tmp, options, mode)
+    graph = load_graph(work)
+    scheme = choose_scheme(detect_isa(hardware.cpu_flags()), options.scheme, options.reduce_range)
+    settings = Int8Settings(mode, scheme, options.per_channel, options.method or "minmax")
+    transformer = is_transformer(graph)
+    keep_sensitive = options.exclude_sensitive if options.exclude_sensitive is not None else transformer
+    sensitive = sensitive_nodes(graph) if (mode == "static" and keep_sensitive) else []
+    user = _user_exclusions(options.exclude, graph)
+    base = list(dict.fromkeys([s["node"] for s in sensitive] + user))
+
+    cache = tmp / "calibration.json"  # calibrate once; retries reuse the ranges
+
+    def quantize(excluded: list[str]) -> Path:
+        say("stage", name="quantize")
+        # named model.onnx in its own directory, so external data (> 2 GB) is model.onnx.data
+        shutil.rmtree(tmp / "int8", ignore_errors=True)
+        (tmp / "int8").mkdir()
+        target = tmp / "int8" / art.ONNX_FILE
+        reader = make_reader(input_spec.name, calib.batches, say) if mode == "static" else None
+        quantize_file(work, target, settings, base + excluded, reader, cache=cache if mode == "static" else None)
+        return target
+
+    int8 = quantize([])
+    candidates = quantized_nodes(graph, int8, mode)
+    if not candidates:
+        raise WorkFailed("ONNX Runtime quantized nothing in this model (no MatMul, Gemm, Conv or Gather left to "
+                         "quantize — check --exclude); nothing was written")
+
+    say("stage", name="evaluate")
+    evaluator = Evaluator(source, options.split, options.limit)
+    before = evaluator(onnx_predict(fp32, options.threads))
+    first = evaluator(onnx_predict(int8, options.threads))
+
+    def rank() -> list[dict]:
+        from .quantization.gate import rank_nodes, tensor_errors
+
+        per_task = gating.RANK_SAMPLES[source.task]
+        batches, total = [], 0
+        for batch in calib.batches:  # a few batches: every intermediate tensor is kept in memory
+            if total >= per_task:
+                break
+            batches.append(batch)
+            total += len(batch)
+        rank_dir = tmp / "rank"
+        rank_dir.mkdir(exist_ok=True)
+        return rank_nodes(graph, candidates, tensor_errors(work, int8, mode, input_spec.name, batches, rank_dir))
+
+    last = {"metrics": first}
+
+    def retry(excluded: list[str]) -> dict:
+        path = quantize(excluded)
+        say("stage", name="evaluate")
+        last["metrics"] = evaluator(onnx_predict(path, options.threads))
+        return last["metrics"]
+
+    gate = gating.run_gate(task=source.task, limit=options.max_metric_drop, before=before, first=first, rank=rank,
+                           retry=retry, max_retries=options.max_retries, progress=say)
+    if not gate.passed:
+        raise gating.failure(gate)
+    after = last["metrics"]  # the passing attempt: the first, or the last retry
+    check_onnx_file(int8)  # the ONNX checker's full check, as for every export
+
+    timing = None
+    if options.bench:
+        say("stage", name="bench")
+        cfg = BenchConfig(batch_size=options.bench_batch, warmup=options.warmup, iterations=options.iterations,
+                          seq_len=options.seq_len)
+        timing = latency({"before": fp32, "after": int8}, source, evaluator, cfg, options.threads, say)
+    report = build_report(source.task, {**before, "file_bytes": model_bytes(fp32)}, {**after, "file_bytes": model_bytes(int8)}, timing)
+
+    scheme_record = scheme.as_dict()
+    if mode == "dynamic" and scheme.activation_type != "uint8":
+        scheme_record.update(activation_type="uint8", name="u8" + scheme.name[2:],
+                             note="dynamic quantization computes activations at run time with DynamicQuantizeLinear, which is uint8 only")
+    final_excluded = list(dict.fromkeys(base + gate.excluded))
+    section = {
+        "mode": mode,
+        "format": "QDQ" if mode == "static" else "integer ops (DynamicQuantizeLinear, MatMulInteger)",
+        "scheme": scheme_record,
+        "per_channel": options.per_channel,
+        "calibration": ({"method": settings.method, **calib.describe()} if mode == "static" else None),
+        "excluded_nodes": final_excluded,
+        "excluded_by": {"sensitive": sensitive, "user": user, "gate": gate.excluded},
+        "quantized_nodes": quantized_nodes(graph, int8, mode),
+        "transformer": transformer,
+        "preprocess": preprocess_info,
+        **({"exported_for_quantize": exported} if exported else {}),
+    }
+    say("stage", name="write")
+    with art.atomic_directory(out, overwrite) as staging:
+        shutil.copyfile(int8, staging / art.ONNX_FILE)
+        if int8.with_name(int8.name + ".data").exists():
+            shutil.copyfile(int8.with_name(int8.name + ".data"), staging / (art.ONNX_FILE + ".data"))
+        previous = onnx_artifact.config.get("onnx") or {}
+        onnx_meta = onnx_section(staging / art.ONNX_FILE, exporter=previous.get("exporter", "unknown"),
+                                 opset=_opset(staging / art.ONNX_FILE), dtype="int8",
+                                 optimize=previous.get("optimize", "basic"), dynamic=tuple(previous.get("dynamic", ())))
+        config = {**onnx_artifact.config, "onnx": onnx_meta, "quantization": section}
+        manifest = art.write_metadata(
+            staging, config=config, stage="quantize", parent=source, options=_options_record(options, mode),
+            metrics=manifest_metrics(report), extra={"report": report, "quantization": section, "gate": gate.as_dict()})
+    return QuantizeResult(out, mode, report, section, gate.as_dict(), manifest)
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), 0)
