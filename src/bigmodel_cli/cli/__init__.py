@@ -86,6 +86,9 @@ def _register() -> None:
     from . import export as export_cli  # issue 3: export, predict, generate (own lines: imports above are edited concurrently)
 
     app.command("export")(export_cli.export)
+    from . import quantize as quantize_cli  # issue 4 (own lines: the imports above are edited concurrently)
+
+    app.command("quantize")(quantize_cli.quantize)
     from . import generate as generate_cli, predict as predict_cli
 
     app.command("predict")(predict_cli.predict)

@@ -1,0 +1,142 @@
+"""bigmodel quantize: options → QuantizeOptions → engine.quantize.quantize_artifact → a before/after table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import console
+from .options import ArtifactArg, JsonOpt, OverwriteOpt, ThreadsOpt
+
+_Q = "Quantization"
+_C = "Calibration (static) and the accuracy gate"
+_W = "Weight-only"
+_R = "Report"
+
+_STAGES = {"export": "exporting to ONNX (--export)", "preprocess": "ONNX Runtime pre-processing",
+           "quantize": "quantizing", "calibrate": "calibrating", "evaluate": "evaluating before and after",
+           "rank": "ranking nodes by quantization error", "bench": "timing fp32 and int8 (interleaved)",
+           "load": "loading weights", "write": "writing"}
+
+
+def quantize(
+    artifact: ArtifactArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output artifact directory (must not exist unless --overwrite).")],
+    mode: Annotated[str, typer.Option("--mode", help="dynamic, static or weight-only; auto: static for cnn, dynamic otherwise.", rich_help_panel=_Q)] = "auto",
+    export: Annotated[bool, typer.Option("--export", help="Export a PyTorch artifact to ONNX first (else: run bigmodel export).", rich_help_panel=_Q)] = False,
+    scheme: Annotated[str, typer.Option("--scheme", help="auto (chosen for this CPU), u8s8, s8s8 or u8u8: activation and weight types.", rich_help_panel=_Q)] = "auto",
+    reduce_range: Annotated[Optional[bool], typer.Option("--reduce-range/--no-reduce-range", help="7-bit weights (default: on for x86 without VNNI).", show_default=False, rich_help_panel=_Q)] = None,
+    per_channel: Annotated[bool, typer.Option("--per-channel/--no-per-channel", help="One weight scale per output channel.", rich_help_panel=_Q)] = False,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Node (ONNX) or tensor (weight-only) to keep in float; repeatable.", rich_help_panel=_Q)] = None,
+    exclude_sensitive: Annotated[Optional[bool], typer.Option("--exclude-sensitive/--quantize-sensitive", help="static: keep LayerNorm, Softmax, GELU and residual Add in float (default: on for transformers).", show_default=False, rich_help_panel=_Q)] = None,
+    preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", help="ONNX Runtime's pre-processing (shape inference, optimization) first.", rich_help_panel=_Q)] = True,
+    method: Annotated[Optional[str], typer.Option("--method", help="static calibration: minmax (default), entropy or percentile.", rich_help_panel=_C)] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration inputs (samples, or windows for language models).", rich_help_panel=_C)] = 256,
+    calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="Calibration inputs instead of the training split: npz:PATH, csv:PATH, text:PATH or a raw .npy array.", rich_help_panel=_C)] = None,
+    target: Annotated[Optional[str], typer.Option("--target", help="Class column for --calib-data csv:PATH.", rich_help_panel=_C)] = None,
+    max_metric_drop: Annotated[Optional[float], typer.Option("--max-metric-drop", help="Accuracy gate: most accuracy points (or perplexity %) to lose; beyond it the worst nodes are kept in float and retried.", rich_help_panel=_C)] = None,
+    max_retries: Annotated[int, typer.Option("--max-retries", help="Accuracy gate: retries (1, 2, 4 … worst nodes in float).", rich_help_panel=_C)] = 3,
+    bits: Annotated[int, typer.Option("--bits", help="weight-only: 8 or 4 bits per weight.", rich_help_panel=_W)] = 8,
+    group_size: Annotated[int, typer.Option("--group-size", help="weight-only --bits 4: weights per scale.", rich_help_panel=_W)] = 64,
+    split: Annotated[str, typer.Option("--split", help="Split on which the metric is measured before and after.", rich_help_panel=_R)] = "val",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Measure on at most N samples (or windows).", rich_help_panel=_R)] = None,
+    bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Time fp32 and int8 side by side.", rich_help_panel=_R)] = True,
+    bench_batch: Annotated[Optional[int], typer.Option("--bench-batch", help="Batch for timing (default 64, or 1 for language models).", rich_help_panel=_R)] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Language models: sequence length for timing and calibration.", rich_help_panel=_R)] = None,
+    iterations: Annotated[int, typer.Option("--iterations", help="Timed runs of each model.", rich_help_panel=_R)] = 30,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.", rich_help_panel=_R)] = 3,
+    threads: ThreadsOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Quantize to int8 (ONNX Runtime dynamic or static) or int8/int4 weights (weight-only), measure
+    before and after, and write a new artifact."""
+    from ..artifact import open_artifact
+    from ..engine.quantize import QuantizeOptions, quantize_artifact
+
+    options = QuantizeOptions(
+        mode=mode, method=method, calib_samples=calib_samples, calib_data=calib_data, target=target,
+        per_channel=per_channel, scheme=scheme, reduce_range=reduce_range, exclude=list(exclude or []),
+        exclude_sensitive=exclude_sensitive, bits=bits, group_size=group_size, max_metric_drop=max_metric_drop,
+        max_retries=max_retries, export=export, preprocess=preprocess, split=split, limit=limit, bench=bench,
+        bench_batch=bench_batch, seq_len=seq_len, iterations=iterations, warmup=warmup, threads=threads)
+    source = open_artifact(artifact)
+    with _Progress(enabled=not json_out) as progress:
+        result = quantize_artifact(source, out, options, overwrite=overwrite, progress=progress)
+    for warning in result.report["warnings"]:
+        console.err.print(f"[bold red on yellow] WARNING [/] [bold]{warning}[/]", highlight=False)
+    if json_out:
+        console.print_json({"path": str(result.path), "mode": result.mode, "report": result.report,
+                            "quantization": result.quantization, "gate": result.gate})
+        return
+    _print_report(result)
+
+
+def _print_report(result) -> None:
+    report, q = result.report, result.quantization
+    before, after = report["before"], report["after"]
+    rows = [("file bytes", before["file_bytes"], after["file_bytes"], f"{1 / report['size_ratio']:.3f}× ({report['size_ratio']:.2f}× smaller)")]
+    for key in ("accuracy", "perplexity", "loss"):
+        if key in before and key in after:
+            rows.append((key, before[key], after[key], f"{after[key] - before[key]:+.4g}"))
+    for key in ("latency_ms_p50", "latency_ms_p95"):
+        if key in before and key in after:
+            rows.append((key.replace("_ms_", " ms "), before[key], after[key], f"{after[key] / before[key]:.3f}×"))
+    kind = "int8" if result.mode != "weight-only" else f"int{q['bits']} weights"
+    title = f"bigmodel quantize · {result.mode} · {result.path}"
+    console.out.print(console.rows_table(title, ["", "fp32", kind, "change"], rows))
+
+    info = [("metric drop", f"{report['metric_drop']:.3g} {report['metric_drop_unit']}")]
+    if result.mode == "weight-only":
+        info += [("bits", q["bits"]), ("group size", q["group_size"]), ("quantized tensors", len(q["tensors"])),
+                 ("output max |diff|", q["output_error"]["max_abs_diff"]),
+                 ("output top-1 agreement", f"{q['output_error']['top1_agreement']:.2%}")]
+    else:
+        s = q["scheme"]
+        info += [("scheme", f"{s['name']} ({s['activation_type']} activations, {s['weight_type']} weights"
+                            f"{', reduce_range' if s['reduce_range'] else ''})"), ("why", s["reason"]),
+                 ("per channel", q["per_channel"]), ("quantized nodes", len(q["quantized_nodes"])),
+                 ("kept in float", len(q["excluded_nodes"]))]
+        if q["calibration"]:
+            c = q["calibration"]
+            info.append(("calibration", f"{c['method']} on {c['samples']} samples ({c['source']})"))
+    if "latency" in report:
+        lat = report["latency"]
+        info.append(("timed", f"input {'×'.join(map(str, lat['input_shape']))}, {lat['threads']} threads, interleaved, this machine"))
+    gate = result.gate
+    if gate["max_metric_drop"] is not None:
+        tries = len(gate["attempts"]) - 1
+        info.append(("accuracy gate", f"passed (≤ {gate['max_metric_drop']:g} {gate['unit']})"
+                     + (f" after {tries} retr{'y' if tries == 1 else 'ies'}; in float: {', '.join(gate['excluded'])}" if tries else "")))
+    console.out.print(console.key_value_table("quantization", info))
+
+
+class _Progress:
+    """Stages as the bar's description; calibration and timing as counted steps (stderr)."""
+
+    def __init__(self, enabled: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console.err, transient=True, disable=not enabled)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.start()
+        self.task = self.bar.add_task("quantize", total=None)
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+        return False
+
+    def __call__(self, event: str, **info) -> None:
+        if event == "stage":
+            text = _STAGES.get(info["name"], info["name"])
+            if info["name"] == "retry":
+                text = f"accuracy gate, retry {info['attempt']}: {len(info['excluded'])} node(s) kept in float"
+            self.bar.update(self.task, description=text, total=None, completed=0)
+        elif event in ("calibrate", "bench"):
+            self.bar.update(self.task, description=_STAGES[event], total=info["total"], completed=info["done"])
