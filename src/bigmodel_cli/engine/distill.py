@@ -28,8 +28,8 @@ from .losses import HIDDEN_ARCHS, HIDDEN_LOSSES, KD_LOSSES, DistillLoss, RowsTas
 DISTILL_FILE = "distill.json"  # the distillation options of a run, checked on --resume
 BASELINE_DIR = "baseline"  # the --baseline run, inside the distill run directory
 REPORT_SPLITS = ("train", "val", "test")
-# Measured (docs/benchmarks.md): a softer teacher (T = 2) helps small classifiers, while a byte-level
-# language model's student learned best from the unsoftened distribution (T = 1) in short runs.
+# T = 2 is the usual choice for classifiers; for a byte-level language model T = 2 made a small
+# student worse than training it alone while T = 1 made it better (docs/distill.md), so LMs get 1.
 DEFAULT_TEMPERATURE = {"classification": 2.0, "language-modeling": 1.0}
 
 Progress = Callable[..., None]
