@@ -19,26 +19,40 @@ class BigModelGroup(TyperGroup):
     """Maps exceptions to exit codes: a BigModelError is one red line and its exit code (2 for the
     user's mistakes); anything else is an internal error (exit 1). No traceback unless BIGMODEL_DEBUG=1."""
 
+    # Set while `bigmodel run` invokes a step: the error goes up to the run, which names the step.
+    pass_through = False
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except BigModelError as exc:
-            if os.environ.get("BIGMODEL_DEBUG") == "1":
-                raise
-            console.error(str(exc))
-            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.error("interrupted; outputs are written atomically, so nothing half-written was left")
             raise typer.Exit(130) from None
         except Exception as exc:
             # Typer's (click's) own exceptions carry usage errors and exits: let them through.
-            if type(exc).__module__.split(".")[0] in ("typer", "click") or os.environ.get("BIGMODEL_DEBUG") == "1":
+            is_cli = type(exc).__module__.split(".")[0] in ("typer", "click")
+            if is_cli or BigModelGroup.pass_through or os.environ.get("BIGMODEL_DEBUG") == "1":
                 raise
-            console.error(f"internal error: {type(exc).__name__}: {exc} (BIGMODEL_DEBUG=1 shows the traceback; please report it)")
-            raise typer.Exit(1) from None
+            message, code = describe_failure(exc)
+            console.error(message)
+            raise typer.Exit(code) from None
 
     def list_commands(self, ctx):  # keep the order in which commands were added
         return list(self.commands)
+
+
+def describe_failure(exc: Exception) -> tuple[str, int]:
+    """The one line and exit code for an exception that reached the boundary."""
+    if isinstance(exc, BigModelError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, OSError):
+        # A write the OS refused (full disk, read-only location) is the user's to fix, not a bug.
+        from ..artifact import storage_problem
+
+        problem = storage_problem(exc)
+        if problem:
+            return f"{exc.filename or 'output'}: {problem}; free space or choose another location", 2
+    return f"internal error: {type(exc).__name__}: {exc} (BIGMODEL_DEBUG=1 shows the traceback; please report it)", 1
 
 
 app = typer.Typer(
@@ -97,6 +111,11 @@ def _register() -> None:
     from . import explain as explain_cli  # issue 10 (own lines: the imports above are edited concurrently)
 
     app.command("explain")(explain_cli.explain_command)
+    from . import compare as compare_cli, run as run_cli  # issue 7
+
+    app.command("run")(run_cli.run)
+    app.command("compare")(compare_cli.compare)
+    app.command("plot")(compare_cli.plot)
 
 
 _register()

@@ -1,0 +1,86 @@
+"""bigmodel compare / plot: what each step bought, measured side by side; training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import console
+from .options import BackendOpt, JsonOpt, ThreadsOpt
+
+
+def print_comparison(result) -> None:
+    from ..engine.report import COLUMNS, _cell
+
+    title = (f"bigmodel compare · {result.metric} on {result.split} · latency on {result.backend}, batch "
+             f"{result.bench_batch}, {result.threads} threads, {result.rounds} interleaved rounds · (×) = ratio to the first row")
+    table = console.rows_table(title, [t for _, t in COLUMNS], [])
+    for row in result.rows:
+        table.add_row(*(_cell(row, key) for key, _ in COLUMNS))
+    console.out.print(table)
+    for note in result.notes:
+        console.note(note)
+
+
+def write_reports(result, plot: Path | None, markdown: Path | None, html_file: Path | None) -> list[Path]:
+    """The PNG, Markdown and HTML reports asked for; a report gets a plot even if none was named."""
+    import tempfile
+
+    from ..engine.report import html_report, markdown_report, plot_tradeoff, write_text_atomic
+
+    written = []
+    if plot:
+        written.append(plot_tradeoff(result, plot))
+    if markdown:
+        picture = plot or markdown.with_suffix(".png")
+        if not plot:
+            written.append(plot_tradeoff(result, picture))
+        rel = picture.name if picture.parent.resolve() == markdown.parent.resolve() else str(picture.resolve())
+        written.append(write_text_atomic(markdown, markdown_report(result, rel)))
+    if html_file:
+        with tempfile.TemporaryDirectory() as tmp:
+            picture = plot or plot_tradeoff(result, Path(tmp) / "plot.png")
+            written.append(write_text_atomic(html_file, html_report(result, picture)))
+    return written
+
+
+def compare(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories, or one `bigmodel run` directory.", show_default=False)],
+    backend: BackendOpt = "auto",
+    threads: ThreadsOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split the metric is measured on.")] = "val",
+    bench_batch: Annotated[Optional[int], typer.Option("--bench-batch", help="Batch for latency (default 64, or 1 sequence for language models).")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Interleaved latency rounds (A B C A B C …).")] = 30,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate at most N samples (or windows).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the trade-off plot (PNG).")] = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report (with the plot).")] = None,
+    html_file: Annotated[Optional[Path], typer.Option("--html", help="Write an HTML report with the plot embedded.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure artifacts side by side: size, metric, latency p50/p95 and ratios to the first row."""
+    from ..engine.report import compare_artifacts
+
+    result = compare_artifacts(artifacts, backend=backend, threads=threads, split=split, bench_batch=bench_batch,
+                               rounds=rounds, limit=limit)
+    written = write_reports(result, plot, markdown, html_file)
+    if json_out:
+        console.print_json({"rows": result.rows, "backend": result.backend, "threads": result.threads,
+                            "split": result.split, "metric": result.metric, "bench_batch": result.bench_batch,
+                            "rounds": result.rounds, "notes": result.notes, "written": [str(p) for p in written]})
+        return
+    print_comparison(result)
+    for path in written:
+        console.note(f"wrote {path}")
+
+
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A training run directory (with metrics.jsonl).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: RUN_DIR/curves.png).")] = None,
+) -> None:
+    """Draw the training curves (loss, validation metric, learning rate) to a PNG."""
+    from ..engine.report import plot_training
+
+    path = plot_training(run_dir, out or Path(run_dir) / "curves.png")
+    console.out.print(f"wrote {path}")

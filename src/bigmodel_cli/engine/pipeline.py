@@ -1,0 +1,388 @@
+"""``bigmodel run RECIPE``: an ordered list of commands, each writing ``RUN_DIR/<step-name>``.
+
+A step is the command line it stands for. Its options are checked against the real command's
+parameters (names and types) before anything runs, so a recipe and the CLI cannot drift apart:
+there is no second list of options to keep in sync. Each step then runs through the same entry
+point as the command line.
+
+Reruns are cheap: a step is skipped when its output is complete and valid (manifest hashes match)
+and its fingerprint — its command line plus the manifests of the artifacts it reads — is unchanged.
+A training step that crashed is continued with ``--resume``. Changing a step reruns it and, through
+the fingerprints, everything downstream of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConfigErrors, UserError
+
+STATE_FILE = "run-state.json"
+# Commands that write an artifact (or a training run) directory: the runner gives them --out.
+ARTIFACT_COMMANDS = ("train", "prune", "distill", "export", "quantize")
+# Commands that only report: their --json output is saved as RUN_DIR/<name>.json.
+REPORT_COMMANDS = ("eval", "info", "predict", "generate", "explain")
+# Options the runner sets itself.
+MANAGED = {"out", "overwrite", "json_out", "resume", "help"}
+# Step keys that name another step's output.
+REFERENCES = {"from": None, "teacher": "--teacher", "student": "--student", "compare": "--compare"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Step:
+    name: str
+    command: str
+    options: dict[str, Any]
+    refs: dict[str, str] = field(default_factory=dict)  # key -> earlier step name
+
+    @property
+    def writes_artifact(self) -> bool:
+        return self.command in ARTIFACT_COMMANDS
+
+
+@dataclass
+class Recipe:
+    path: Path
+    steps: list[Step]
+    out: str | None = None
+    description: str = ""
+
+
+def _command_group():
+    import typer
+
+    from ..cli import app
+
+    return typer.main.get_command(app)
+
+
+def _params(command) -> dict[str, Any]:
+    """Option name (python name) → the command's parameter, with ``kind`` set to its Python type."""
+    import inspect
+    import typing
+
+    hints = {}
+    if command.callback is not None:
+        for name, parameter in inspect.signature(command.callback, eval_str=True).parameters.items():
+            kind = parameter.annotation
+            if typing.get_origin(kind) is typing.Annotated:
+                kind = typing.get_args(kind)[0]
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType) and len(args) == 1:
+                kind = args[0]
+            hints[name] = typing.get_origin(kind) or kind
+    params = {}
+    for p in command.params:
+        p.kind = hints.get(p.name, str)
+        params[p.name] = p
+    return params
+
+
+def _flag(param) -> str:
+    longs = [o for o in param.opts if o.startswith("--")]
+    return longs[0] if longs else param.opts[0]
+
+
+def _type_problem(param, value: Any) -> str | None:
+    """None if ``value`` (from TOML) fits the parameter, else what it should be."""
+    kind = param.kind
+    if kind is bool or getattr(param, "is_flag", False):
+        return None if isinstance(value, bool) else "true or false"
+    if kind is list or getattr(param, "multiple", False):
+        items = value if isinstance(value, list) else [value]
+        return None if all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items) else "a list of strings"
+    if kind is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if kind is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if isinstance(value, dict):  # JSON options such as model-args, student-config
+        return None
+    if isinstance(value, list):  # comma lists such as hidden-sizes, dynamic
+        return None if all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value) else "a list"
+    return None if isinstance(value, (str, int, float)) and not isinstance(value, bool) else "a string"
+
+
+def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe; every problem is reported at once."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such recipe file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid TOML ({exc}); fix the recipe") from None
+    problems: list[str] = []
+    for key in data:
+        if key not in ("run", "steps", "description"):
+            problems.append(f"unknown top-level key {key!r} (a recipe has [run], description and [[steps]])")
+    run = data.get("run", {})
+    if not isinstance(run, dict) or any(k not in ("out",) for k in run):
+        problems.append("[run] may only set out = \"RUN_DIR\"")
+        run = {}
+    raw_steps = data.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps or not all(isinstance(s, dict) for s in raw_steps):
+        raise ConfigErrors(problems + ["a recipe needs at least one [[steps]] table"], f"recipe {path}")
+    _apply_overrides(raw_steps, overrides or [], problems)
+
+    group = _command_group()
+    steps: list[Step] = []
+    seen: list[str] = []
+    for index, raw in enumerate(raw_steps, start=1):
+        raw = dict(raw)
+        name = raw.pop("name", None)
+        where = f"step {index}" + (f" ({name})" if isinstance(name, str) else "")
+        command = raw.pop("command", None)
+        if not isinstance(name, str) or not _NAME.match(name):
+            problems.append(f"{where}: needs a name made of letters, digits, '-', '_' or '.'")
+            name = f"#{index}"
+        elif name in seen:
+            problems.append(f"{where}: the name {name!r} is used twice")
+        if command not in ARTIFACT_COMMANDS + REPORT_COMMANDS or command not in group.commands:
+            known = [c for c in ARTIFACT_COMMANDS + REPORT_COMMANDS if c in group.commands]
+            problems.append(f"{where}: unknown command {command!r} (a step runs one of: {', '.join(known)})")
+            seen.append(name)
+            continue
+        params = _params(group.commands[command])
+        refs: dict[str, str] = {}
+        for key in list(raw):
+            if key not in REFERENCES:
+                continue
+            target = raw.pop(key)
+            if not isinstance(target, str):
+                problems.append(f"{where}: {key} must name an earlier step")
+            elif target == name:
+                problems.append(f"{where}: {key} = {target!r} refers to itself (a cycle)")
+            elif target not in seen:
+                later = any(isinstance(s, dict) and s.get("name") == target for s in raw_steps)
+                problems.append(f"{where}: {key} = {target!r} names no earlier step"
+                                + (" (it comes later: steps run in order, so this would be a cycle)" if later else ""))
+            else:
+                refs[key] = target
+        reads_artifact = any(p.param_type_name == "argument" for p in params.values())
+        if reads_artifact and "from" not in refs:
+            problems.append(f"{where}: {command} needs from = \"STEP\" (the step whose output it reads)")
+        if command == "distill" and "teacher" not in refs and "from" in refs:
+            refs["teacher"] = refs.pop("from")
+        if command == "distill" and "teacher" not in refs:
+            problems.append(f"{where}: distill needs teacher = \"STEP\"")
+        options: dict[str, Any] = {}
+        for key, value in raw.items():
+            pname = key.replace("-", "_")
+            param = params.get(pname) or params.get(f"{pname}_out")
+            if param is None or param.name in MANAGED or param.param_type_name == "argument":
+                reason = "set by `bigmodel run` itself" if param is not None else f"{command} has no option --{key.replace('_', '-')}"
+                problems.append(f"{where}: {key!r} is not allowed ({reason})")
+                continue
+            expected = _type_problem(param, value)
+            if expected:
+                problems.append(f"{where}: {key} must be {expected}, got {value!r}")
+                continue
+            options[param.name] = value
+        steps.append(Step(name=name, command=command, options=options, refs=refs))
+        seen.append(name)
+    if problems:
+        raise ConfigErrors(problems, f"recipe {path}")
+    out = run.get("out")
+    return Recipe(path=path, steps=steps, out=out if isinstance(out, str) else None,
+                  description=str(data.get("description", "")))
+
+
+def _apply_overrides(raw_steps: list[dict], overrides: list[str], problems: list[str]) -> None:
+    """--set STEP.OPTION=VALUE (VALUE in TOML syntax, bare words as strings)."""
+    by_name = {s.get("name"): s for s in raw_steps}
+    for item in overrides:
+        target, eq, value = item.partition("=")
+        step, dot, key = target.partition(".")
+        if not eq or not dot or not key:
+            problems.append(f"--set {item!r}: write it as STEP.OPTION=VALUE")
+            continue
+        if step not in by_name:
+            problems.append(f"--set {item!r}: no step named {step!r}")
+            continue
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        by_name[step][key] = parsed
+
+
+def _to_argv_value(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [json.dumps(value)]
+    if isinstance(value, list):
+        return [",".join(str(v) for v in value)]
+    return [str(value)]
+
+
+def step_argv(step: Step, run_dir: Path, params: dict) -> list[str]:
+    """The exact command line a step stands for (without --overwrite/--resume)."""
+    argv = [step.command]
+    if "from" in step.refs:
+        argv.append(str(run_dir / step.refs["from"]))
+    for key, target in step.refs.items():
+        if key != "from":
+            argv += [REFERENCES[key], str(run_dir / target)]
+    for name, value in step.options.items():
+        param = params[name]
+        flag = _flag(param)
+        if getattr(param, "is_flag", False) or isinstance(value, bool):
+            if value:
+                argv.append(flag)
+            elif getattr(param, "secondary_opts", None):
+                argv.append(param.secondary_opts[0])
+        elif getattr(param, "multiple", False):
+            for item in value if isinstance(value, list) else [value]:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, *_to_argv_value(value)]
+    if step.writes_artifact:
+        argv += ["--out", str(run_dir / step.name)]
+    elif "json_out" in params:
+        argv.append("--json")
+    return argv
+
+
+def _output_complete(path: Path) -> bool:
+    """The step's output exists, verifies, and (for a training run) reached its last step."""
+    from ..artifact import open_artifact
+
+    if not path.exists():
+        return False
+    if (path / "run.json").exists() and not (path / "last" / "manifest.json").exists():
+        return False
+    try:
+        open_artifact(path)
+        return True
+    except UserError:
+        return False
+
+
+def _manifest_digest(path: Path) -> str:
+    from ..artifact import resolve_artifact_dir, sha256_file
+
+    try:
+        return sha256_file(resolve_artifact_dir(path) / "manifest.json")
+    except UserError:
+        return "missing"
+
+
+def _fingerprint(step: Step, argv: list[str], run_dir: Path) -> str:
+    inputs = {key: _manifest_digest(run_dir / target) for key, target in sorted(step.refs.items())}
+    blob = json.dumps({"argv": argv, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _load_state(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _save_state(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / STATE_FILE)
+
+
+@dataclass
+class StepOutcome:
+    name: str
+    command: str
+    status: str  # "ran", "resumed", "skipped"
+    output: Path
+    argv: list[str]
+
+
+def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
+               announce: Callable[[int, int, Step, str, list[str]], None] | None = None) -> list[StepOutcome]:
+    """Run the steps in order; skip the complete and unchanged; resume a crashed training step."""
+    from ..artifact import check_output
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not overwrite and not (run_dir / STATE_FILE).exists():
+        check_output(run_dir, overwrite=False)  # a directory that is not a run of ours: refuse
+    if overwrite and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = _load_state(run_dir)
+    group = _command_group()
+    outcomes: list[StepOutcome] = []
+    for index, step in enumerate(recipe.steps, start=1):
+        command = group.commands[step.command]
+        argv = step_argv(step, run_dir, _params(command))
+        fingerprint = _fingerprint(step, argv, run_dir)
+        output = run_dir / (step.name if step.writes_artifact else f"{step.name}.json")
+        previous = state.get(step.name, {})
+        same = previous.get("fingerprint") == fingerprint
+        if step.writes_artifact and same and _output_complete(output):
+            status, extra = "skipped", []
+        elif step.writes_artifact and same and (output / "run.json").exists() and "resume" in _params(command):
+            status, extra = "resumed", ["--resume"]
+        elif not step.writes_artifact and same and output.exists():
+            status, extra = "skipped", []
+        else:
+            status, extra = "ran", (["--overwrite"] if output.exists() and step.writes_artifact else [])
+        if announce:
+            announce(index, len(recipe.steps), step, status, argv + extra)
+        if status != "skipped":
+            state[step.name] = {"fingerprint": fingerprint, "argv": argv, "complete": False}
+            _save_state(run_dir, state)
+            _invoke(group, argv + extra, output if not step.writes_artifact else None, step)
+            # Inputs may have been rewritten by this very run: fingerprint what was actually read.
+            state[step.name] = {"fingerprint": _fingerprint(step, argv, run_dir), "argv": argv, "complete": True}
+            _save_state(run_dir, state)
+        outcomes.append(StepOutcome(step.name, step.command, status, output, argv))
+    return outcomes
+
+
+def _invoke(group, argv: list[str], report_file: Path | None, step: Step) -> None:
+    """Run one command through the CLI's own entry point; its failure is the run's failure,
+    reported as one line that names the step."""
+    import contextlib
+    import io
+
+    from ..cli import BigModelGroup, describe_failure
+    from ..errors import BigModelError
+
+    import sys
+
+    # A report step's stdout is its result (saved); an artifact step's tables are progress for the
+    # person watching, so they go to stderr and stdout stays the run's own result (or JSON).
+    buffer = io.StringIO()
+    BigModelGroup.pass_through = True
+    try:
+        with contextlib.redirect_stdout(buffer if report_file else sys.stderr):
+            code = group.main(args=argv, prog_name="bigmodel", standalone_mode=False)
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] in ("typer", "click"):
+            raise
+        message, code = describe_failure(exc)
+        error = BigModelError(f"step {step.name!r} ({step.command}): {message}; fix it and rerun (finished steps are skipped)")
+        error.exit_code = code
+        raise error from exc
+    finally:
+        BigModelGroup.pass_through = False
+    if code not in (None, 0):
+        error = BigModelError(f"step {step.name!r} ({step.command}) exited with code {code}")
+        error.exit_code = code
+        raise error
+    if report_file is not None:
+        tmp = report_file.with_suffix(".tmp")
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+        os.replace(tmp, report_file)
+
+
+def artifact_outputs(recipe: Recipe, run_dir: Path) -> list[tuple[str, Path]]:
+    """(step name, output dir) of the steps that wrote artifacts, in recipe order."""
+    return [(s.name, run_dir / s.name) for s in recipe.steps if s.writes_artifact and (run_dir / s.name).exists()]

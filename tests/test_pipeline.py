@@ -1,0 +1,161 @@
+"""Recipes (`bigmodel run`), `bigmodel compare` and `bigmodel plot`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "examples" / "recipes"
+
+# Fast mode for each example recipe: the same steps, far fewer of them.
+FAST = {
+    "digits-mlp.toml": ["train.epochs=2", "prune.finetune-epochs=1", "distill.epochs=2"],
+    "digits-cnn.toml": ["train.epochs=1", "prune.finetune-epochs=1", "quantize.calib-samples=32"],
+    "tiny-gpt.toml": ["train.max-steps=8", "train.data='text:{corpus}'", "train.warmup-steps=0",
+                      "distill.max-steps=4", "sample.max-new-tokens=8"],
+}
+
+
+def _json(result):
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_every_example_recipe_has_a_fast_mode_test():
+    assert {p.name for p in RECIPES.glob("*.toml")} == set(FAST)
+
+
+@pytest.mark.parametrize("recipe", sorted(FAST))
+def test_example_recipe_runs_end_to_end(cli, tmp_path, corpus, recipe):
+    sets = [s.replace("{corpus}", str(corpus)) for s in FAST[recipe]]
+    args = ["run", RECIPES / recipe, "--out", tmp_path / "run", "--compare-rounds", "3", "--json"]
+    for item in sets:
+        args += ["--set", item]
+    data = _json(cli(*args))
+    assert all(step["status"] == "ran" for step in data["steps"])
+    rows = data["compare"]
+    assert rows[0]["name"] == "train" and rows[0]["params_ratio"] == 1.0
+    assert all(r["latency_ms_p50"] > 0 and r["value"] is not None for r in rows)
+    assert (tmp_path / "run" / "compare.md").is_file() and (tmp_path / "run" / "compare.png").is_file()
+
+
+def _small_recipe(tmp_path: Path, export_opset: int = 18) -> Path:
+    recipe = tmp_path / "small.toml"
+    recipe.write_text(f"""
+[[steps]]
+name = "train"
+command = "train"
+max-steps = 12
+checkpoint-every = 4
+eval-every = 4
+
+[[steps]]
+name = "export"
+command = "export"
+from = "train"
+opset = {export_opset}
+
+[[steps]]
+name = "check"
+command = "eval"
+from = "export"
+split = "test"
+""")
+    return recipe
+
+
+def test_rerun_skips_what_is_done_resumes_a_crash_and_reruns_what_changed(cli, tmp_path):
+    recipe, run = _small_recipe(tmp_path), tmp_path / "run"
+    first = _json(cli("run", recipe, "--out", run, "--json", "--compare-rounds", "2"))
+    assert [s["status"] for s in first["steps"]] == ["ran", "ran", "ran"]
+    assert json.loads((run / "check.json").read_text())["accuracy"] > 0.3
+
+    again = _json(cli("run", recipe, "--out", run, "--json", "--compare-rounds", "2"))
+    assert [s["status"] for s in again["steps"]] == ["skipped", "skipped", "skipped"]
+
+    # A training step that crashed (no last/ yet) continues from its checkpoint.
+    shutil.rmtree(run / "train" / "last")
+    crashed = _json(cli("run", recipe, "--out", run, "--json", "--compare-rounds", "2"))
+    assert [s["status"] for s in crashed["steps"]][0] == "resumed"
+
+    # Changing one step reruns it and what depends on it, not what comes before.
+    changed = _json(cli("run", _small_recipe(tmp_path, 19), "--out", run, "--json", "--compare-rounds", "2"))
+    assert [s["status"] for s in changed["steps"]] == ["skipped", "ran", "ran"]
+
+
+def test_recipe_problems_are_all_reported_before_anything_runs(cli, tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("""
+[[steps]]
+name = "train"
+command = "train"
+epochs = "many"
+learning-rate = 0.1
+
+[[steps]]
+name = "squash"
+command = "squeeze"
+
+[[steps]]
+name = "export"
+command = "export"
+from = "quantize"
+
+[[steps]]
+name = "quantize"
+command = "eval"
+from = "nowhere"
+""")
+    result = cli("run", recipe, "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    error = result.stderr.strip()
+    assert error.startswith("error:") and error.count("\n") == 0
+    for fragment in ("epochs must be an integer", "no option --learning-rate", "unknown command 'squeeze'",
+                     "'quantize' names no earlier step (it comes later", "'nowhere' names no earlier step"):
+        assert fragment in error, fragment
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_check_prints_the_commands(cli, tmp_path):
+    result = cli("run", _small_recipe(tmp_path), "--check", "--out", tmp_path / "run")
+    assert result.exit_code == 0
+    assert "bigmodel export" in result.stdout and "--opset 18" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_step_stops_the_run_with_its_exit_code(cli, tmp_path):
+    recipe = tmp_path / "fail.toml"
+    recipe.write_text('[[steps]]\nname = "train"\ncommand = "train"\nmax-steps = 2\ndata = "csv:missing.csv"\ntarget = "y"\n')
+    result = cli("run", recipe, "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "step 'train' (train)" in errors[0] and "missing.csv" in errors[0]
+
+
+def test_compare_measures_side_by_side_and_writes_reports(cli, digits_mlp, tmp_path):
+    plot, md, page = tmp_path / "t.png", tmp_path / "r.md", tmp_path / "r.html"
+    data = _json(cli("compare", digits_mlp / "best", digits_mlp / "last", "--rounds", "3", "--json",
+                     "--plot", plot, "--markdown", md, "--html", page))
+    first, second = data["rows"]
+    assert first["latency_ms_p50_ratio"] == 1.0 and second["params_ratio"] == 1.0
+    assert data["backend"] == "torch" and data["metric"] == "accuracy"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| artifact |" in md.read_text() and "t.png" in md.read_text()
+    assert "data:image/png;base64," in page.read_text()
+
+
+def test_compare_refuses_nonsense(cli, digits_mlp, tiny_gpt, tmp_path):
+    assert cli("compare", tmp_path / "missing").exit_code == 2
+    mixed = cli("compare", digits_mlp, tiny_gpt)
+    assert mixed.exit_code == 2 and "different tasks" in mixed.stderr
+
+
+def test_plot_draws_training_curves(cli, digits_mlp, tmp_path):
+    out = tmp_path / "curves.png"
+    result = cli("plot", digits_mlp, "--out", out)
+    assert result.exit_code == 0 and out.read_bytes()[:4] == b"\x89PNG"
+    assert cli("plot", tmp_path).exit_code == 2
