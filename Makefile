@@ -21,8 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 quickstart: install
-	$(BIN)/bigmodel train --out runs/quickstart --overwrite
-	$(BIN)/bigmodel eval runs/quickstart --bench
+	$(BIN)/bigmodel run examples/recipes/digits-mlp.toml --out runs/quickstart --overwrite
 
 test: install
 	$(BIN)/python -m pytest
