@@ -82,40 +82,32 @@ def root(
         set_trust_model_code(True)
 
 
+# (command, module in cli/, function): the whole command line, in the order `--help` lists it.
+COMMANDS = [
+    ("train", "train", "train"),
+    ("eval", "evaluate", "eval_command"),
+    ("prune", "prune", "prune"),
+    ("quantize", "quantize", "quantize"),
+    ("distill", "distill", "distill"),
+    ("export", "export", "export"),
+    ("run", "run", "run"),
+    ("compare", "compare", "compare"),
+    ("plot", "compare", "plot"),
+    ("predict", "predict", "predict"),
+    ("generate", "generate", "generate"),
+    ("explain", "explain", "explain_command"),
+    ("info", "info", "info"),
+    ("models", "listing", "models"),
+    ("datasets", "listing", "datasets"),
+    ("estimate", "estimate", "estimate"),
+]
+
+
 def _register() -> None:
-    from . import estimate, evaluate, info, listing, train
+    import importlib
 
-    app.command("train")(train.train)
-    app.command("eval")(evaluate.eval_command)
-    from . import prune as prune_cli  # issue 5 (own lines: the imports above are edited concurrently)
-
-    app.command("prune")(prune_cli.prune)
-    from . import distill as distill_cli  # its own line: other commands' imports are edited concurrently
-
-    app.command("distill")(distill_cli.distill)
-    app.command("info")(info.info)
-    app.command("models")(listing.models)
-    app.command("datasets")(listing.datasets)
-    app.command("estimate")(estimate.estimate)
-    from . import export as export_cli  # issue 3: export, predict, generate (own lines: imports above are edited concurrently)
-
-    app.command("export")(export_cli.export)
-    from . import quantize as quantize_cli  # issue 4 (own lines: the imports above are edited concurrently)
-
-    app.command("quantize")(quantize_cli.quantize)
-    from . import generate as generate_cli, predict as predict_cli
-
-    app.command("predict")(predict_cli.predict)
-    app.command("generate")(generate_cli.generate)
-
-    from . import explain as explain_cli  # issue 10 (own lines: the imports above are edited concurrently)
-
-    app.command("explain")(explain_cli.explain_command)
-    from . import compare as compare_cli, run as run_cli  # issue 7
-
-    app.command("run")(run_cli.run)
-    app.command("compare")(compare_cli.compare)
-    app.command("plot")(compare_cli.plot)
+    for name, module, function in COMMANDS:
+        app.command(name)(getattr(importlib.import_module(f"{__name__}.{module}"), function))
 
 
 _register()
