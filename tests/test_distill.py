@@ -210,6 +210,24 @@ def test_cross_architecture_student_from_a_cnn_teacher(cli, tmp_path, digits_cnn
     assert art.open_artifact(tmp_path / "x" / "best").model_spec["arch"] == "mlp"
 
 
+def test_student_artifact_continues_from_its_weights(cli, tmp_path, deep_mlp, digits_mlp):
+    out = tmp_path / "a"
+    result = cli("distill", "--teacher", deep_mlp, "--student", digits_mlp, "--max-steps", "1", "--lr", "1e-9",
+                 "--baseline", "--out", out, "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    source = art.open_artifact(digits_mlp)
+    student = json.loads(result.stdout)["distill"]["student"]
+    assert student["from"] == "artifact" and student["artifact"]["path"] == str(source.path)
+    before, after = source.load_state_dict(), art.open_artifact(out / "last").load_state_dict()
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert art.open_artifact(out / "baseline" / "best").manifest["parent"]["path"] == str(source.path)
+    _one_error_line(cli("distill", "--teacher", deep_mlp, "--student", digits_mlp, "--init-from-teacher",
+                        "--out", tmp_path / "b"), "--init-from-teacher")
+    _one_error_line(cli("distill", "--teacher", deep_mlp, "--student", _onnx_only(tmp_path, digits_mlp),
+                        "--out", tmp_path / "b"), "ONNX-only")
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_user_model_teacher_distils_its_logits_into_a_builtin_student(cli, tmp_path, monkeypatch):
     file = tmp_path / "net.py"
     file.write_text(
