@@ -147,18 +147,17 @@ def test_a_dying_rank_stops_the_run_cleanly_and_it_resumes_on_one_process(tmp_pa
     out = tmp_path / "run"
     # Rank 1 is killed as soon as the first checkpoint (step 2) exists; a checkpoint every other
     # step keeps the run busy long enough that it is still going then.
-    steps, schedule = 40, dict(eval_every=20, checkpoint_every=2)
+    steps, schedule = 60, dict(eval_every=20, checkpoint_every=2)
     launcher = subprocess.Popen(
         [sys.executable, "-m", "bigmodel_cli", "train", *MLP_FLAGS, "--max-steps", str(steps),
          "--eval-every", "20", "--checkpoint-every", "2", "--out", str(out), "--nproc", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
-        deadline = time.monotonic() + 150
-        while not list((out / "checkpoints").glob("step-*")):
+        deadline, rank1 = time.monotonic() + 150, None
+        while rank1 is None or not list((out / "checkpoints").glob("step-*")):
             assert launcher.poll() is None and time.monotonic() < deadline, "the run never wrote a checkpoint"
-            time.sleep(0.02)
-        rank1 = _rank_pid(launcher.pid, 1)
-        assert rank1 is not None
+            rank1 = rank1 or _rank_pid(launcher.pid, 1)
+            time.sleep(0.01)
         os.kill(rank1, signal.SIGKILL)
         _, stderr = launcher.communicate(timeout=120)
     finally:
