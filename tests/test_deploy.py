@@ -28,6 +28,18 @@ atexit.register(lambda: sys.stderr.write("IMPORTED:" + ",".join(sorted(m.split("
 """
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """torch's OpenMP threads crawl on a busy shared machine; one thread keeps these tests quick.
+    Restored afterwards, so other test modules keep their setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def deploy_snippet() -> str:
     text = DOC.read_text(encoding="utf-8")
     match = re.search(r"<!-- deploy-snippet -->\s*```python\n(.*?)```\s*<!-- /deploy-snippet -->", text, re.S)

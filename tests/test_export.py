@@ -47,6 +47,18 @@ def user_artifact(tmp_path: Path, like: Path, code: str, entry: str) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """torch's OpenMP threads crawl on a busy shared machine; one thread keeps these tests quick.
+    Restored afterwards, so other test modules keep their setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def mlp_onnx(tmp_path_factory, digits_mlp):
     return export_once(tmp_path_factory, digits_mlp)

@@ -418,11 +418,12 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
         say("stage", name="verify")
         session, used_threads = open_session(path, device=device, threads=threads)
         provider = session.get_providers()[0]
-        hardware.set_threads(used_threads)  # both sides of the comparison run on the same threads
+        torch_threads = hardware.set_threads(threads)  # --threads fixes both runtimes; None leaves torch's as it is
         figures = compare_outputs(torch_predict(model, device), session_predict(session),
                                   reference_inputs(layout, layout.verify_shapes()))
         verification = {**figures, "atol": atol, "passed": figures["max_abs_diff"] <= atol, "checker": "full",
-                        "provider": provider, "reference": f"torch fp32 on {device}", "threads": used_threads}
+                        "provider": provider, "reference": f"torch fp32 on {device}", "threads": used_threads,
+                        "torch_threads": torch_threads}
         if not verification["passed"]:
             raise WorkFailed(
                 f"verification failed: ONNX Runtime differs from PyTorch by up to {figures['max_abs_diff']:.3g} "
