@@ -24,7 +24,7 @@ def parse_dynamic(value: Optional[str]) -> Optional[list[str]]:
 def export(
     artifact: ArtifactArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output artifact directory (must not exist unless --overwrite).")],
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (18 up to the installed onnx's newest).")] = 18,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset, 18 (the default) up to the installed onnx's newest.")] = None,
     dynamic: Annotated[Optional[str], typer.Option("--dynamic", help="Symbolic axes: batch,seq (default: batch, and seq for language models), or none.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, or fp16 weights and compute (inputs and outputs stay float32).")] = "fp32",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda: where the model is traced and verified.")] = "cpu",
@@ -40,8 +40,10 @@ def export(
     from ..artifact import open_artifact
     from ..engine.export import ExportOptions, export_artifact
 
-    options = ExportOptions(opset=opset, dynamic=parse_dynamic(dynamic), dtype=dtype, device=device,
-                            optimize=optimize, atol=atol, exporter=exporter, weights=weights)
+    options = ExportOptions(dynamic=parse_dynamic(dynamic), dtype=dtype, device=device, optimize=optimize,
+                            atol=atol, exporter=exporter, weights=weights)
+    if opset is not None:  # the engine owns the default
+        options.opset = opset
     source = open_artifact(artifact)
     with console.err.status("exporting") as status:
         def progress(event: str, **info) -> None:

@@ -25,7 +25,7 @@ import logging
 import re
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,7 +78,6 @@ class ExportResult:
     verification: dict
     manifest: dict
     fallback_reason: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 # --- inputs ------------------------------------------------------------------------------------
