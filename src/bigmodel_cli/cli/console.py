@@ -7,6 +7,7 @@ import math
 from typing import Any, Iterable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 out = Console(soft_wrap=True)
@@ -14,15 +15,16 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def error(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    # Messages quote user input and library errors, which may contain [brackets]: never markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
 def warn(message: str) -> None:
-    err.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+    err.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 def note(message: str) -> None:
-    err.print(f"[dim]{message}[/]", highlight=False)
+    err.print(f"[dim]{escape(message)}[/]", highlight=False)
 
 
 def print_json(data: Any) -> None:
