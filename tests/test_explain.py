@@ -76,6 +76,9 @@ def test_rank_correlation_matches_scipy_with_ties_and_top_k_overlap():
     assert A.rank_correlation(a, a) == pytest.approx(1.0)
     assert A.rank_correlation(np.arange(5.0), -np.arange(5.0)[::-1]) == pytest.approx(-1.0)
     assert np.isnan(A.rank_correlation(np.zeros(4), np.arange(4.0)))
+    # features both leave at zero (inputs equal to the baseline) are not counted as agreement
+    shared_zeros = np.r_[np.zeros(20), 1.0, 2.0, 3.0]
+    assert A.rank_correlation(shared_zeros, np.r_[np.zeros(20), 3.0, 2.0, 1.0]) == pytest.approx(-1.0)
     assert A.top_k_overlap(np.array([5, 4, 0, 0, 1.0]), np.array([-5, 0, 4, 0, 0.0]), 2) == 0.5
     assert A.default_top_k(64) == 10 and A.default_top_k(12) == 3 and A.default_top_k(2) == 1
 

@@ -33,10 +33,10 @@ METHODS = ("integrated-gradients", "saliency")
 DEFAULT_INTERVALS = 64  # first grid of the automatic refinement
 MAX_INTERVALS = 1024  # where automatic refinement stops (and says so)
 TOLERANCE = 0.01  # completeness: |sum(attr) − Δf| ≤ 1% of |Δf|
-# Central-difference step in the model's normalized input units (5% of a training std). Small enough
+# Central-difference step in the model's normalized input units (10% of a training std). Small enough
 # to be local, large enough to step over the output's rounding in float32 and the quantization steps
 # of an int8 model, whose output is flat between them.
-FD_STEP = 0.05
+FD_STEP = 0.1
 
 
 @dataclass
@@ -185,8 +185,17 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rho between the magnitudes of two attributions (sign ignored: which features
-    matter, not in which direction). NaN when either is constant (e.g. all zero)."""
-    ra, rb = _ranks(np.abs(np.ravel(a))), _ranks(np.abs(np.ravel(b)))
+    matter, not in which direction). NaN when either is constant (e.g. all zero).
+
+    Features that *both* attributions leave at exactly zero are left out: integrated gradients gives
+    zero to every feature equal to the baseline (the black background of a digit), whatever the
+    model, so counting those ties as agreement would inflate the correlation (on the digits, from
+    about 0.69 to 0.95 for a CNN against its pruned copy)."""
+    a, b = np.abs(np.ravel(a)), np.abs(np.ravel(b))
+    keep = (a != 0) | (b != 0)
+    if keep.sum() < 2:
+        return float("nan")
+    ra, rb = _ranks(a[keep]), _ranks(b[keep])
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")

@@ -385,7 +385,11 @@ class Explainer:
         gap = result.completeness_gap
         if gap is not None and gap > attr.TOLERANCE:
             how = f"at --steps {opts.steps}" if opts.steps else f"after refining to {result.intervals} intervals"
-            notes.append(f"completeness gap {gap:.1%} {how}; raise --steps for a closer sum")
+            if self.predict is not None:
+                notes.append(f"completeness gap {gap:.1%} {how}: finite differences of an ONNX model are approximate "
+                             "(an int8 model's output moves in steps); treat the values as approximate")
+            else:
+                notes.append(f"completeness gap {gap:.1%} {how}; raise --steps for a closer sum")
         probs = _softmax(logits)
         return Explanation(
             artifact=str(self.artifact.path), explained_with=str(self.source.path), via=self.via, kind=self.kind,
