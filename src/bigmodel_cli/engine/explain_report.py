@@ -190,8 +190,8 @@ def _token_block(e: Explanation) -> str:
         text = html.escape(s["text"]).replace("\n", "⏎\n")
         spans.append(f'<span style="background:rgba({r},{g},{b},{alpha})" title="{s["value"]:.4g}">{text}</span>')
     gap = "" if e.completeness_gap is None else f", completeness gap {e.completeness_gap:.2%} ({e.intervals} intervals)"
-    return (f'<h2>{html.escape(_label(e))}</h2>\n<p>predicted next token <code>{html.escape(e.prediction_name)}</code>; '
-            f'explaining <code>{html.escape(e.target_name)}</code> (p={e.target_probability:.3f}) with {e.method}'
+    return (f'<h2>{html.escape(_label(e))}</h2>\n<p>predicted next token <code>\'{html.escape(e.prediction_name)}\'</code>; '
+            f'explaining <code>\'{html.escape(e.target_name)}\'</code> (p={e.target_probability:.3f}) with {e.method}'
             f'{", baseline " + e.baseline if e.baseline else ""}{gap}</p>\n<div class="tokens">{"".join(spans)}</div>')
 
 
