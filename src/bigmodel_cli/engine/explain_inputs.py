@@ -176,6 +176,8 @@ def dataset_inputs(artifact: Artifact, split: str, count: int, first: int = 0) -
 
     if split not in SPLITS:
         raise UserError(f"unknown --data {split!r}; choose one of {', '.join(SPLITS)} (the artifact's own data)")
+    if first < 0:
+        raise UserError(f"--row must be 0 or more, got {first}")
     data = open_data(artifact)
     if artifact.task == "language-modeling":
         block = int(artifact.data_spec.get("block_size") or 128)
