@@ -12,13 +12,14 @@ from .options import BackendOpt, JsonOpt, ThreadsOpt
 
 
 def print_comparison(result) -> None:
-    from ..engine.report import COLUMNS, _cell
+    from ..engine.report import _cell, columns_for
 
+    columns = columns_for(result)
     title = (f"bigmodel compare · {result.metric} on {result.split} · latency on {result.backend}, batch "
              f"{result.bench_batch}, {result.threads} threads, {result.rounds} interleaved rounds · (×) = ratio to the first row")
-    table = console.rows_table(title, [t for _, t in COLUMNS], [])
+    table = console.rows_table(title, [t for _, t in columns], [])
     for row in result.rows:
-        table.add_row(*(_cell(row, key) for key, _ in COLUMNS))
+        table.add_row(*(_cell(row, key) for key, _ in columns))
     console.out.print(table)
     for note in result.notes:
         console.note(note)
@@ -54,6 +55,7 @@ def compare(
     bench_batch: Annotated[Optional[int], typer.Option("--bench-batch", help="Batch for latency (default 64, or 1 sequence for language models).")] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved latency rounds (A B C A B C …).")] = 30,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate at most N samples (or windows).")] = None,
+    explain: Annotated[int, typer.Option("--explain", help="Also explain N inputs with every artifact and report how far the explanations moved (mean rank correlation with the first row).")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the trade-off plot (PNG).")] = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report (with the plot).")] = None,
     html_file: Annotated[Optional[Path], typer.Option("--html", help="Write an HTML report with the plot embedded.")] = None,
@@ -63,7 +65,7 @@ def compare(
     from ..engine.report import compare_artifacts
 
     result = compare_artifacts(artifacts, backend=backend, threads=threads, split=split, bench_batch=bench_batch,
-                               rounds=rounds, limit=limit)
+                               rounds=rounds, limit=limit, explain_samples=explain)
     written = write_reports(result, plot, markdown, html_file)
     if json_out:
         console.print_json({"rows": result.rows, "backend": result.backend, "threads": result.threads,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any, Iterable
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Piped output is read by programs and logs, not by a terminal of 80 columns: don't squeeze tables.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 
 def error(message: str) -> None:

@@ -94,7 +94,7 @@ def _runner(artifact: Artifact, backend: str, threads: int | None, workdir: Path
 
 def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int | None = None, split: str = "val",
                       bench_batch: int | None = None, rounds: int = 30, warmup: int = 3, limit: int | None = None,
-                      progress: Callable | None = None) -> CompareResult:
+                      explain_samples: int = 0, progress: Callable | None = None) -> CompareResult:
     from .evaluate import BenchConfig, bench_input, open_data, size_stats
     from .tasks import make_task
 
@@ -136,12 +136,27 @@ def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int 
         t = sorted(t)
         row["latency_ms_p50"] = statistics.median(t)
         row["latency_ms_p95"] = t[min(len(t) - 1, int(round(0.95 * (len(t) - 1))))]
+    if explain_samples:
+        _add_explanation_agreement(opened, rows, split, explain_samples)
     base = rows[0]
     for row in rows:
         for key in ("params", "nonzero_params", "file_bytes", "value", "latency_ms_p50", "latency_ms_p95"):
             row[f"{key}_ratio"] = (row[key] / base[key]) if base.get(key) and row.get(key) is not None else None
     return CompareResult(rows=rows, backend=backend, threads=runners[0][0].threads, split=split, metric=metric,
                          bench_batch=int(len(example)), rounds=rounds, notes=notes)
+
+
+def _add_explanation_agreement(opened: list, rows: list[dict], split: str, samples: int) -> None:
+    """Does each artifact still look at the same evidence as the first? Mean Spearman correlation
+    of integrated-gradients attributions over ``samples`` inputs (bigmodel explain --samples)."""
+    from .explain import explanation_agreement
+
+    first = opened[0][1]
+    rows[0]["explain_rank_correlation"] = 1.0
+    for (_, artifact), row in zip(opened[1:], rows[1:]):
+        agreement = explanation_agreement(first, artifact, split=split, samples=samples)
+        row["explain_rank_correlation"] = agreement["mean_rank_correlation"]
+        row["explain_top_k_overlap"] = agreement["mean_top_k_overlap"]
 
 
 # ------------------------------------------------------------------ pictures and reports
@@ -183,6 +198,11 @@ COLUMNS = [("name", "artifact"), ("stage", "stage"), ("params", "params"), ("non
            ("file_bytes", "file bytes"), ("value", "metric"), ("latency_ms_p50", "p50 ms"), ("latency_ms_p95", "p95 ms")]
 
 
+def columns_for(result: CompareResult) -> list[tuple[str, str]]:
+    extra = [("explain_rank_correlation", "explain ρ")] if "explain_rank_correlation" in result.rows[0] else []
+    return COLUMNS + extra
+
+
 def _cell(row: dict, key: str) -> str:
     value = row.get(key)
     if value is None:
@@ -200,10 +220,11 @@ def markdown_report(result: CompareResult, plot_name: str | None = None) -> str:
     m = machine_info()
     lines = [f"# Comparison ({result.metric} on {result.split}; latency on {result.backend}, "
              f"batch {result.bench_batch}, {result.threads} threads, {result.rounds} interleaved rounds)", ""]
-    lines.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
+    columns = columns_for(result)
+    lines.append("| " + " | ".join(title for _, title in columns) + " |")
+    lines.append("|" + "---|" * len(columns))
     for row in result.rows:
-        lines.append("| " + " | ".join(_cell(row, key) for key, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row, key) for key, _ in columns) + " |")
     lines += ["", "Ratios in parentheses are to the first row.",
               f"Machine: {m['cpu']} ({m['cores']} cores; {' '.join(m['isa'])})."]
     lines += [f"Note: {n}" for n in result.notes]
@@ -213,8 +234,9 @@ def markdown_report(result: CompareResult, plot_name: str | None = None) -> str:
 
 
 def html_report(result: CompareResult, plot_png: Path | None) -> str:
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in COLUMNS) + "</tr>" for r in result.rows)
-    head = "".join(f"<th>{html.escape(t)}</th>" for _, t in COLUMNS)
+    columns = columns_for(result)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in columns) + "</tr>" for r in result.rows)
+    head = "".join(f"<th>{html.escape(t)}</th>" for _, t in columns)
     image = ""
     if plot_png is not None:
         data = base64.b64encode(Path(plot_png).read_bytes()).decode()
