@@ -117,7 +117,8 @@ def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int 
             say("evaluate", name=name)
             metrics = task.evaluate(runner.predict, split, limit=limit)
             rows.append({"name": name, "path": str(artifact.path), "stage": artifact.stage,
-                         **size_stats(artifact), "metric": metric, "value": metrics.get(metric),
+                         # the file this artifact ships: model.onnx where it has one and ONNX is the runtime
+                         **size_stats(artifact, backend=backend), "metric": metric, "value": metrics.get(metric),
                          "loss": metrics.get("loss"), "backend": runner.name, "provider": runner.detail.get("provider")})
             runners.append((runner, task, artifact))
         example = bench_input(first, runners[0][1], BenchConfig(batch_size=bench_batch))
