@@ -14,7 +14,7 @@ tensors before and after their QDQ pair, ``create_activation_matching``, would c
 QDQ folded into its quantizer with the ReLU's own clipping.)
 
 A node's error is that of its worst input tensor; the worst nodes are kept in float on retry
-(1, then 2, then 4 … of them), at most ``max_retries`` times.
+(1, then 2, then 4 … of them, never all), at most ``max_retries`` times.
 """
 
 from __future__ import annotations
@@ -212,9 +212,10 @@ def run_gate(*, task: str, limit: float | None, before: dict, first: dict, rank:
     say("stage", name="rank")
     ranking = rank()
     excluded: list[str] = []
+    most = len(ranking) - 1  # keeping every node in float would not be a quantized model
     for attempt in range(1, max_retries + 1):
-        wanted = [r["node"] for r in ranking[:min(2 ** (attempt - 1), len(ranking))]]
-        if wanted == excluded:  # every ranked node is already in float: nothing left to try
+        wanted = [r["node"] for r in ranking[:min(2 ** (attempt - 1), most)]]
+        if not wanted or wanted == excluded:  # nothing (more) to keep in float
             break
         excluded = wanted
         say("stage", name="retry", attempt=attempt, excluded=excluded)
@@ -235,7 +236,7 @@ def failure(gate: GateResult) -> WorkFailed:
     last = gate.attempts[-1]
     tried = "; ".join(f"{len(a['excluded'])} in float ({', '.join(a['excluded'])}): {a['drop']:.3g}" for a in gate.attempts[1:])
     detail = f"retries kept the worst nodes by quantization error in float — {tried}" if tried else (
-        "there were no nodes to keep in float (--max-retries 0, or nothing ranked)")
+        "no retry was possible (--max-retries 0, or too few quantized nodes to keep one in float)")
     return WorkFailed(f"accuracy gate failed: the quantized model loses {last['drop']:.3g}{gate.unit} "
                       f"(--max-metric-drop {gate.limit:g}); {detail}; nothing was written — "
                       "raise --max-metric-drop or --max-retries, or try another --mode/--method")
