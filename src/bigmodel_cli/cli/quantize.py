@@ -78,9 +78,12 @@ def _print_report(result) -> None:
     report, q = result.report, result.quantization
     before, after = report["before"], report["after"]
     rows = [("file bytes", before["file_bytes"], after["file_bytes"], f"{1 / report['size_ratio']:.3f}× ({report['size_ratio']:.2f}× smaller)")]
-    for key in ("accuracy", "perplexity", "loss"):
+    changes = {"accuracy": lambda b, a: f"{(a - b) * 100 + 0.0:+.2f} points",
+               "perplexity": lambda b, a: f"{(a / b - 1) * 100 + 0.0:+.2f}%",
+               "loss": lambda b, a: f"{a - b + 0.0:+.4g}"}
+    for key, change in changes.items():
         if key in before and key in after:
-            rows.append((key, before[key], after[key], f"{after[key] - before[key]:+.4g}"))
+            rows.append((key, before[key], after[key], change(before[key], after[key])))
     for key in ("latency_ms_p50", "latency_ms_p95"):
         if key in before and key in after:
             rows.append((key.replace("_ms_", " ms "), before[key], after[key], f"{after[key] / before[key]:.3f}×"))
