@@ -120,6 +120,20 @@ def test_static_is_the_default_for_cnn_and_writes_qdq(cli, cnn_onnx, tmp_path):
     assert "latency_ms_p50" not in q.manifest["report"]["after"]  # --no-bench
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_static_with_users_calibration_inputs_and_other_methods(cli, mlp_onnx, tmp_path, method):
+    from bigmodel_cli.data import load_dataset, parse_data_arg
+
+    raw = load_dataset(parse_data_arg("digits")).x[:40]  # raw pixels: normalized like the training data
+    np.save(tmp_path / "calib.npy", raw)
+    data = _ok(cli("quantize", mlp_onnx, "--out", tmp_path / "q", "--mode", "static", "--method", method,
+                   "--calib-data", tmp_path / "calib.npy", "--no-bench", "--json"))
+    calibration = data["quantization"]["calibration"]
+    assert calibration["method"] == method and calibration["samples"] == 40
+    assert calibration["source"] == f"--calib-data {tmp_path / 'calib.npy'}" and calibration["sample_shape"] == [1, 8, 8]
+    assert data["report"]["metric_drop"] <= 2.0
+
+
 def test_static_transformer_keeps_sensitive_ops_in_float(cli, gpt_onnx, tmp_path):
     from bigmodel_cli.artifact import open_artifact
 
