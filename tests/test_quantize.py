@@ -134,6 +134,22 @@ def test_static_with_users_calibration_inputs_and_other_methods(cli, mlp_onnx, t
     assert data["report"]["metric_drop"] <= 2.0
 
 
+def test_calibration_inputs_are_fed_like_the_training_data(mlp_onnx, tmp_path):
+    from bigmodel_cli.artifact import open_artifact
+    from bigmodel_cli.data import load_dataset
+    from bigmodel_cli.engine.quantization.calibration import calibration_set
+
+    artifact = open_artifact(mlp_onnx)
+    data = load_dataset(dict(artifact.data_spec))
+    np.save(tmp_path / "raw.npy", data.x[data.splits["train"]])  # raw pixels, as a user has them
+    own = calibration_set(artifact, None, samples=100_000, calib_data=str(tmp_path / "raw.npy"))
+    default = calibration_set(artifact, None, samples=100_000)  # the artifact's own training split
+    expected, _ = data.arrays("train")
+    assert np.array_equal(np.concatenate(own.batches), expected)
+    assert np.array_equal(np.concatenate(default.batches), expected)
+    assert [len(b) for b in own.batches][:2] == [64, 64] and own.samples == len(expected)
+
+
 def test_static_transformer_keeps_sensitive_ops_in_float(cli, gpt_onnx, tmp_path):
     from bigmodel_cli.artifact import open_artifact
 
