@@ -145,6 +145,12 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
 
 def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOptions | None = None, *,
                       overwrite: bool = False, progress: Callable[..., Any] | None = None) -> QuantizeResult:
+    """Quantize ``source`` into a new stage-"quantize" artifact at ``out`` (see the module docstring).
+
+    Raises UserError (exit 2) for anything the user can fix, before any work where it can be
+    known then, and WorkFailed (exit 1) when quantization or the accuracy gate fails; either way
+    nothing is written. ``progress(event, **info)`` receives "stage" (name), "calibrate" and
+    "bench" (done, total) events."""
     options = options or QuantizeOptions()
     say = progress or (lambda *_a, **_k: None)
     mode = validate(options, source)
