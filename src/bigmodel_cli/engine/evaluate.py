@@ -35,20 +35,12 @@ def size_stats(artifact: Artifact, backend: str | None = None) -> dict:
     ``backend="onnx"`` measures model.onnx even when the artifact also carries safetensors (an
     export keeps both), so each backend reports the file it actually runs.
     """
-    if artifact.has_weights and not (backend == "onnx" and artifact.has_onnx):
-        from safetensors import safe_open
+    from .inspect import parameter_counts
 
-        params = nonzero = 0
-        with safe_open(artifact.path / "model.safetensors", framework="pt") as handle:
-            for name in handle.keys():
-                tensor = handle.get_tensor(name)
-                if tensor.is_floating_point():
-                    params += tensor.numel()
-                    nonzero += int((tensor != 0).sum())
-        return {"params": params, "nonzero_params": nonzero, "file_bytes": artifact.file_bytes()}
-    from .runtime import onnx_size_stats
-
-    return onnx_size_stats(artifact)
+    runs_onnx = backend == "onnx" and artifact.has_onnx
+    params, zeros = parameter_counts(artifact, onnx=runs_onnx or not artifact.has_weights)
+    name = "model.onnx" if runs_onnx or not artifact.has_weights else "model.safetensors"
+    return {"params": params, "nonzero_params": params - zeros, "file_bytes": artifact.file_bytes(name)}
 
 
 def open_data(artifact: Artifact, data_arg: str | None = None, target: str | None = None):

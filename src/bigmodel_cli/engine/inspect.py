@@ -30,6 +30,25 @@ def tensor_table(artifact: Artifact) -> list[dict]:
     return onnx_tensor_table(artifact)
 
 
+def parameter_counts(artifact: Artifact, onnx: bool = False) -> tuple[int, int]:
+    """(parameters, zeros) of the model's weights — one number per weight, however it is stored.
+
+    Float tensors count as they are. A weight-only quantized checkpoint packs int8/int4 weights
+    with per-channel scales, so it is counted after dequantization (the scales are not parameters).
+    ONNX initializers are already filtered to weights by the runtime module, int8 ones included.
+    """
+    if onnx or not artifact.has_weights:
+        from .runtime import onnx_tensor_table
+
+        rows = onnx_tensor_table(artifact)
+        return sum(r["params"] for r in rows), sum(r["zeros"] for r in rows)
+    if (artifact.config.get("quantization") or {}).get("mode") == "weight-only":
+        tensors = artifact.load_state_dict().values()
+        return sum(t.numel() for t in tensors), sum(int((t == 0).sum()) for t in tensors)
+    rows = [r for r in tensor_table(artifact) if r["dtype"].startswith(("float", "bfloat"))]
+    return sum(r["params"] for r in rows), sum(r["zeros"] for r in rows)
+
+
 def layer_groups(rows: list[dict], depth: int = 2) -> list[dict]:
     """Sum tensors by the first ``depth`` parts of their names (e.g. blocks.0, net.2)."""
     groups: OrderedDict[str, dict] = OrderedDict()
@@ -49,8 +68,7 @@ def layer_groups(rows: list[dict], depth: int = 2) -> list[dict]:
 
 def describe(artifact: Artifact) -> dict:
     rows = tensor_table(artifact)
-    params = sum(r["params"] for r in rows if r["dtype"].startswith(("float", "bfloat")))
-    zeros = sum(r["zeros"] for r in rows if r["dtype"].startswith(("float", "bfloat")))
+    params, zeros = parameter_counts(artifact)
     return {
         "path": str(artifact.path),
         "stage": artifact.stage,
