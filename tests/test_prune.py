@@ -98,7 +98,7 @@ def test_bad_patterns_are_user_errors(bad):
 
 
 def test_magnitude_zeros_are_permanent_and_reported(cli, mlp, tmp_path):
-    report = _prune(cli, mlp, "--sparsity", 0.8, "--out", tmp_path / "p")
+    report = _prune(cli, mlp, "--sparsity", 0.8, "--scope", "global", "--out", tmp_path / "p")
     best = tmp_path / "p" / "best"
     state, dense = load_file(best / "model.safetensors"), load_file(mlp / "model.safetensors")
     assert set(state) == set(dense)  # no weight_orig / weight_mask left behind
@@ -122,8 +122,8 @@ def test_magnitude_zeros_are_permanent_and_reported(cli, mlp, tmp_path):
     assert reloaded["accuracy"] == pytest.approx(report["after"]["accuracy"])
 
 
-def test_per_layer_scope_and_ignore(cli, mlp, tmp_path):
-    report = _prune(cli, mlp, "--sparsity", 0.5, "--scope", "layer", "--ignore", "net.2", "--no-bench",
+def test_per_layer_scope_is_the_default_and_ignore_keeps_a_layer(cli, mlp, tmp_path):
+    report = _prune(cli, mlp, "--sparsity", 0.5, "--ignore", "net.2", "--no-bench",
                     "--out", tmp_path / "p")
     state = load_file(tmp_path / "p" / "best" / "model.safetensors")
     assert _zeros(state["net.0.weight"]) == state["net.0.weight"].numel() // 2
@@ -247,6 +247,17 @@ def test_structured_mlp_is_smaller_and_reloads_from_config(cli, mlp, tmp_path):
     assert reloaded["params"] == report["after"]["params"]
 
 
+@pytest.mark.slow  # two verified ONNX exports (~10 s of CPU); run with -m slow
+def test_onnx_runtime_latency_of_both_models(cli, mlp, tmp_path):
+    report = _prune(cli, mlp, "--method", "structured", "--sparsity", 0.5, "--bench-onnx", "--no-bench",
+                    "--out", tmp_path / "p")
+    assert report["onnx"]["provider"] == "CPUExecutionProvider"
+    for side in ("before", "after"):
+        assert 0 < report[side]["onnx_latency_ms_p50"] <= report[side]["onnx_latency_ms_p95"]
+        assert "latency_ms_p50" not in report[side]  # --no-bench: torch not timed
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["best"]  # the exports were not kept
+
+
 def test_structured_cnn_with_taylor_importance(cli, digits_cnn, tmp_path):
     spec = open_artifact(digits_cnn).model_spec
     _prune(cli, digits_cnn, "--method", "structured", "--sparsity", 0.5, "--importance", "taylor",
@@ -272,11 +283,13 @@ def test_structured_gpt_mlp_and_heads(cli, tiny_gpt, tmp_path):
 
 def test_user_model_pruned_with_the_dependency_graph_reloads_without_pickle(cli, user_model, tmp_path, monkeypatch):
     result = cli("--trust-model-code", "prune", user_model, "--method", "structured", "--sparsity", 0.5,
-                 "--no-bench", "--out", tmp_path / "p", "--json")
+                 "--steps", 2, "--max-steps", 2, "--no-bench", "--out", tmp_path / "p", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     widths = {r["layer"]: r["after"] for r in report["layers"]}
     assert widths == {"conv": 4, "fc1": 8, "fc2": 8, "out": 10}  # residual kept fc1 = fc2; the output is kept
+    assert [s["sparsity"] for s in report["schedule"]] == pytest.approx(cubic_schedule(0.5, 2)[1:])
+    assert (tmp_path / "p" / "finetune" / "step-2" / "best" / "model.py").is_file()
     record = open_artifact(tmp_path / "p").model_spec["pruned"]
     assert record["fc1"]["shapes"]["weight"] == [8, 256] and record["bn"]["attrs"]["num_features"] == 4
 

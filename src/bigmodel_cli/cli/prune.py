@@ -25,7 +25,7 @@ def prune(
     method: Annotated[str, typer.Option("--method", help="magnitude: zero individual weights; structured: remove whole units, channels and heads.", rich_help_panel=_P)] = "magnitude",
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Fraction to remove, in [0, 1): of the weights (magnitude) or of each layer's units (structured).", rich_help_panel=_P)] = None,
     pattern: Annotated[Optional[str], typer.Option("--pattern", help="magnitude: N:M semi-structured sparsity, e.g. 2:4.", rich_help_panel=_P)] = None,
-    scope: Annotated[Optional[str], typer.Option("--scope", help="magnitude: global (one threshold for all layers, default) or layer (each layer to --sparsity).", rich_help_panel=_P)] = None,
+    scope: Annotated[Optional[str], typer.Option("--scope", help="magnitude: layer (every layer to --sparsity, default) or global (one threshold for all layers).", rich_help_panel=_P)] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", help="structured: l1, l2 (group magnitude, default) or taylor (gradients on calibration batches).", rich_help_panel=_P)] = None,
     head_sparsity: Annotated[float, typer.Option("--head-sparsity", help="structured gpt: fraction of attention heads to remove per block.", rich_help_panel=_P)] = 0.0,
     round_to: Annotated[int, typer.Option("--round-to", help="structured: keep widths that are multiples of this (e.g. 8).", rich_help_panel=_P)] = 1,

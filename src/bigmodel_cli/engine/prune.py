@@ -37,7 +37,7 @@ Progress = Callable[..., None]
 class PruneConfig:
     method: str = "magnitude"
     sparsity: float | None = None  # fraction of weights (magnitude) or of units per layer (structured)
-    scope: str | None = None  # magnitude: global (default) or layer
+    scope: str | None = None  # magnitude: layer (default: every layer to S) or global (one threshold)
     pattern: str | None = None  # magnitude: N:M, e.g. 2:4
     importance: str | None = None  # structured: l1, l2 (default) or taylor
     head_sparsity: float = 0.0  # structured gpt: fraction of attention heads per block
@@ -150,7 +150,9 @@ class _Magnitude:
         if not candidates:
             raise UserError("the model has no Linear or Conv weights that magnitude pruning can sparsify")
         self.names, _ = split_ignored([n for n, _ in candidates], cfg.ignore)
-        self.scope = cfg.scope or "global"
+        # Per layer by default: every layer ends at exactly S, and on the digits MLP it kept more
+        # accuracy at 90 % than one global threshold did (docs/benchmarks.md).
+        self.scope = cfg.scope or "layer"
         self.pattern = parse_pattern(cfg.pattern) if cfg.pattern else None
         if self.pattern:
             check_nm([(n, model.get_submodule(n)) for n in self.names], self.pattern[1])

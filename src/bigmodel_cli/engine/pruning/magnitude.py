@@ -14,7 +14,7 @@ from collections import Counter
 
 from ...errors import UserError
 
-SCOPES = ("global", "layer")
+SCOPES = ("layer", "global")
 
 
 def prunable_layers(model) -> list[tuple[str, object]]:
@@ -65,7 +65,7 @@ def check_nm(layers: list[tuple[str, object]], m: int) -> None:
             )
 
 
-def prune_unstructured(layers: list[tuple[str, object]], sparsity: float, scope: str = "global",
+def prune_unstructured(layers: list[tuple[str, object]], sparsity: float, scope: str = "layer",
                        pattern: tuple[int, int] | None = None) -> dict:
     """Zero weights in place; returns {layer name: boolean keep-mask} for fine-tuning.
 
