@@ -345,6 +345,31 @@ def test_onnx_only_artifact_is_refused(cli, mlp, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _variant(source: Path, where: Path, **config_extra) -> Path:
+    """A copy of ``source`` whose config.json has extra sections (a manifest that matches)."""
+    where.mkdir()
+    shutil.copy(source / "model.safetensors", where / "model.safetensors")
+    (where / "model.onnx").write_bytes(b"stands in for an exported model")
+    config = {**json.loads((source / "config.json").read_text()), **config_extra}
+    write_metadata(where, config=config, stage="export", parent=source)
+    return where
+
+
+def test_quantized_artifact_is_refused(cli, mlp, tmp_path):
+    quantized = _variant(mlp, tmp_path / "q", quantization={"mode": "weight-only", "bits": 8})
+    result = cli("prune", quantized, "--sparsity", "0.5", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "is quantized (weight-only)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_export_that_kept_its_weights_prunes_into_a_plain_pytorch_artifact(cli, mlp, tmp_path):
+    exported = _variant(mlp, tmp_path / "e", onnx={"exporter": "dynamo", "opset": 18})
+    _prune(cli, exported, "--sparsity", 0.5, "--no-bench", "--out", tmp_path / "p")
+    pruned = open_artifact(tmp_path / "p")
+    assert "onnx" not in pruned.config and not pruned.has_onnx  # no description of a file it does not carry
+    pruned.build_model()
+
+
 def test_existing_output_needs_overwrite(cli, mlp, tmp_path):
     (tmp_path / "out").mkdir()
     result = cli("prune", mlp, "--sparsity", "0.5", "--out", tmp_path / "out")

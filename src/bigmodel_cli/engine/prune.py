@@ -223,6 +223,11 @@ def _check_request(artifact: art.Artifact, cfg: PruneConfig, spec: dict, finetun
     if not artifact.has_weights:
         parent = (artifact.manifest.get("parent") or {}).get("path", "its PyTorch parent")
         raise UserError(f"{artifact.path}: is ONNX-only (no {art.WEIGHTS_FILE}); prune the PyTorch artifact it came from ({parent})")
+    quantization = artifact.config.get("quantization")
+    if quantization:
+        parent = (artifact.manifest.get("parent") or {}).get("path", "its float parent")
+        raise UserError(f"{artifact.path}: is quantized ({quantization.get('mode', 'int8')}); prune the float artifact "
+                        f"it came from ({parent}) and quantize the pruned one")
     arch = spec.get("arch")
     if cfg.method == "structured" and arch not in ARCHS + (USER_ARCH,):
         raise UserError(f"--method structured knows {', '.join(ARCHS)} and user models; this model is {arch!r}")
@@ -296,7 +301,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
             rows = layer_sparsity(prunable_layers(model))
 
         progress("measure", split=cfg.split)
-        config = {**artifact.config, "model": spec}
+        config = _pruned_config(artifact, spec)
         report, after_metrics = _report(artifact, dense, model, task, cfg, staging / "best", config, files, threads,
                                         before, progress)
         report.update(layers=rows, schedule=schedule)
@@ -344,6 +349,13 @@ def _report(artifact, dense, model, task, cfg: PruneConfig, best: Path, config: 
             "ratio": measure.ratios(before, after), "latency": latency, "onnx": onnx}, after_metrics
 
 
+def _pruned_config(artifact: art.Artifact, spec: dict) -> dict:
+    """config.json of the pruned model: the input's, with the pruned model section, and without the
+    description of an ONNX file that the pruned artifact does not carry (when the input was an
+    export that kept its weights)."""
+    return {**{k: v for k, v in artifact.config.items() if k != "onnx"}, "model": spec}
+
+
 def _teacher_loss(teacher, student, task, cfg: PruneConfig):
     """The distillation loss of ``bigmodel distill`` (its public hook for other commands), with the
     unpruned model as teacher: pruning removed capacity, the teacher shows what it computed."""
@@ -365,7 +377,7 @@ def _finetune(model, data, task, artifact, spec, train_cfg, cfg, run_dir: Path, 
         train_cfg, model=str(artifact.path), epochs=cfg.finetune_epochs or None, out=str(run_dir),
         overwrite=False, resume=False)
     job = TrainJob(cfg=job_cfg, model=model, data=data, task=task,
-                   artifact_config={**artifact.config, "model": spec}, stage="prune", parent=artifact, loss_fn=loss_fn,
+                   artifact_config=_pruned_config(artifact, spec), stage="prune", parent=artifact, loss_fn=loss_fn,
                    extra_files=dict(files), manifest_extra={"prune_step": dict(record)})
     shown = Path(cfg.out) / "finetune" / run_dir.name  # where it will be, not the staging directory
 
