@@ -258,6 +258,17 @@ def test_onnx_runtime_latency_of_both_models(cli, mlp, tmp_path):
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["best"]  # the exports were not kept
 
 
+def test_structured_schedule_targets_fractions_of_the_original_widths(cli, mlp, tmp_path):
+    report = _prune(cli, mlp, "--method", "structured", "--sparsity", 0.5, "--steps", 2, "--max-steps", 2,
+                    "--no-bench", "--out", tmp_path / "p")
+    first = cubic_schedule(0.5, 2)[1]  # 0.4375
+    step1 = open_artifact(tmp_path / "p" / "finetune" / "step-1")  # the trainer's artifact after step 1
+    assert step1.model_spec["hidden_sizes"] == [kept_width(32, first)] == [18]
+    assert step1.build_model().net[0].weight.shape == (18, 64)
+    assert open_artifact(tmp_path / "p").model_spec["hidden_sizes"] == [16]
+    assert report["layers"] == [{"layer": "net.0", "kind": "units", "original": 32, "before": 18, "after": 16}]
+
+
 def test_structured_cnn_with_taylor_importance(cli, digits_cnn, tmp_path):
     spec = open_artifact(digits_cnn).model_spec
     _prune(cli, digits_cnn, "--method", "structured", "--sparsity", 0.5, "--importance", "taylor",
