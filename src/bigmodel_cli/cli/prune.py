@@ -39,6 +39,7 @@ def prune(
     kd_loss: Annotated[Optional[str], typer.Option("--kd-loss", help="--distill: forward-kl (default), reverse-kl or mse.", rich_help_panel=_F)] = None,
     split: Annotated[str, typer.Option("--split", help="Split on which the report measures before and after.")] = "test",
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure torch latency before and after.")] = True,
+    bench_iterations: Annotated[int, typer.Option("--bench-iterations", help="Timed runs of each model (interleaved).")] = 30,
     bench_onnx: Annotated[bool, typer.Option("--bench-onnx", help="Also export before and after (verified, not kept) and time them with ONNX Runtime.")] = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -54,8 +55,9 @@ def prune(
     cfg = PruneConfig(method=method, sparsity=sparsity, scope=scope, pattern=pattern, importance=importance,
                       head_sparsity=head_sparsity, round_to=round_to, ignore=list(ignore or []), steps=steps,
                       finetune_epochs=finetune_epochs, calibration_batches=calibration_batches, distill=distill,
-                      temperature=temperature, alpha=alpha, kd_loss=kd_loss,
-                      split=split, bench=bench, bench_onnx=bench_onnx, out=str(out) if out else None, overwrite=overwrite)
+                      temperature=temperature, alpha=alpha, kd_loss=kd_loss, split=split, bench=bench,
+                      bench_iterations=bench_iterations, bench_onnx=bench_onnx, out=str(out) if out else None,
+                      overwrite=overwrite)
     cfg.validate()
     train_cfg = build_config(TrainConfig, {}, train_flags)
     source = open_artifact(artifact)
