@@ -174,6 +174,7 @@ def test_a_user_model_file_runs_only_when_named(cli, tmp_path, monkeypatch):
     assert cli("train", "--model", f"{file}:make", "--max-steps", "2", "--out", tmp_path / "run").exit_code == 0
     marker.unlink()
     monkeypatch.setattr(user, "_TRUSTED", set())
+    monkeypatch.setattr(user, "_TRUST_ALL", False)
     monkeypatch.delenv("BIGMODEL_TRUST_MODEL_CODE", raising=False)
     for module in [m for m in sys.modules if m.startswith("bigmodel_user_model_")]:
         monkeypatch.delitem(sys.modules, module)

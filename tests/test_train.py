@@ -150,6 +150,7 @@ def test_user_model_file_trains_and_reloads(tmp_path, monkeypatch):
     assert artifact.model_spec == {"arch": "user", "file": "model.py", "entry": "make", "args": {"width": 24}}
     assert (result.best_dir / "model.py").read_text() == file.read_text()
     monkeypatch.setattr(user, "_TRUSTED", set())
+    monkeypatch.setattr(user, "_TRUST_ALL", False)
     monkeypatch.delenv("BIGMODEL_TRUST_MODEL_CODE", raising=False)
     with pytest.raises(UserError, match="--trust-model-code"):
         artifact.build_model()

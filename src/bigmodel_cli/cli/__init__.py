@@ -76,10 +76,10 @@ def root(
     trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help="Allow artifacts whose model is a user's Python file (model.py) to run that code.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    if trust_model_code:
-        from ..models.user import set_trust_model_code
+    from ..models.user import set_trust_model_code
 
-        set_trust_model_code(True)
+    # Per invocation: trust given to one command (or one step of a run) must not outlive it.
+    set_trust_model_code(trust_model_code)
 
 
 # (command, module in cli/, function): the whole command line, in the order `--help` lists it.
