@@ -186,7 +186,8 @@ def plot_tradeoff(result: CompareResult, path: Path | str) -> Path:
                     textcoords="offset points", xytext=(8, 6), fontsize=8)
     ax.set_xlabel(f"latency p50, ms ({result.backend}, batch {result.bench_batch}, {result.threads} threads)")
     ax.set_ylabel(f"{result.metric} ({result.split})" + (" — lower is better" if result.metric == "perplexity" else ""))
-    ax.set_title("What each step bought: quality vs latency (marker area ∝ file size)")
+    ax.set_title("What each step bought (marker area ∝ file size)", fontsize=11)
+    ax.margins(x=0.18, y=0.15)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
