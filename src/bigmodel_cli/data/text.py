@@ -10,6 +10,7 @@ with Python already has.
 from __future__ import annotations
 
 import bisect
+import mmap
 import sysconfig
 from collections import OrderedDict
 from pathlib import Path
@@ -50,16 +51,22 @@ class ByteCorpus:
         self.offsets = [0]
         for f in self.files:
             self.offsets.append(self.offsets[-1] + f.stat().st_size)
-        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def _map(self, i: int) -> np.memmap:
+    def _map(self, i: int) -> np.ndarray:
         if i in self._maps:
             self._maps.move_to_end(i)
         else:
-            self._maps[i] = np.memmap(self.files[i], dtype=np.uint8, mode="r")
+            with open(self.files[i], "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            # Windows are read at random places: without this hint the kernel reads ahead (and
+            # maps) hundreds of KB around every window, and resident memory grows with the corpus.
+            if hasattr(mmap, "MADV_RANDOM"):
+                mapped.madvise(mmap.MADV_RANDOM)
+            self._maps[i] = np.frombuffer(mapped, dtype=np.uint8)
             if len(self._maps) > _MAX_OPEN_MAPS:
                 self._maps.popitem(last=False)
         return self._maps[i]
