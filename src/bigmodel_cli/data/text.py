@@ -51,24 +51,22 @@ class ByteCorpus:
         self.offsets = [0]
         for f in self.files:
             self.offsets.append(self.offsets[-1] + f.stat().st_size)
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def _map(self, i: int) -> np.ndarray:
+    def _map(self, i: int) -> mmap.mmap:
         if i in self._maps:
             self._maps.move_to_end(i)
         else:
             with open(self.files[i], "rb") as handle:
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            # Windows are read at random places: without this hint the kernel reads ahead (and
-            # maps) hundreds of KB around every window, and resident memory grows with the corpus.
             if hasattr(mmap, "MADV_RANDOM"):
-                mapped.madvise(mmap.MADV_RANDOM)
-            self._maps[i] = np.frombuffer(mapped, dtype=np.uint8)
+                mapped.madvise(mmap.MADV_RANDOM)  # windows are random: reading ahead is waste
+            self._maps[i] = mapped
             if len(self._maps) > _MAX_OPEN_MAPS:
-                self._maps.popitem(last=False)
+                self._maps.popitem(last=False)[1].close()
         return self._maps[i]
 
     def read(self, start: int, length: int) -> np.ndarray:
@@ -79,7 +77,13 @@ class ByteCorpus:
             i = bisect.bisect_right(self.offsets, pos) - 1
             local = pos - self.offsets[i]
             take = min(length - filled, self.offsets[i + 1] - pos)
-            out[filled:filled + take] = self._map(i)[local:local + take]
+            mapped = self._map(i)
+            out[filled:filled + take] = np.frombuffer(mapped, dtype=np.uint8, count=take, offset=local)
+            # Unmap the pages just read from this process (the page cache keeps them): otherwise
+            # every window ever read stays resident, and the process grows towards the corpus size.
+            if hasattr(mmap, "MADV_DONTNEED"):
+                begin = local - local % mmap.PAGESIZE
+                mapped.madvise(mmap.MADV_DONTNEED, begin, local + take - begin)
             filled += take
         return out
 
