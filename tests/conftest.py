@@ -68,3 +68,42 @@ def tiny_gpt(tmp_path_factory, corpus) -> Path:
                       max_steps=60, lr=3e-3, eval_windows=8, out=str(out), seed=0,
                       model_args={"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64}))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch's OpenMP threads crawl on a busy shared machine; one thread keeps a module's tests
+    quick. Restored afterwards, so other test modules keep their setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_EXPORTS: dict[tuple, Path] = {}
+
+
+def export_once(tmp_path_factory, run_dir: Path, *args: str) -> Path:
+    """Export ``run_dir`` with ``args`` once per test session (shared with the other test files)."""
+    from bigmodel_cli.cli import app
+    from typer.testing import CliRunner
+
+    key = (str(run_dir), args)
+    if key not in _EXPORTS:
+        out = tmp_path_factory.mktemp("exports") / "onnx"
+        result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out), *args])
+        assert result.exit_code == 0, result.output
+        _EXPORTS[key] = out
+    return _EXPORTS[key]
+
+
+@pytest.fixture(scope="module")
+def mlp_onnx(tmp_path_factory, digits_mlp):
+    return export_once(tmp_path_factory, digits_mlp)
+
+
+@pytest.fixture(scope="module")
+def gpt_onnx(tmp_path_factory, tiny_gpt):
+    return export_once(tmp_path_factory, tiny_gpt)

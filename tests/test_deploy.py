@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_export import export_once
+from conftest import export_once
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "export.md"
 # Run before the snippet: torch and bigmodel cannot be imported, and at exit we prove they were not.
@@ -28,16 +28,7 @@ atexit.register(lambda: sys.stderr.write("IMPORTED:" + ",".join(sorted(m.split("
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """torch's OpenMP threads crawl on a busy shared machine; one thread keeps these tests quick.
-    Restored afterwards, so other test modules keep their setting."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def deploy_snippet() -> str:

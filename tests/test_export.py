@@ -11,21 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_EXPORTS: dict[tuple, Path] = {}
-
-
-def export_once(tmp_path_factory, run_dir: Path, *args: str) -> Path:
-    """Export ``run_dir`` with ``args`` once per test session (shared with the other test files)."""
-    from bigmodel_cli.cli import app
-    from typer.testing import CliRunner
-
-    key = (str(run_dir), args)
-    if key not in _EXPORTS:
-        out = tmp_path_factory.mktemp("exports") / "onnx"
-        result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out), *args])
-        assert result.exit_code == 0, result.output
-        _EXPORTS[key] = out
-    return _EXPORTS[key]
+from conftest import export_once
 
 
 def user_artifact(tmp_path: Path, like: Path, code: str, entry: str) -> Path:
@@ -47,26 +33,7 @@ def user_artifact(tmp_path: Path, like: Path, code: str, entry: str) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """torch's OpenMP threads crawl on a busy shared machine; one thread keeps these tests quick.
-    Restored afterwards, so other test modules keep their setting."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def mlp_onnx(tmp_path_factory, digits_mlp):
-    return export_once(tmp_path_factory, digits_mlp)
-
-
-@pytest.fixture(scope="module")
-def gpt_onnx(tmp_path_factory, tiny_gpt):
-    return export_once(tmp_path_factory, tiny_gpt)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _manifest(path: Path) -> dict:

@@ -9,29 +9,10 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from test_export import export_once
+from conftest import export_once
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """torch's OpenMP threads crawl on a busy shared machine; one thread keeps these tests quick.
-    Restored afterwards, so other test modules keep their setting."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def mlp_onnx(tmp_path_factory, digits_mlp):
-    return export_once(tmp_path_factory, digits_mlp)
-
-
-@pytest.fixture(scope="module")
-def gpt_onnx(tmp_path_factory, tiny_gpt):
-    return export_once(tmp_path_factory, tiny_gpt)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
