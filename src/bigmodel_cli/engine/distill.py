@@ -7,6 +7,10 @@ teacher widths: checkpointed for resume, never saved in the student artifact), t
 (``distill``) and the parent (the teacher). Hidden states are read with forward hooks on the
 built-in architectures' layers (``engine/losses.py``), so the model classes stay unchanged.
 
+This module holds the options (``DistillConfig``), the job assembly and the run; building the
+student lives in ``engine/distill_student.py`` and the report in ``engine/distill_report.py``
+(their public names are re-exported here).
+
 ``distillation_loss_fn`` is the small public entry point for other commands that fine-tune with a
 teacher (e.g. pruning's recovery training).
 """
@@ -22,8 +26,10 @@ from typing import Any, Callable
 from .. import artifact as art
 from ..config import TrainConfig
 from ..errors import ConfigErrors, UserError
-from ..models import USER_ARCH, build_model, count_parameters, get_arch, resolve_spec
-from .losses import HIDDEN_ARCHS, HIDDEN_LOSSES, KD_LOSSES, DistillLoss, RowsTask, build_hidden_match
+from ..models import USER_ARCH, build_model, count_parameters
+from .distill_report import compare_models
+from .distill_student import _block_size, _student_spec, check_agreement, init_from_teacher
+from .losses import HIDDEN_LOSSES, KD_LOSSES, DistillLoss, RowsTask, build_hidden_match
 
 DISTILL_FILE = "distill.json"  # the distillation options of a run, checked on --resume
 BASELINE_DIR = "baseline"  # the --baseline run, inside the distill run directory
@@ -132,35 +138,6 @@ def parse_layer_map(value: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def check_agreement(teacher, student, task) -> int:
-    """Run both models on two real samples: the student must take the teacher's input and give
-    one output per class (or vocabulary entry) exactly as the teacher does. Returns that width."""
-    import torch
-
-    example = torch.from_numpy(task.example_input(2))
-    outputs = {}
-    for who, model in (("teacher", teacher), ("student", student)):
-        try:
-            with torch.no_grad():
-                outputs[who] = model(example)
-        except Exception as exc:  # a misfit model: say which and why, no traceback
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise UserError(f"the {who} does not accept this data's input of shape {tuple(example.shape)}: "
-                            f"{type(exc).__name__}: {first}; make the {who}'s input size match the teacher's data") from None
-    t_out, s_out = outputs["teacher"], outputs["student"]
-    lm = task.name == "language-modeling"
-    what, key = ("vocabulary", "vocab_size") if lm else ("classes", "num_classes")
-    if s_out.shape[-1] != t_out.shape[-1]:
-        raise UserError(
-            f"teacher and student must agree on the {what}: the teacher has {t_out.shape[-1]} "
-            f"{'tokens' if lm else 'classes'} but the student has {s_out.shape[-1]}; set {key} to {t_out.shape[-1]} "
-            "in --student-config (or drop it to inherit the teacher's)"
-        )
-    if s_out.shape != t_out.shape:
-        raise UserError(f"the student returns shape {tuple(s_out.shape)} but the teacher {tuple(t_out.shape)} for the same "
-                        "input; a student must return what its teacher returns")
-    return int(t_out.shape[-1])
-
 
 def distillation_loss_fn(teacher_model, student_model, task, temperature: float | None = None, alpha: float = 0.5,
                          kd_loss: str = "forward-kl") -> Callable:
@@ -192,157 +169,6 @@ def distillation_loss_fn(teacher_model, student_model, task, temperature: float 
     finally:
         student_model.train(was_training)
     return DistillLoss(teacher_model, temperature=temperature, alpha=alpha, kind=kd_loss)
-
-
-# --------------------------------------------------------------------------- the student
-
-
-def _layer_pairs(student, teacher, arch: str, stride: int, s_spec: dict, t_spec: dict):
-    """(label, student module, teacher module) to copy for --init-from-teacher."""
-    from torch import nn
-
-    pairs = []
-    if arch == "gpt":
-        for key in ("n_head", "head_dim"):
-            if s_spec.get(key) != t_spec.get(key):
-                raise UserError(f"--init-from-teacher: the student's {key} ({s_spec.get(key)}) differs from the teacher's "
-                                f"({t_spec.get(key)}); keep the teacher's widths and change only n_layer")
-        pairs += [("tok_emb", student.tok_emb, teacher.tok_emb), ("pos_emb", student.pos_emb, teacher.pos_emb),
-                  ("ln_f", student.ln_f, teacher.ln_f)]
-        if not student.config.tie_weights:  # a tied head is the embedding, already copied
-            pairs.append(("lm_head", student.lm_head, teacher.lm_head))
-        pairs += [(f"blocks.{i}", block, teacher.blocks[i * stride]) for i, block in enumerate(student.blocks)]
-    elif arch == "mlp":
-        s_lin = [m for m in student.net if isinstance(m, nn.Linear)]
-        t_lin = [m for m in teacher.net if isinstance(m, nn.Linear)]
-        pairs += [(f"hidden.{i}", m, t_lin[i * stride]) for i, m in enumerate(s_lin[:-1])]
-        pairs.append(("output", s_lin[-1], t_lin[-1]))
-    elif arch == "cnn":
-        s_conv = [m for m in student.features if isinstance(m, nn.Conv2d)]
-        t_conv = [m for m in teacher.features if isinstance(m, nn.Conv2d)]
-        pairs += [(f"stage.{i}", m, t_conv[i * stride]) for i, m in enumerate(s_conv)]
-        s_head = [m for m in student.head if isinstance(m, nn.Linear)]
-        t_head = [m for m in teacher.head if isinstance(m, nn.Linear)]
-        if len(s_head) != len(t_head):
-            raise UserError("--init-from-teacher: the student's head has a different number of layers from the "
-                            "teacher's; keep the teacher's hidden_sizes")
-        pairs += [(f"head.{i}", s, t) for i, (s, t) in enumerate(zip(s_head, t_head))]
-    return pairs
-
-
-def _depth(model, arch: str) -> int:
-    from torch import nn
-
-    if arch == "gpt":
-        return len(model.blocks)
-    if arch == "mlp":
-        return sum(isinstance(m, nn.Linear) for m in model.net) - 1
-    return sum(isinstance(m, nn.Conv2d) for m in model.features)
-
-
-def init_from_teacher(student, teacher, student_spec: dict, teacher_spec: dict) -> dict:
-    """Copy every k-th teacher layer into the student (as DistilBERT did), plus the parts outside
-    the layer stack (embeddings, final norm, output layer). Returns which teacher layers were used.
-
-    Works when the student is the teacher's architecture with fewer layers of the same widths;
-    otherwise a UserError lists the tensors that do not line up.
-    """
-    import torch
-
-    arch = student_spec.get("arch")
-    if arch != teacher_spec.get("arch") or arch not in HIDDEN_ARCHS:
-        raise UserError(f"--init-from-teacher needs a student of the teacher's built-in architecture "
-                        f"({teacher_spec.get('arch')}); the student is {arch}")
-    s_depth, t_depth = _depth(student, arch), _depth(teacher, arch)
-    if s_depth < 1 or s_depth > t_depth:
-        raise UserError(f"--init-from-teacher: the student has {s_depth} layers and the teacher {t_depth}; "
-                        "the student needs between 1 and the teacher's number of layers")
-    stride = t_depth // s_depth
-    pairs = _layer_pairs(student, teacher, arch, stride, student_spec, teacher_spec)
-    problems, copies = [], []
-    for label, s_mod, t_mod in pairs:
-        t_state = t_mod.state_dict()
-        for name, s_tensor in s_mod.state_dict().items():
-            t_tensor = t_state.get(name)
-            if t_tensor is None:
-                problems.append(f"{label}.{name} (not in the teacher)")
-                continue
-            if label == "pos_emb" and t_tensor.shape[0] >= s_tensor.shape[0]:
-                t_tensor = t_tensor[: s_tensor.shape[0]]  # a shorter context keeps the first positions
-            if t_tensor.shape != s_tensor.shape:
-                problems.append(f"{label}.{name} {tuple(s_tensor.shape)} vs teacher {tuple(t_tensor.shape)}")
-                continue
-            copies.append((s_tensor, t_tensor))
-    if problems:
-        raise UserError("--init-from-teacher: the student's layers do not fit the teacher's: " + "; ".join(problems[:4])
-                        + "; give the student the teacher's widths and fewer layers")
-    with torch.no_grad():
-        for s_tensor, t_tensor in copies:
-            s_tensor.copy_(t_tensor)
-    return {"stride": stride, "teacher_layers": [i * stride for i in range(s_depth)]}
-
-
-def _student_spec(cfg: DistillConfig, teacher: art.Artifact, data, width: int):
-    """The student's config.json model dict, and the artifact it comes from (--student)."""
-    if cfg.student is not None:
-        source = art.open_artifact(cfg.student)
-        if not source.has_weights:
-            raise UserError(f"--student {source.path}: is ONNX-only; give an artifact with model.safetensors")
-        if source.task != teacher.task:
-            raise UserError(f"--student {source.path}: is a {source.task} model but the teacher does {teacher.task}")
-        return dict(source.model_spec), source
-    teacher_arch = teacher.model_spec["arch"]
-    fit = dict(data.model_fit())
-    fit["vocab_size" if teacher.task == "language-modeling" else "num_classes"] = width
-    if cfg.student_preset is not None:
-        if teacher_arch == USER_ARCH:
-            raise UserError("--student-preset picks a preset of the teacher's architecture, but the teacher is a user "
-                            "model; use --student-config '{\"arch\": \"mlp\", ...}' or --student ARTIFACT")
-        return resolve_spec(teacher_arch, cfg.student_preset, {}, fit), None
-    values = dict(cfg.student_config)
-    if teacher_arch == USER_ARCH and "arch" not in values:
-        raise UserError("--student-config: the teacher is a user model, so name the student's \"arch\" "
-                        "(mlp, cnn or gpt), e.g. '{\"arch\": \"mlp\", \"hidden_sizes\": [32]}'")
-    arch = values.pop("arch", teacher_arch)
-    preset = values.pop("preset", None)
-    if arch == USER_ARCH or not isinstance(arch, str):
-        raise UserError("--student-config: \"arch\" must be a built-in model (mlp, cnn, gpt); "
-                        "train a user model first and give it as --student ARTIFACT")
-    if get_arch(arch).task != teacher.task:
-        raise UserError(f"--student-config: a {arch} student does {get_arch(arch).task} but the teacher does "
-                        f"{teacher.task}; choose an architecture for {teacher.task}")
-    if arch == teacher_arch and preset is None:
-        # The student is the teacher with the keys given changed ({"n_layer": 2} halves a 4-layer
-        # teacher), rather than the architecture's default preset, which may be bigger.
-        values = {**_inheritable(teacher.model_spec), **values}
-        preset = teacher.model_spec.get("preset")
-    return resolve_spec(arch, preset, values, fit), None
-
-
-def _inheritable(spec: dict) -> dict:
-    """A teacher's model arguments that a student inherits: widths derived from others (a gpt's
-    head_dim and mlp_hidden at their defaults) are left out, so they follow the student's n_embd."""
-    values = {k: v for k, v in spec.items() if k not in ("arch", "preset")}
-    if spec.get("arch") == "gpt":
-        if values.get("head_dim") == values["n_embd"] // values["n_head"]:
-            values.pop("head_dim")
-        if values.get("mlp_hidden") == 4 * values["n_embd"]:
-            values.pop("mlp_hidden")
-    return values
-
-
-def _block_size(cfg: TrainConfig, teacher: art.Artifact, student_spec: dict) -> int | None:
-    """Language models: the training window, which both models' context must hold."""
-    if teacher.task != "language-modeling":
-        return None
-    limits = {"teacher": teacher.model_spec.get("block_size"), "student": student_spec.get("block_size")}
-    if cfg.block_size:
-        for who, limit in limits.items():
-            if limit and cfg.block_size > limit:
-                raise UserError(f"--block-size {cfg.block_size} is longer than the {who}'s context ({limit}); lower it")
-        return cfg.block_size
-    candidates = [teacher.data_spec.get("block_size") or 128] + [v for v in limits.values() if v]
-    return min(candidates)
 
 
 # --------------------------------------------------------------------------- plan and run
@@ -541,45 +367,6 @@ def distill(cfg: DistillConfig, progress: Progress | None = None) -> DistillResu
     return run_distill(prepare_distill(cfg), progress)
 
 
-# --------------------------------------------------------------------------- the report
-
-
-def compare_models(plan: DistillPlan, run, baseline, progress: Progress | None = None) -> dict:
-    """Teacher, baseline and distilled student on the same data, split and window: metric,
-    parameters, size and latency (torch, this machine's threads)."""
-    from .evaluate import BenchConfig, evaluate_artifact
-    from .hardware import resolve_device
-
-    cfg = plan.cfg
-    student_art = art.open_artifact(run.best_dir)
-    # The teacher is measured on the student's data spec, so a language model sees the same windows.
-    teacher_view = replace(plan.teacher, config={**plan.teacher.config, "data": student_art.data_spec})
-    entries = [("teacher", teacher_view)]
-    if baseline is not None:
-        entries.append(("baseline", art.open_artifact(baseline.best_dir)))
-    entries.append(("distilled", student_art))
-    bench = BenchConfig(warmup=min(5, cfg.bench_iterations), iterations=cfg.bench_iterations) if cfg.bench_iterations else None
-    device = resolve_device(cfg.train.device)
-    models = {}
-    for name, artifact in entries:
-        if progress is not None:
-            progress("measure", name=name)
-        result = evaluate_artifact(artifact, split=cfg.report_split, backend="torch", device=device,
-                                   threads=cfg.train.threads, bench=bench)
-        models[name] = {k: result[k] for k in ("artifact", "accuracy", "loss", "perplexity", "params", "file_bytes",
-                                                "latency_ms_p50", "latency_ms_p95", "samples", "tokens") if k in result}
-    metric = "accuracy" if plan.teacher.task == "classification" else "loss"
-    report = {"split": cfg.report_split, "metric": metric, "models": models,
-              "param_ratio": models["distilled"]["params"] / models["teacher"]["params"]}
-    teacher_value, student_value = models["teacher"].get(metric), models["distilled"].get(metric)
-    if student_value is None:  # an empty split (a tiny dataset): sizes and latency only
-        report["note"] = f"the {cfg.report_split} split is empty; choose another --report-split for the metric"
-    elif metric == "accuracy" and teacher_value:
-        report["retention"] = student_value / teacher_value  # share of the teacher's accuracy kept
-    base_value = models.get("baseline", {}).get(metric)
-    if student_value is not None and base_value is not None:
-        # Positive = distillation helped (higher accuracy, or lower loss).
-        report["margin_vs_baseline"] = (student_value - base_value) if metric == "accuracy" else (base_value - student_value)
-    if "latency_ms_p50" in models["teacher"]:
-        report["speedup_vs_teacher"] = models["teacher"]["latency_ms_p50"] / models["distilled"]["latency_ms_p50"]
-    return report
+__all__ = ["BASELINE_DIR", "DEFAULT_TEMPERATURE", "DISTILL_FILE", "REPORT_SPLITS", "DistillConfig", "DistillPlan",
+           "DistillResult", "Progress", "check_agreement", "compare_models", "distill", "distillation_loss_fn",
+           "init_from_teacher", "parse_layer_map", "prepare_distill", "run_distill"]
