@@ -14,6 +14,16 @@ from typer.testing import CliRunner
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+def assert_one_error_line(result, *fragments):
+    """A user mistake: exit code 2 and exactly one `error:` line on stderr naming each fragment."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 @pytest.fixture(scope="session")
 def cli():
     """invoke(*args) → Result (exit_code, stdout, stderr), through Typer's CliRunner."""

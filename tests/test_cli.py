@@ -12,14 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import assert_one_error_line as _one_error_line
 
-def _one_error_line(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+
 
 
 def test_eval_json_has_the_documented_keys(cli, digits_mlp):

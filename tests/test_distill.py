@@ -18,17 +18,11 @@ from bigmodel_cli.config import TrainConfig  # noqa: E402
 from bigmodel_cli.engine import distill as D  # noqa: E402
 from bigmodel_cli.engine.losses import IGNORE_INDEX, default_layer_map, distillation_loss, hidden_loss, kd_loss  # noqa: E402
 from bigmodel_cli.errors import UserError  # noqa: E402
+from conftest import assert_one_error_line as _one_error_line  # noqa: E402
 
 FAST = ("--bench-iterations", "2", "--threads", "1")
 
 
-def _one_error_line(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -112,13 +112,10 @@ def _type_problem(param, value: Any) -> str | None:
 
 def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a recipe; every problem is reported at once."""
+    from ..config import read_toml
+
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such recipe file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid TOML ({exc}); fix the recipe") from None
+    data = read_toml(path)
     problems: list[str] = []
     for key in data:
         if key not in ("run", "steps", "description"):
