@@ -35,6 +35,27 @@ def machine_line(info: dict | None = None) -> str:
             f"python {v.get('python')}, torch {v.get('torch')}, onnxruntime {v.get('onnxruntime', '-')}; {info['date']}")
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): recorded before and after each run,
+    because on a shared machine other jobs' load is part of what a timing measured."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_line(before: float | None, after: float | None, cores: int | None) -> str:
+    """One sentence for the docs: was the machine quiet while this ran? (The run's own threads
+    count in the "after" figure.)"""
+    if before is None:
+        return "Load average not available on this OS."
+    busy = before > 0.5 * (cores or 1)
+    state = "**busy** with other work when this started" if busy else "otherwise idle when this started"
+    return f"The machine was {state} (1-minute load average {before:.1f} before, {after:.1f} after, on {cores} cores)."
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, machine_line, percentile, ratio, write_section
+from _common import load_average, load_line, machine, machine_line, percentile, ratio, write_section
 
 GPT_TARGET, MLP_TARGET = 0.6, 1.0
 
@@ -103,7 +103,7 @@ def main() -> None:
 
     started = time.perf_counter()
     info = machine()
-    results: dict = {"machine": info, "threads": thread_counts}
+    results: dict = {"machine": info, "threads": thread_counts, "load_before": load_average()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         gpt = gpt_artifact(work)
@@ -134,6 +134,7 @@ def main() -> None:
                 "verification": {"mlp": mlp16_verify},
             }
     results["seconds"] = time.perf_counter() - started
+    results["load_after"] = load_average()
     write_section("export", render(results, info), results)
     print(f"done in {results['seconds']:.0f} s; docs/benchmarks.md updated", flush=True)
 
@@ -146,8 +147,8 @@ def render(r: dict, info: dict) -> str:
     lines = [
         "## Export: ONNX Runtime vs torch eager (`benchmarks/export.py`)",
         "",
-        f"Machine: {machine_line(info)}. Shared and busy while measured (other engineers' jobs on the same "
-        f"2 cores), so absolute times are of this machine at that moment; the ratios are the claim. "
+        f"Machine: {machine_line(info)}. {load_line(r.get('load_before'), r.get('load_after'), info.get('cores'))} "
+        f"Absolute times are of this machine at that moment; the ratios are the claim. "
         f"Both backends opened as `bigmodel eval --bench` opens them, same threads, timed interleaved; "
         f"ratio = median(ONNX Runtime) / median(torch) of wall time; the CPU-time ratio compares this process's "
         f"CPU time per call, which contention does not inflate (with 2 threads it sums both). Run time {r['seconds']:.0f} s.",

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, machine_line, write_section
+from _common import load_average, load_line, machine, machine_line, write_section
 
 TARGETS = {"export_gpt": 0.6, "quantize_gpt": 0.45, "quantize_cnn_speedup": 1.5}
 # Ops that multiply by a weight matrix (fp32 and int8, before and after ONNX Runtime's fusions).
@@ -192,7 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     info = machine()
-    results: dict = {"machine": info, "targets": TARGETS, "gpt": [], "cnn": []}
+    results: dict = {"machine": info, "targets": TARGETS, "gpt": [], "cnn": [], "load_before": load_average()}
     with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as tmp:
         work = Path(tmp)
         gpt = gpt_models(work)
@@ -206,6 +206,7 @@ def main() -> None:
                   f"int8 gpt ceiling {g['quantize']['ceiling']:.2f}× (measured {g['quantize']['measured']:.2f}×), "
                   f"int8 cnn ceiling {c['ceiling_speedup']:.2f}× faster (measured {c['measured_speedup']:.2f}×)", flush=True)
     results["seconds"] = time.perf_counter() - started
+    results["load_after"] = load_average()
     write_section("kernel_ceiling", render(results, info), results)
     print(f"done in {results['seconds']:.0f} s; docs/benchmarks.md updated")
 
@@ -219,7 +220,8 @@ def render(r: dict, info: dict) -> str:
     lines = [
         "## What this CPU's kernels allow (`benchmarks/kernel_ceiling.py`)",
         "",
-        f"Machine: {machine_line(info)}. Run time {r['seconds']:.0f} s.",
+        f"Machine: {machine_line(info)}. {load_line(r['load_before'], r['load_after'], info.get('cores'))} "
+        f"Run time {r['seconds']:.0f} s.",
         "",
         "Each ceiling is the best ratio a model could reach here if everything but its compute kernels were free; "
         "kernel times come from ONNX Runtime's per-node profiler on the models `bigmodel export` / `quantize` write "
