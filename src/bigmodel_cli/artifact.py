@@ -34,6 +34,9 @@ CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
+# A model over protobuf's 2 GB limit keeps its weights here, beside model.onnx (engine/onnx_files.py).
+# It is hashed, verified and copied like every other file of the artifact.
+ONNX_DATA_FILE = ONNX_FILE + ".data"
 MODEL_CODE_FILE = "model.py"  # a copy of the user's model file, for --model FILE.py:Class
 TASKS = ("classification", "language-modeling")
 STAGES = ("train", "prune", "distill", "quantize", "export")
@@ -107,12 +110,14 @@ class Artifact:
         return self.manifest.get("metrics", {})
 
     def file_bytes(self, name: str | None = None) -> int:
-        """Size of the model file (safetensors, or ONNX when that is all there is)."""
+        """Size of the model file (safetensors, or ONNX when that is all there is), with ONNX's
+        external data when it has some."""
         if name is None:
             name = WEIGHTS_FILE if self.has_weights else ONNX_FILE
-        onnx_data = self.path / (name + ".data")
         total = (self.path / name).stat().st_size
-        return total + (onnx_data.stat().st_size if onnx_data.exists() else 0)
+        if name == ONNX_FILE and (self.path / ONNX_DATA_FILE).is_file():
+            total += (self.path / ONNX_DATA_FILE).stat().st_size
+        return total
 
     def parent(self) -> Artifact | None:
         """The artifact this one was made from, if it is still where the manifest says."""
@@ -222,6 +227,10 @@ def verify_files(path: Path, manifest: dict) -> None:
                 f"{target}: does not match the sha256 in its manifest (corrupt, truncated or edited); "
                 "re-create the artifact from its parent"
             )
+    if (path / ONNX_DATA_FILE).is_file() and ONNX_DATA_FILE not in files:
+        # model.onnx's weights would be read from a file nobody hashed
+        raise UserError(f"{path / ONNX_DATA_FILE}: is not listed in the manifest, so its weights cannot be verified; "
+                        "re-create the artifact from its parent")
 
 
 def open_artifact(path: Path | str, verify: bool = True) -> Artifact:

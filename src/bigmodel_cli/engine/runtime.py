@@ -15,6 +15,7 @@ import numpy as np
 from ..artifact import ONNX_FILE, Artifact
 from ..errors import UserError
 from .backends import Backend
+from .onnx_files import check_external_data
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -65,7 +66,8 @@ def _first_line(exc: Exception) -> str:
 
 
 def open_session(path: Path | str, device: str = "cpu", threads: int | None = None, optimization: str = "all",
-                 optimized_model_path: Path | None = None, spin: bool = True):
+                 optimized_model_path: Path | None = None, spin: bool = True,
+                 optimized_external_data: str | None = None):
     """An InferenceSession with fixed threads (intra-op = ``threads``, inter-op = 1, sequential).
 
     A file ONNX Runtime cannot load (not ONNX, truncated, an unsupported opset or operator) is the
@@ -94,9 +96,15 @@ def open_session(path: Path | str, device: str = "cpu", threads: int | None = No
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
+    if optimized_external_data is not None:
+        # A model over 2 GB cannot be saved as one protobuf: the optimized copy keeps its weights in
+        # this file (relative to optimized_model_path). Tensors under ORT's default 1 KiB stay in the
+        # graph, where shape inference can read them (Reshape's target shape, for one).
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", optimized_external_data)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such ONNX file; export the model first (bigmodel export ARTIFACT --out DIR)")
+    check_external_data(path)  # a missing or short model.onnx.data: one line naming that file
     try:
         session = ort.InferenceSession(str(path), options, providers=providers_for(device))
     except UserError:
@@ -173,6 +181,7 @@ def onnx_backend(artifact: Artifact, device: str = "cpu", threads: int | None = 
 def _load_model(path: Path, with_data: bool = True):
     import onnx
 
+    check_external_data(path)
     try:
         return onnx.load(str(path), load_external_data=with_data)
     except Exception as exc:  # DecodeError, OSError, ...
