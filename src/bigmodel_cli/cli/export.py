@@ -74,6 +74,8 @@ def export(
         ("verified shapes", "; ".join("×".join(map(str, s)) for s in v["shapes"])), ("provider", v["provider"]),
         ("model.onnx bytes", summary["files"].get("model.onnx")),
     ]
+    if "model.onnx.data" in summary["files"]:  # the weights of a model over 2 GB
+        rows.append(("model.onnx.data bytes", summary["files"]["model.onnx.data"]))
     if result.fallback_reason:
         console.warn(f"the dynamo exporter failed, TorchScript was used ({result.fallback_reason})")
     console.out.print(console.key_value_table("bigmodel export · verified", rows))

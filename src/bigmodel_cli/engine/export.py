@@ -1,8 +1,10 @@
 """``bigmodel export``: a PyTorch artifact → a verified ONNX artifact.
 
-The export artifact holds ``model.onnx`` (one file under 2 GB, ``model.onnx.data`` beside it
-above that), ``config.json`` (the parent's model and data sections plus an ``onnx`` section:
-exporter, opset, input/output names, symbolic dimensions, dtype) and ``manifest.json`` (the same,
+The export artifact holds ``model.onnx`` (one file while the weights are under
+``EXTERNAL_DATA_THRESHOLD_BYTES``, just under protobuf's 2 GB limit; above it the weights go to
+exactly one ``model.onnx.data`` beside it, whichever exporter ran — see ``onnx_files.py``),
+``config.json`` (the parent's model and data sections plus an ``onnx`` section: exporter, opset,
+input/output names, symbolic dimensions, dtype) and ``manifest.json`` (the same,
 plus the verification figures). By default it also carries the parent's ``model.safetensors``
 (and ``model.py`` for a user's model), so one directory runs on both backends and
 ``bigmodel eval --bench`` compares them directly; ``weights=False`` leaves a lean ONNX-only
@@ -33,6 +35,7 @@ import numpy as np
 
 from .. import artifact as art
 from ..errors import ConfigErrors, UserError, WorkFailed
+from . import onnx_files
 
 DTYPES = ("fp32", "fp16")
 OPTIMIZE = ("none", "basic", "extended")
@@ -50,6 +53,24 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 TRACE_BATCH = 2  # tracing example; verification uses other batch sizes
 VERIFY_BATCHES = (1, 7)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Weights above this many bytes are saved as external data (model.onnx.data beside model.onnx).
+# Protobuf cannot serialize a message of 2 GiB or more, and the graph, names and any constants the
+# exporter folds come on top of the weights, so the line sits 128 MiB below that limit. Below it
+# the model stays one file, which every ONNX client can load. This is the one place the decision is
+# made: torch's own rule (ONNXProgram.save goes external above 1.5 GiB) is bypassed, and the
+# TorchScript exporter's one-file-per-tensor layout is re-packed (onnx_files.place).
+EXTERNAL_DATA_THRESHOLD_BYTES = 2 * 1024**3 - 128 * 1024**2
+
+
+def needs_external_data(weight_bytes: int) -> bool:
+    # The constant is read at call time, so a test can lower it to send tiny models down this path.
+    return weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
+
+
+def weight_bytes(module) -> int:
+    """Bytes of the parameters and buffers an export stores. ``parameters()`` yields a shared
+    tensor once, so GPT's tied embedding and head count once, as they are stored once."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def max_opset() -> int:
@@ -259,8 +280,9 @@ def _export_module(model, layout: IOLayout, dtype: str):
     return HalfPrecision(copy.deepcopy(model), layout.dtype == "float32").eval()
 
 
-def _dynamo_export(module, example, layout: IOLayout, options: ExportOptions, path: Path) -> None:
+def _dynamo_export(module, example, layout: IOLayout, options: ExportOptions, path: Path, external: bool) -> None:
     import torch
+    from onnxscript import ir
     from torch.export import Dim
 
     dims = {}
@@ -273,13 +295,17 @@ def _dynamo_export(module, example, layout: IOLayout, options: ExportOptions, pa
         dynamic_shapes=(dims,) if dims else None, dynamo=True, optimize=options.optimize != "none",
         external_data=False, verbose=False,
     )
-    # external_data=None: one file while the weights are under 2 GB, model.onnx.data above that.
-    program.save(str(path), external_data=None)
+    # ir.save rather than program.save, which would go external by its own 1.5 GiB rule: the
+    # decision is ours (EXTERNAL_DATA_THRESHOLD_BYTES), and the data file is model.onnx.data.
+    ir.save(program.model, str(path), external_data=onnx_files.data_path(path).name if external else None)
 
 
-def _torchscript_export(module, example, layout: IOLayout, options: ExportOptions, path: Path) -> None:
+def _torchscript_export(module, example, layout: IOLayout, options: ExportOptions, path: Path, external: bool) -> None:
     import torch
 
+    # The legacy exporter decides by itself: one file below 2 GB, and above it one file *per
+    # tensor* beside ``path`` — which is why ``path`` is in a scratch directory; onnx_files.place
+    # turns whatever it wrote into the layout ``external`` asks for.
     axes = {i: name for i, name in enumerate(("batch", "seq")) if name in layout.dynamic}
     torch.onnx.export(
         module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -289,22 +315,37 @@ def _torchscript_export(module, example, layout: IOLayout, options: ExportOption
 
 
 def run_exporters(module, example, layout: IOLayout, options: ExportOptions, path: Path) -> tuple[str, str | None]:
-    """dynamo first; if it fails, TorchScript. Returns (exporter used, why dynamo was not used)."""
+    """dynamo first; if it fails, TorchScript. Returns (exporter used, why dynamo was not used).
+
+    Each exporter writes into a scratch directory beside ``path`` (removed afterwards, whatever
+    happens), and the result is moved to ``path`` in the canonical layout: ``model.onnx``, plus one
+    ``model.onnx.data`` when the weights are over EXTERNAL_DATA_THRESHOLD_BYTES."""
     order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[options.exporter]
     if options.opset > TORCHSCRIPT_MAX_OPSET and "torchscript" in order[1:]:
         order = ["dynamo"]
+    external = needs_external_data(weight_bytes(module))
+    scratch = path.parent / ".exporter"
     failures = {}
-    for name in order:
-        for leftover in path.parent.glob(path.name + "*"):
-            leftover.unlink()
-        try:
-            with _quiet():
-                (_dynamo_export if name == "dynamo" else _torchscript_export)(module, example, layout, options, path)
-            return name, (f"dynamo: {failures['dynamo']}" if failures else None)
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as exc:  # the exporters raise many types; each failure is summarised below
-            failures[name] = _reason(exc)
+    try:
+        for name in order:
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir()
+            written = scratch / path.name
+            try:
+                with _quiet():
+                    (_dynamo_export if name == "dynamo" else _torchscript_export)(module, example, layout, options,
+                                                                                  written, external)
+                # an exporter's folded constants can push a model over the line after all
+                onnx_files.place(written, path, external or needs_external_data(onnx_files.total_bytes(written)))
+                return name, (f"dynamo: {failures['dynamo']}" if failures else None)
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as exc:  # the exporters raise many types; each failure is summarised below
+                if art.storage_problem(exc):  # a full disk is not the model's fault: say so (atomic_directory)
+                    raise
+                failures[name] = _reason(exc)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     detail = "; ".join(f"{k}: {v}" for k, v in failures.items())
     if options.opset > TORCHSCRIPT_MAX_OPSET and options.exporter == "auto":
         detail += f" (the TorchScript exporter was not tried: it stops at opset {TORCHSCRIPT_MAX_OPSET})"
@@ -327,15 +368,21 @@ def check_onnx_file(path: Path) -> None:
 
 
 def _optimize_offline(path: Path, device: str, threads: int | None) -> None:
-    """ONNX Runtime's extended graph optimizations, saved into the file (fusions into ORT-only ops)."""
+    """ONNX Runtime's extended graph optimizations, saved into the file (fusions into ORT-only ops).
+    ORT writes the optimized model into a scratch directory (with its weights in a data file of
+    its own when the model has external data), and it is moved back in the canonical layout."""
     from .runtime import open_session
 
-    optimized = path.with_name("optimized-" + path.name)
-    external = path.with_name(path.name + ".data").exists()
-    if external:
-        raise UserError("--optimize extended is not supported for models over 2 GB (external data); use --optimize basic")
-    open_session(path, device=device, threads=threads, optimization="extended", optimized_model_path=optimized)
-    optimized.replace(path)
+    external = onnx_files.has_external_data(path)
+    scratch = path.parent / ".optimize"
+    scratch.mkdir()
+    try:
+        optimized = scratch / path.name
+        open_session(path, device=device, threads=threads, optimization="extended", optimized_model_path=optimized,
+                     optimized_external_data=onnx_files.data_path(optimized).name if external else None)
+        onnx_files.place(optimized, path, external)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _prune_opset_imports(path: Path) -> None:
@@ -369,7 +416,7 @@ def onnx_section(path: Path, *, exporter: str, opset: int, dtype: str, optimize:
     symbolic = sorted({d for v in inputs + outputs for d in v["shape"] if isinstance(d, str)})
     domains = sorted({n.domain or "ai.onnx" for n in model.graph.node})
     return {
-        "file": art.ONNX_FILE, "external_data": path.with_name(path.name + ".data").exists(),
+        "file": art.ONNX_FILE, "external_data": onnx_files.has_external_data(path),
         "exporter": exporter, "opset": opset, "dtype": dtype, "optimize": optimize,
         "inputs": inputs, "outputs": outputs, "dynamic": list(dynamic), "symbolic_dims": symbolic,
         "domains": domains, "portable": domains == ["ai.onnx"],
