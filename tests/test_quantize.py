@@ -44,10 +44,11 @@ def _ok(result) -> dict:
 
 
 def _ops(path: Path) -> dict[str, list]:
+    """Nodes by op type, of an artifact directory's model.onnx or of an ONNX file."""
     import onnx
 
     nodes: dict[str, list] = {}
-    for node in onnx.load(str(path / "model.onnx")).graph.node:
+    for node in onnx.load(str(path / "model.onnx" if path.is_dir() else path)).graph.node:
         nodes.setdefault(node.op_type, []).append(node)
     return nodes
 
@@ -286,7 +287,7 @@ def int8_scores_badly(monkeypatch):
 
     def fake(path: Path, threads):
         predict = real(path, threads)
-        ops = _ops(path.parent)
+        ops = _ops(path)
         quantized = len(ops.get("MatMulInteger", []))
         floats = len(ops.get("MatMul", [])) + len(ops.get("Gemm", []))
         if quantized and (state["always"] or not floats):

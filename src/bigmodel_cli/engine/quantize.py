@@ -155,6 +155,10 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
     say = progress or (lambda *_a, **_k: None)
     mode = validate(options, source)
     art.check_output(out, overwrite)
+    if mode != "weight-only" and source.has_onnx:
+        from .onnx_files import check_external_data
+
+        check_external_data(source.path / art.ONNX_FILE)  # a short model.onnx.data is the user's to fix
     with tempfile.TemporaryDirectory(prefix="bigmodel-quantize-") as tmp:
         if mode == "weight-only":
             from .quantization.weight_only import quantize_weights
@@ -175,27 +179,30 @@ def _options_record(options: QuantizeOptions, mode: str) -> dict:
 
 
 def _working_float_model(fp32: Path, tmp: Path, options: QuantizeOptions, mode: str) -> tuple[Path, dict]:
-    """The float model the quantizer, the ranking and the exclusions all see (pre-processed)."""
-    from .quantization.onnx_int8 import has_external_data, preprocess
+    """The float model the quantizer, the ranking and the exclusions all see (pre-processed).
+
+    Named float.onnx (float.onnx.data for a model over 2 GB), never model.onnx: onnx.save_model
+    refuses an external-data location that exists in the *current directory*, which model.onnx.data
+    would whenever quantize is run from inside an export directory."""
+    from . import onnx_files
+    from .quantization.onnx_int8 import load_graph, preprocess
 
     work = tmp / "float.onnx"
     info: dict = {"applied": False, "reason": "--no-preprocess"}
     if options.preprocess:
         info = preprocess(fp32, work)
     if not work.exists():
-        shutil.copyfile(fp32, work)
-        if has_external_data(fp32):
-            shutil.copyfile(fp32.with_name(fp32.name + ".data"), tmp / "float.onnx.data")
-    if mode == "dynamic":
+        onnx_files.copy(fp32, work)  # its tensors now point into float.onnx.data
+    if mode == "dynamic" and any(n.op_type == "Gemm" for n in load_graph(work).node):
         # The dynamic quantizer turns Gemm into MatMul + Add before it reads its exclusion list;
         # doing it here first (with ORT's own helper) gives every node its final name.
         import onnx
         from onnxruntime.quantization.onnx_model import ONNXModel
 
-        model = ONNXModel(onnx.load(str(work)))
-        if any(n.op_type == "Gemm" for n in model.graph().node):
-            model.replace_gemm_with_matmul()
-            onnx.save(model.model, str(work), save_as_external_data=has_external_data(work))
+        external = onnx_files.has_external_data(work)
+        model = ONNXModel(onnx.load(str(work)))  # tensors loaded: the files can be rewritten below
+        model.replace_gemm_with_matmul()
+        onnx_files.save_proto(model.model, work, external)
     return work, info
 
 
@@ -217,8 +224,8 @@ def _user_exclusions(names: list[str], graph) -> list[str]:
 
 def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: str, overwrite: bool, tmp: Path,
                say: Callable) -> QuantizeResult:
-    from . import hardware
-    from .export import check_onnx_file, onnx_section
+    from . import hardware, onnx_files
+    from .export import check_onnx_file, needs_external_data, onnx_section
     from .quantization.calibration import calibration_set, make_reader, onnx_input
     from .quantization.onnx_int8 import Int8Settings, is_transformer, load_graph, quantize_file, quantized_nodes, sensitive_nodes
     from .quantization.scheme import choose_scheme, detect_isa
@@ -259,10 +266,11 @@ def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: 
 
     def quantize(excluded: list[str]) -> Path:
         say("stage", name="quantize")
-        # named model.onnx in its own directory, so external data (> 2 GB) is model.onnx.data
+        # In its own directory, so a retry starts clean. Not named model.onnx: ORT saves external
+        # data through onnx.save_model, which refuses a location that exists in the current directory.
         shutil.rmtree(tmp / "int8", ignore_errors=True)
         (tmp / "int8").mkdir()
-        target = tmp / "int8" / art.ONNX_FILE
+        target = tmp / "int8" / "int8.onnx"
         reader = make_reader(input_spec.name, calib.batches, say) if mode == "static" else None
         quantize_file(work, target, settings, base + excluded, reader, cache=cache if mode == "static" else None)
         return target
@@ -313,7 +321,13 @@ def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: 
         cfg = BenchConfig(batch_size=options.bench_batch, warmup=options.warmup, iterations=options.iterations,
                           seq_len=options.seq_len)
         timing = latency({"before": fp32, "after": int8}, source, evaluator, cfg, options.threads, say)
-    report = build_report(source.task, {**before, "file_bytes": model_bytes(fp32)}, {**after, "file_bytes": model_bytes(int8)}, timing)
+    # The int8 file is laid out by its own size: one file when it fits (usually: int8 weights are a
+    # quarter of the float ones), model.onnx.data beside it above the export threshold.
+    final = tmp / "final" / art.ONNX_FILE
+    final.parent.mkdir()
+    onnx_files.place(int8, final, needs_external_data(onnx_files.total_bytes(int8)))
+    report = build_report(source.task, {**before, "file_bytes": model_bytes(fp32)},
+                          {**after, "file_bytes": model_bytes(final)}, timing)
 
     scheme_record = scheme.as_dict()
     if mode == "dynamic" and scheme.activation_type != "uint8":
@@ -328,16 +342,14 @@ def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: 
         "calibration": ({"method": settings.method, **calib.describe()} if mode == "static" else None),
         "excluded_nodes": final_excluded,
         "excluded_by": {"sensitive": sensitive, "user": user, "gate": gate.excluded},
-        "quantized_nodes": quantized_nodes(graph, int8, mode),
+        "quantized_nodes": quantized_nodes(graph, final, mode),
         "transformer": transformer,
         "preprocess": preprocess_info,
         **({"exported_for_quantize": exported} if exported else {}),
     }
     say("stage", name="write")
     with art.atomic_directory(out, overwrite) as staging:
-        shutil.copyfile(int8, staging / art.ONNX_FILE)
-        if int8.with_name(int8.name + ".data").exists():
-            shutil.copyfile(int8.with_name(int8.name + ".data"), staging / (art.ONNX_FILE + ".data"))
+        onnx_files.place(final, staging / art.ONNX_FILE, onnx_files.has_external_data(final))
         previous = onnx_artifact.config.get("onnx") or {}
         onnx_meta = onnx_section(staging / art.ONNX_FILE, exporter=previous.get("exporter", "unknown"),
                                  opset=_opset(staging / art.ONNX_FILE), dtype="int8",

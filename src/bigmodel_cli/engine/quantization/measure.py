@@ -22,7 +22,9 @@ METRIC_KEYS = ("accuracy", "perplexity", "loss", "bits_per_byte", "samples", "to
 
 def model_bytes(path: Path) -> int:
     """A model file with its external data, if any."""
-    data = path.with_name(path.name + ".data")
+    from ..onnx_files import data_path
+
+    data = data_path(path)  # model.onnx.data: the layout every ONNX file here ends in (onnx_files.place)
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import UserError, WorkFailed
+from ..onnx_files import data_path, has_external_data
 from .scheme import Scheme
 
 MODES = ("dynamic", "static")
@@ -55,10 +56,6 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:240]}" if lines else type(exc).__name__
 
 
-def has_external_data(path: Path) -> bool:
-    return path.with_name(path.name + ".data").exists()
-
-
 def preprocess(src: Path, dst: Path) -> dict:
     """ORT's pre-processing into ``dst``. When it fails, quantization goes ahead on the model as
     exported and the reason is recorded.
@@ -75,12 +72,12 @@ def preprocess(src: Path, dst: Path) -> dict:
     try:
         with quiet():
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=not symbolic, save_as_external_data=external,
-                              all_tensors_to_one_file=True, external_data_location=dst.name + ".data" if external else None)
+                              all_tensors_to_one_file=True, external_data_location=data_path(dst).name if external else None)
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # shape inference and the optimizer raise many types
-        for leftover in dst.parent.glob(dst.name + "*"):
-            leftover.unlink()
+        for leftover in (dst, data_path(dst)):
+            leftover.unlink(missing_ok=True)
         return {"applied": False, "reason": _first_line(exc)}
     return {"applied": True, "steps": steps}
 
