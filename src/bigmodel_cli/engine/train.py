@@ -23,7 +23,7 @@ from .. import artifact as art
 from ..config import TrainConfig, asdict
 from ..errors import NonFiniteLoss, UserError
 from ..models import USER_ARCH, build_model, count_parameters, get_arch, resolve_spec
-from . import distributed, hardware
+from . import distributed, hardware, launcher
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .tasks import make_task, torch_predict
 
@@ -167,7 +167,7 @@ def prepare_training(cfg: TrainConfig) -> TrainJob:
     overrides = cfg.model_overrides()
     is_user = ":" in cfg.model and cfg.model.split(":")[0].endswith(".py")
     arch_task = None if is_user else get_arch(cfg.model).task
-    if not cfg.resume and distributed.env_rank() == 0:  # other ranks would race rank 0 creating it
+    if not cfg.resume and launcher.env_rank() == 0:  # other ranks would race rank 0 creating it
         art.check_output(cfg.out, cfg.overwrite)
     data_arg = default_data(cfg, arch_task, overrides)
     data = load_dataset(parse_data_arg(data_arg, cfg.target, **_synthetic_shape(overrides)))
