@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel_cli.engine.distributed import available_cores
+from bigmodel_cli.engine.launcher import available_cores
 
 TOLERANCE = 1e-5
 needs_two_cores = pytest.mark.skipif(available_cores() < 2, reason="two worker processes need two CPU cores")

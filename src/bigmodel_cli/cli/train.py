@@ -110,17 +110,18 @@ def train(
 ) -> None:
     """Train a model (default: an MLP on the bundled digits) and write best/ and last/ artifacts."""
     from ..config import TrainConfig, build_config, read_toml
-    from ..engine import distributed
-    from ..engine.train import prepare_training, run_job
+    from ..engine import launcher
+    from ..engine.train import run_job
+    from ..engine.train_setup import prepare_training
 
     file_values = read_toml(config, "train") if config else {}
     cfg = build_config(TrainConfig, file_values, train_flags, source=str(config or "config"))
-    distributed.check_options(nproc, strategy, cfg.device)
+    launcher.check_options(nproc, strategy, cfg.device)
     job = prepare_training(cfg)
     job.strategy = strategy
     if nproc is not None and nproc > 1:
         # The workers run this same command without --nproc; rank 0 prints the results.
-        distributed.launch(job, nproc, _forwarded_argv(ctx, drop=("nproc",)))
+        launcher.launch(job, nproc, _forwarded_argv(ctx, drop=("nproc",)))
         return
     unit = "tokens/s" if job.task.name == "language-modeling" else "samples/s"
     result = run_job(job, _progress(unit, not json_out))

@@ -141,7 +141,7 @@ def parse_layer_map(value: str) -> list[tuple[int, int]]:
 
 def distillation_loss_fn(teacher_model, student_model, task, temperature: float | None = None, alpha: float = 0.5,
                          kd_loss: str = "forward-kl") -> Callable:
-    """A ``loss_fn(model, x, y)`` for ``engine.train.TrainJob`` that distils ``teacher_model``'s logits
+    """A ``loss_fn(model, x, y)`` for ``engine.train_setup.TrainJob`` that distils ``teacher_model``'s logits
     into the model being trained: alpha·T²·KL(teacher ‖ student) + (1 − alpha)·CE(labels).
 
     For commands that fine-tune with a teacher (``bigmodel prune --distill``): the teacher is put in
@@ -178,7 +178,7 @@ def distillation_loss_fn(teacher_model, student_model, task, temperature: float 
 class DistillPlan:
     cfg: DistillConfig
     teacher: art.Artifact
-    job: Any  # engine.train.TrainJob
+    job: Any  # engine.train_setup.TrainJob
     loss: DistillLoss
     student_spec: dict
     student_source: dict
@@ -229,7 +229,8 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
 
     from .evaluate import open_data
     from .tasks import make_task
-    from .train import TrainJob, check_resume
+    from .train import check_resume
+    from .train_setup import TrainJob
 
     teacher = art.open_artifact(cfg.teacher)
     if not teacher.has_weights:
@@ -316,7 +317,7 @@ def _recording(progress: Progress, run_dir: Path, fingerprint: dict, fresh: bool
 
 def _baseline_job(plan: DistillPlan):
     """The same student, from the same starting weights, data, budget and seed, without the teacher."""
-    from .train import TrainJob
+    from .train_setup import TrainJob
 
     tc = plan.cfg.train
     out = Path(tc.out) / BASELINE_DIR

@@ -1,5 +1,5 @@
-"""Data-parallel (DDP) and sharded (FSDP2) training over torch.distributed, and the launcher behind
-``bigmodel train --nproc N``.
+"""What runs inside a training worker: data-parallel (DDP) and sharded (FSDP2) training over
+torch.distributed.
 
 Inside a worker, ``run_job`` asks a ``Ranks`` object everything that depends on the other
 processes: which slice of the global micro-batch is this rank's, how to weight its loss, how to wrap
@@ -14,121 +14,25 @@ a batch size that the world size does not divide, it is not. Scaling each rank's
 mean, so N processes train like one process with the same ``--batch-size`` (see
 docs/distributed.md for the arithmetic and the measured agreement).
 
-Outside the workers, ``launch`` checks everything it can in the calling process (options, data,
-model, output, the resume point) so that a mistake costs nothing, then starts the workers with
-torch's elastic launcher (the machinery of ``torchrun --standalone``) and turns a failed rank into
-one line and an exit code.
-
 Checkpoints and artifacts are always full (unsharded) and in the single-process format, so a run
 can resume with a different number of processes, and every other command reads the artifacts.
 Several machines need ``--out`` on a filesystem that every node sees, as rank 0 writes and every
 rank reads the checkpoint it resumes from.
+
+Starting the workers (``bigmodel train --nproc N``) and the checks made before they start are in
+engine/launcher.py; ``join`` makes the job's checks again, for workers that torchrun started itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
-import logging
 import os
-import shutil
-import signal
-import sys
-import tempfile
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import BigModelError, UserError, WorkFailed
-
-STRATEGIES = ("ddp", "fsdp")
-_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-# --------------------------------------------------------------------------- environment and checks
-
-
-def under_torchrun() -> bool:
-    """True in a worker started by torchrun (or ``--nproc``), which sets these variables."""
-    return all(k in os.environ for k in _TORCHRUN_ENV)
-
-
-def env_rank() -> int:
-    """This process's global rank (0 outside torchrun)."""
-    return int(os.environ["RANK"]) if under_torchrun() else 0
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # honours taskset / cgroup CPU sets, unlike cpu_count
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def _device_capacity(device: str) -> tuple[int, str]:
-    """How many worker processes this machine can host for ``device``, and what limits it."""
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.device_count(), "CUDA devices"
-    return available_cores(), "CPU cores"
-
-
-def check_options(nproc: int | None, strategy: str | None, device: str) -> None:
-    """Check --nproc and --strategy before any work (nothing is loaded or written yet)."""
-    from . import hardware
-
-    problems = []
-    if strategy is not None and strategy not in STRATEGIES:
-        problems.append(f"unknown --strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if nproc is not None:
-        if nproc < 1:
-            problems.append(f"--nproc must be at least 1, got {nproc}")
-        elif under_torchrun():
-            problems.append("--nproc starts its own workers, but this process is already a torchrun worker; "
-                            "drop --nproc (torchrun's --nproc-per-node sets the number)")
-        elif nproc > 1:
-            capacity, what = _device_capacity(hardware.resolve_device(device))
-            if nproc > capacity:
-                problems.append(f"--nproc {nproc} is more than the {capacity} {what} on this machine; "
-                                f"use --nproc {max(capacity, 1)} or fewer (one process per {what[:-1]})")
-    if problems:
-        from ..errors import ConfigErrors
-
-        raise ConfigErrors(problems, "distributed options")
-
-
-def check_shardable(model, strategy: str | None) -> None:
-    """FSDP splits every parameter along its first dimension: refuse models where it cannot."""
-    if strategy != "fsdp":
-        return
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise UserError("--strategy fsdp: the model has no trainable parameters to shard; use --strategy ddp")
-    scalars = [name for name, p in trainable if p.dim() == 0]
-    if scalars:
-        listed = ", ".join(scalars[:3]) + (" …" if len(scalars) > 3 else "")
-        raise UserError(
-            f"--strategy fsdp cannot shard 0-d parameter(s) {listed} (FSDP splits each parameter along its first "
-            "dimension); give them shape (1,) in the model, or use --strategy ddp"
-        )
-    odd = [name for name, p in trainable if not p.is_floating_point()]
-    if odd:
-        raise UserError(f"--strategy fsdp shards floating-point parameters only; {odd[0]} is not; use --strategy ddp")
-
-
-def _check_job(job, strategy: str) -> None:
-    if job.stage != "train":
-        raise UserError(f"distributed training runs `bigmodel train` only; run `bigmodel {job.stage}` in one "
-                        "process (without torchrun or --nproc)")
-    if strategy == "fsdp" and job.aux is not None:
-        raise UserError("--strategy fsdp does not shard auxiliary trainable modules; use --strategy ddp")
-    check_shardable(job.model, strategy)
-
-
-# --------------------------------------------------------------------------- inside a worker
+from .launcher import STRATEGIES, available_cores, check_job, check_shardable, device_capacity, under_torchrun
 
 
 class _StateView:
@@ -359,11 +263,11 @@ def join(job, device: str) -> Ranks:
         check_shardable(job.model, strategy)  # one process: nothing to shard, but say so now, not on 8 nodes
         return Ranks()
     strategy = strategy or "ddp"
-    _check_job(job, strategy)
+    check_job(job, strategy)
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    capacity, what = _device_capacity(device)
+    capacity, what = device_capacity(device)
     if local_world > capacity:
         raise UserError(f"{local_world} processes on this machine but only {capacity} {what}; "
                         f"start at most {capacity} per node (torchrun --nproc-per-node)")
@@ -453,109 +357,3 @@ def _first_line(exc: BaseException) -> str:
     line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # gloo's "[/path/pair.cc:537]" source location
     line = line.split(". ")[0]  # its first sentence says what happened; the rest is general advice
     return line.replace("[", "(").replace("]", ")")  # not console markup
-
-
-# --------------------------------------------------------------------------- the launcher
-
-
-def launch(job, nproc: int, argv: list[str]) -> None:
-    """Run ``bigmodel train ARGV`` in ``nproc`` workers on this machine, like
-    ``torchrun --standalone --nproc-per-node N -m bigmodel_cli train ARGV``.
-
-    Everything that can be checked is checked here first, in this process. Rank 0 inherits this
-    terminal (progress bar and results); the other ranks' output goes to log files that are read
-    back only when one of them fails.
-    """
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from . import hardware
-
-    strategy = job.strategy or "ddp"
-    check_options(nproc, strategy, job.cfg.device)
-    _check_job(job, strategy)
-    if job.cfg.resume:
-        from .train import check_resume
-
-        check_resume(job)
-    out = Path(job.cfg.out)
-    logs = Path(tempfile.mkdtemp(prefix="bigmodel-ranks-"))
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # what torchrun --standalone uses
-        max_restarts=0,  # a failed rank is reported, not silently restarted
-        logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects={r: Std.ALL for r in range(1, nproc)}),
-    )
-    env_before = os.environ.get("OMP_NUM_THREADS")
-    if env_before is None and job.cfg.threads is None and hardware.resolve_device(job.cfg.device) == "cpu":
-        os.environ["OMP_NUM_THREADS"] = str(max(1, available_cores() // nproc))  # no oversubscription
-    # The agent's own logging (each module sets its logger's level) repeats what our one line says.
-    quiet = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-             if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher"))]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        elastic_launch(config, sys.executable)("-m", "bigmodel_cli", "train", *argv)
-    except ChildFailedError as exc:
-        _remove_staging(out)
-        if all(f.exitcode in (130, -signal.SIGINT) for f in exc.failures.values()):
-            raise SystemExit(130) from None  # Ctrl-C: rank 0 has already said "interrupted"
-        raise _failure(exc, logs, out) from None
-    except SignalException as exc:  # the agent got SIGINT/SIGTERM and stopped the ranks
-        _remove_staging(out)
-        raise SystemExit(128 + int(exc.sigval)) from None  # rank 0 has said "interrupted" (Ctrl-C)
-    finally:
-        for logger, level in zip(quiet, levels):
-            logger.setLevel(level)
-        if env_before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        shutil.rmtree(logs, ignore_errors=True)
-
-
-def _remove_staging(out: Path) -> None:
-    """A rank stopped mid-write leaves a hidden staging directory (never loadable); remove it."""
-    for parent in (out, out / "checkpoints"):
-        for pattern in (".*.tmp-*", ".*.old-*"):
-            for path in parent.glob(pattern):
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _rank_error(logs: Path, local_rank: int) -> str | None:
-    """The last error line a redirected rank printed."""
-    for path in glob.glob(str(logs / "**" / str(local_rank) / "stderr.log"), recursive=True):
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-        for line in reversed(lines):
-            if line.startswith("error:"):
-                return line[len("error:"):].strip()
-        if lines:
-            return lines[-1]
-    return None
-
-
-def _failure(exc, logs: Path, out: Path) -> BigModelError:
-    from .checkpoint import latest_checkpoint
-
-    failures = exc.failures
-    # The root cause: not a rank that the agent itself stopped with SIGTERM after the first failure,
-    # and among the others a rank killed by a signal before one that exited with an error.
-    rank = min(failures, key=lambda r: (failures[r].exitcode == -signal.SIGTERM, failures[r].exitcode >= 0,
-                                        failures[r].timestamp, r))
-    failure = failures[rank]
-    if failure.exitcode < 0:
-        try:
-            how = f"died ({signal.Signals(-failure.exitcode).name})"
-        except ValueError:
-            how = f"died (signal {-failure.exitcode})"
-    else:
-        how = f"exited with code {failure.exitcode}"
-    detail = _rank_error(logs, failure.local_rank) if failure.local_rank != 0 else None
-    where = f": {detail}" if detail else (" (its error is above)" if failure.local_rank == 0 else "")
-    if all(f.exitcode == 2 for f in failures.values()):
-        return UserError(f"rank {rank} rejected the input{where}")
-    checkpoint = latest_checkpoint(out) if out.is_dir() else None
-    kept = (f"{out} keeps its last checkpoint ({checkpoint.name}); continue with --resume"
-            if checkpoint else f"no checkpoint was written yet; {out} holds no artifact")
-    return WorkFailed(f"rank {rank} {how}{where}; training stopped and nothing half-written was left: {kept}")

@@ -1,0 +1,154 @@
+"""Setting up a training run: what a job is (``TrainJob``), and how a TrainConfig becomes one.
+
+``prepare_training`` turns a TrainConfig into a TrainJob, checking everything (data, model, shapes)
+before any work; engine/train.py's ``run_job`` then runs it. Distillation and pruning build their
+own TrainJob (a different loss, a different model) and reuse the loop unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import artifact as art
+from ..config import TrainConfig
+from ..errors import UserError
+from ..models import USER_ARCH, build_model, get_arch, resolve_spec
+from . import launcher
+from .tasks import make_task
+
+
+@dataclass
+class TrainJob:
+    cfg: TrainConfig
+    model: Any
+    data: Any
+    task: Any
+    artifact_config: dict  # config.json of the artifacts this run writes
+    stage: str = "train"
+    parent: Any = None  # Artifact this run starts from (prune/distill)
+    loss_fn: Callable | None = None  # (model, x, y) -> loss; default task.loss(model(x), y)
+    aux: Any = None  # trainable modules that are checkpointed but not saved in the artifact
+    extra_files: dict = field(default_factory=dict)  # name -> path copied into each artifact
+    manifest_extra: dict = field(default_factory=dict)
+    strategy: str | None = None  # under torchrun: "ddp" (default) or "fsdp"; one process ignores it
+
+
+def default_data(cfg: TrainConfig, arch_task: str | None, overrides: dict) -> str:
+    """Which data to use when --data is not given."""
+    if cfg.data:
+        return cfg.data
+    if arch_task == "language-modeling":
+        return "text:stdlib"
+    digits_shape = {"input_size": 64, "num_classes": 10, "in_channels": 1, "height": 8, "width": 8}
+    # Only our own architectures' argument names mean a data shape; a user model's "width" is its own.
+    if arch_task and any(k in overrides and overrides[k] != v for k, v in digits_shape.items()):
+        return "synthetic"  # the user sized the model for other data: make data of that shape
+    return "digits"
+
+
+def _synthetic_shape(overrides: dict) -> dict:
+    if "in_channels" in overrides or "height" in overrides:
+        shape = [overrides.get("in_channels", 1), overrides.get("height", 8), overrides.get("width", 8)]
+    else:
+        shape = [overrides.get("input_size", 16)]
+    return {"input_shape": shape, "num_classes": overrides.get("num_classes", 4)}
+
+
+def resolve_model(cfg: TrainConfig, data, overrides: dict) -> dict:
+    """The config.json model dict for this run, checked against the data."""
+    if ":" in cfg.model and cfg.model.split(":")[0].endswith(".py"):
+        from ..models.user import parse_reference, trust_file
+
+        path, entry = parse_reference(cfg.model)
+        trust_file(path)  # the user named it on this command line
+        return {"arch": USER_ARCH, "file": str(path.resolve()), "entry": entry, "args": dict(cfg.model_args)}
+    arch = get_arch(cfg.model)
+    if arch.task != data.task:
+        fix = "--model gpt" if data.task == "language-modeling" else "classification data (--data digits|csv:PATH|npz:PATH)"
+        raise UserError(f"--model {arch.name} is a {arch.task} model but the data is for {data.task}; use {fix}")
+    spec = resolve_spec(arch.name, cfg.preset, overrides, data.model_fit())
+    if data.task == "classification":
+        _check_fit(spec, data)
+    return spec
+
+
+def _check_fit(spec: dict, data) -> None:
+    fit = data.model_fit()
+    shape = "×".join(map(str, data.input_shape))
+    if spec["arch"] == "mlp" and spec["input_size"] != fit["input_size"]:
+        raise UserError(
+            f"model input size {spec['input_size']} does not fit the data ({shape} = {fit['input_size']} features); "
+            f"drop --input-size or set it to {fit['input_size']}"
+        )
+    if spec["arch"] == "cnn":
+        if len(data.input_shape) not in (2, 3):
+            raise UserError(f"--model cnn needs image data (C×H×W); this data is {shape}; use --model mlp")
+        want = (fit["in_channels"], fit["height"], fit["width"])
+        have = (spec["in_channels"], spec["height"], spec["width"])
+        if want != have:
+            raise UserError(f"cnn input {have} does not fit the data ({want}); drop in_channels/height/width from --model-args")
+    if spec["num_classes"] < data.num_classes:
+        raise UserError(
+            f"labels go up to {data.num_classes - 1} but the model has {spec['num_classes']} outputs; "
+            f"drop --output-size or set it to at least {data.num_classes}"
+        )
+
+
+def _probe(model, task, spec: dict, data) -> None:
+    """One forward pass on two real samples, so a misfit fails now with a clear message."""
+    import torch
+
+    example = torch.from_numpy(task.example_input(2))
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as exc:  # the model, possibly the user's, rejected the input
+        raise UserError(
+            f"the model does not accept this data's input of shape {tuple(example.shape)}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; fix the model's input size"
+        ) from None
+    if data.task == "classification":
+        if out.dim() != 2 or out.shape[0] != example.shape[0]:
+            raise UserError(f"the model returned shape {tuple(out.shape)} for a batch of 2; a classifier must return (batch, classes)")
+        if out.shape[1] < data.num_classes:
+            raise UserError(f"the model has {out.shape[1]} outputs but the labels go up to {data.num_classes - 1}; widen its output layer")
+    elif out.dim() != 3 or out.shape[-1] < data.spec["vocab_size"]:
+        raise UserError(f"a language model must return (batch, seq, vocab ≥ {data.spec['vocab_size']}); got {tuple(out.shape)}")
+
+
+def prepare_training(cfg: TrainConfig) -> TrainJob:
+    """Validate the whole configuration and build data, model and task. No training yet."""
+    import torch
+
+    from ..data import load_dataset, parse_data_arg
+
+    cfg.validate()
+    overrides = cfg.model_overrides()
+    is_user = ":" in cfg.model and cfg.model.split(":")[0].endswith(".py")
+    arch_task = None if is_user else get_arch(cfg.model).task
+    if not cfg.resume and launcher.env_rank() == 0:  # other ranks would race rank 0 creating it
+        art.check_output(cfg.out, cfg.overwrite)
+    data_arg = default_data(cfg, arch_task, overrides)
+    data = load_dataset(parse_data_arg(data_arg, cfg.target, **_synthetic_shape(overrides)))
+    spec = resolve_model(cfg, data, overrides)
+    block_size = None
+    if data.task == "language-modeling":
+        limit = spec.get("block_size")
+        block_size = cfg.block_size or (min(limit, 256) if limit else 128)
+        if limit and block_size > limit:
+            raise UserError(f"--block-size {block_size} is longer than the model's context ({limit}); lower it or raise block_size")
+    task = make_task(data, cfg.batch_size, cfg.seed, block_size, cfg.eval_windows)
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec)
+    _probe(model, task, spec, data)
+    extra_files = {}
+    if spec["arch"] == USER_ARCH:
+        extra_files[art.MODEL_CODE_FILE] = Path(spec["file"])
+        spec = {**spec, "file": art.MODEL_CODE_FILE}
+    data_spec = dict(data.spec)
+    if block_size:
+        data_spec["block_size"] = block_size
+    config = art.new_config(data.task, spec, data_spec)
+    return TrainJob(cfg=cfg, model=model, data=data, task=task, artifact_config=config, extra_files=extra_files)
