@@ -173,11 +173,12 @@ def test_unsupported_operator_is_one_line_exit_2(cli, tmp_path, digits_mlp, monk
 def test_torchscript_fallback_is_recorded(tmp_path, digits_mlp, monkeypatch):
     from bigmodel_cli.artifact import open_artifact
     from bigmodel_cli.engine import export as export_engine
+    from bigmodel_cli.engine import exporters
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("simulated dynamo failure")
 
-    monkeypatch.setattr(export_engine, "_dynamo_export", broken)
+    monkeypatch.setattr(exporters, "_dynamo_export", broken)
     result = export_engine.export_artifact(open_artifact(digits_mlp), tmp_path / "ts")
     assert result.exporter == "torchscript" and "simulated dynamo failure" in result.fallback_reason
     m = _manifest(tmp_path / "ts")

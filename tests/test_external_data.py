@@ -3,7 +3,7 @@ weights pass protobuf's 2 GB limit, end to end: export (both exporters, --optimi
 hashing and verification, eval, predict, generate, info, quantize (dynamic and static), the
 deployment snippet without torch, and damaged data files.
 
-The tiny test models are sent down the >2 GB path by lowering export.EXTERNAL_DATA_THRESHOLD_BYTES
+The tiny test models are sent down the >2 GB path by lowering exporters.EXTERNAL_DATA_THRESHOLD_BYTES
 (the CLI runs in-process, so the patched constant is the one it reads). A real model over 2 GB is
 exported in ``test_a_real_model_over_2_gb`` (marked slow: ``pytest -m slow``)."""
 
@@ -33,7 +33,7 @@ def _ok(result) -> dict:
 @pytest.fixture(scope="module")
 def export_external(cli, tmp_path_factory):
     """export(run_dir, *args) → an export written with external data (threshold 0), once per args."""
-    from bigmodel_cli.engine import export
+    from bigmodel_cli.engine import exporters
 
     made: dict[tuple, Path] = {}
 
@@ -42,7 +42,7 @@ def export_external(cli, tmp_path_factory):
         if key not in made:
             out = tmp_path_factory.mktemp("external") / "onnx"
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(export, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
+                patch.setattr(exporters, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
                 result = cli("export", run_dir, "--out", out, *args)
             assert result.exit_code == 0, result.output
             assert sorted(p.name for p in out.parent.iterdir()) == ["onnx"]  # no staging or scratch left
@@ -55,9 +55,9 @@ def export_external(cli, tmp_path_factory):
 @pytest.fixture
 def threshold(monkeypatch):
     """set(bytes): the external-data threshold for this test only."""
-    from bigmodel_cli.engine import export
+    from bigmodel_cli.engine import exporters
 
-    return lambda value: monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD_BYTES", value)
+    return lambda value: monkeypatch.setattr(exporters, "EXTERNAL_DATA_THRESHOLD_BYTES", value)
 
 
 def _copy(artifact: Path, dest: Path) -> Path:
@@ -96,16 +96,17 @@ def test_export_writes_one_data_file_and_hashes_it(export_external, digits_mlp, 
 
 def test_under_the_threshold_the_export_is_one_file(mlp_onnx):
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine import export
+    from bigmodel_cli.engine import exporters
 
-    assert export.EXTERNAL_DATA_THRESHOLD_BYTES == 2 * 1024**3 - 128 * 1024**2
+    assert exporters.EXTERNAL_DATA_THRESHOLD_BYTES == 2 * 1024**3 - 128 * 1024**2
     a = open_artifact(mlp_onnx)
     assert not (mlp_onnx / "model.onnx.data").exists() and a.config["onnx"]["external_data"] is False
 
 
 def test_the_decision_counts_parameters_and_buffers_once(digits_cnn, tiny_gpt):
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine.export import _export_module, io_layout, needs_external_data, weight_bytes
+    from bigmodel_cli.engine.export import io_layout
+    from bigmodel_cli.engine.exporters import export_module, needs_external_data, weight_bytes
 
     gpt = open_artifact(tiny_gpt).build_model()
     stored = {t.data_ptr(): t.numel() * t.element_size() for t in gpt.state_dict().values()}
@@ -113,7 +114,7 @@ def test_the_decision_counts_parameters_and_buffers_once(digits_cnn, tiny_gpt):
     cnn = open_artifact(digits_cnn).build_model()
     # BatchNorm's running statistics are buffers: counted too
     assert weight_bytes(cnn) == sum(t.numel() * t.element_size() for t in cnn.state_dict().values())
-    half = _export_module(cnn, io_layout(open_artifact(digits_cnn)), "fp16")  # what an fp16 export stores
+    half = export_module(cnn, io_layout(open_artifact(digits_cnn)), "fp16")  # what an fp16 export stores
     assert weight_bytes(half) == weight_bytes(cnn) // 2
     assert not needs_external_data(2 * 1024**3 - 128 * 1024**2) and needs_external_data(2 * 1024**3)
 
@@ -399,7 +400,7 @@ def big_export(big_artifact) -> Path:
 @pytest.mark.slow
 def test_a_real_model_over_2_gb_exports_to_model_onnx_data(big_export, tmp_path):
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine.export import EXTERNAL_DATA_THRESHOLD_BYTES
+    from bigmodel_cli.engine.exporters import EXTERNAL_DATA_THRESHOLD_BYTES
 
     weight_bytes = 4 * _big_params()
     assert weight_bytes > 2 * 1024**3 > EXTERNAL_DATA_THRESHOLD_BYTES

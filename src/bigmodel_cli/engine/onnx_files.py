@@ -89,7 +89,7 @@ def total_bytes(path: Path) -> int:
 def place(src: Path, dst: Path, external: bool) -> None:
     """Move the model at ``src`` (written by some tool into a scratch directory of its own) to ``dst``
     in the canonical layout: ``dst`` alone, or with ``external`` one ``dst``.data beside it (the
-    caller decides, by the size of the weights: export.EXTERNAL_DATA_THRESHOLD_BYTES).
+    caller decides, by the size of the weights: exporters.EXTERNAL_DATA_THRESHOLD_BYTES).
 
     When the tool already wrote that layout (under any name) the files are moved; otherwise the
     model is re-saved, its external tensors read from their files as they are written.

@@ -225,7 +225,8 @@ def _user_exclusions(names: list[str], graph) -> list[str]:
 def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: str, overwrite: bool, tmp: Path,
                say: Callable) -> QuantizeResult:
     from . import hardware, onnx_files
-    from .export import check_onnx_file, needs_external_data, onnx_section
+    from .export import check_onnx_file, onnx_section
+    from .exporters import needs_external_data
     from .quantization.calibration import calibration_set, make_reader, onnx_input
     from .quantization.onnx_int8 import Int8Settings, is_transformer, load_graph, quantize_file, quantized_nodes, sensitive_nodes
     from .quantization.scheme import choose_scheme, detect_isa
