@@ -16,7 +16,7 @@ def print_comparison(result) -> None:
 
     columns = columns_for(result)
     title = (f"bigmodel compare · {result.metric} on {result.split} · latency on {result.backend}, batch "
-             f"{result.bench_batch}, {result.threads} threads, {result.rounds} interleaved rounds · (×) = ratio to the first row")
+             f"{result.bench_batch}, {result.threads} threads, {result.rounds} timed calls each · (×) = ratio to the first row")
     table = console.rows_table(title, [t for _, t in columns], [])
     for row in result.rows:
         table.add_row(*(_cell(row, key) for key, _ in columns))
@@ -53,7 +53,7 @@ def compare(
     threads: ThreadsOpt = None,
     split: Annotated[str, typer.Option("--split", help="Split the metric is measured on.")] = "val",
     bench_batch: Annotated[Optional[int], typer.Option("--bench-batch", help="Batch for latency (default 64, or 1 sequence for language models).")] = None,
-    rounds: Annotated[int, typer.Option("--rounds", help="Interleaved latency rounds (A B C A B C …).")] = 30,
+    rounds: Annotated[int, typer.Option("--rounds", help="Timed latency calls per artifact (the artifacts take turns, 4 calls at a time).")] = 30,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate at most N samples (or windows).")] = None,
     explain: Annotated[int, typer.Option("--explain", help="Also explain N inputs with every artifact and report how far the explanations moved (mean rank correlation with the first row).")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the trade-off plot (PNG).")] = None,

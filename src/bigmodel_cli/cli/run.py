@@ -17,7 +17,7 @@ def run(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start from scratch: delete the run directory first.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a step option: STEP.OPTION=VALUE (repeatable).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Validate the recipe and print the commands; run nothing.")] = False,
-    compare_rounds: Annotated[int, typer.Option("--compare-rounds", help="Interleaved latency rounds in the final comparison.")] = 30,
+    compare_rounds: Annotated[int, typer.Option("--compare-rounds", help="Timed latency calls per artifact in the final comparison.")] = 30,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a recipe (train → prune → distill → quantize → export …); finished steps are skipped on a rerun."""

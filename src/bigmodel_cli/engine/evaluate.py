@@ -144,28 +144,18 @@ def evaluate_artifact(
 
 
 def benchmark_interleaved(predicts: dict[str, Callable], example: np.ndarray, cfg: BenchConfig, progress=None) -> dict[str, dict]:
-    """``benchmark`` for several backends at once, timed in alternating order (A B B A …) after
-    warm-up, so that noise from a shared machine falls on all of them alike."""
-    names = list(predicts)
-    for _ in range(cfg.warmup):
-        for name in names:
-            predicts[name](example)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(cfg.iterations):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
-            predicts[name](example)
-            times[name].append((time.perf_counter() - start) * 1000.0)
-        if progress:
-            progress("bench", done=i + 1, total=cfg.iterations)
+    """``benchmark`` for several backends at once, side by side: the backends take turns on the
+    same input (``timing.take_turns``: why turns, not alternate calls), after warm-up."""
+    from .timing import latency_stats, take_turns
+
+    report = (lambda done, total: progress("bench", done=done, total=total)) if progress else None
+    times = take_turns(predicts, example, cfg.iterations, cfg.warmup, report)
     out = {}
     for name, values in times.items():
-        values.sort()
-        p50 = statistics.median(values)
+        stats = latency_stats(values)
         out[name] = {
-            "latency_ms_p50": p50,
-            "latency_ms_p95": values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))],
-            "throughput": len(example) / (p50 / 1000.0),
+            **stats,
+            "throughput": len(example) / (stats["latency_ms_p50"] / 1000.0),
             "bench_batch": int(len(example)),
             "bench_iterations": cfg.iterations,
         }

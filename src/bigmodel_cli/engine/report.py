@@ -1,8 +1,8 @@
 """``bigmodel compare`` and ``bigmodel plot``: what each step bought, measured side by side.
 
 Every artifact is measured now, in one run, on the same backend, threads and input: the metric on
-the same split, and latency in interleaved rounds (A B C A B C …) so that a noisy machine slows
-all of them alike. Figures are reported with their ratio to the first row; the ratio is the claim.
+the same split, and latency with the artifacts taking turns on one input (``timing.take_turns``)
+so that a noisy machine slows all of them alike. Figures are reported with their ratio to the first row; the ratio is the claim.
 """
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ from __future__ import annotations
 import base64
 import html
 import json
-import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..artifact import Artifact, open_artifact
 from ..errors import UserError
+from .timing import latency_stats, take_turns
 
 METRIC_FOR_TASK = {"classification": "accuracy", "language-modeling": "perplexity"}
 
@@ -122,21 +121,11 @@ def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int 
                          "loss": metrics.get("loss"), "backend": runner.name, "provider": runner.detail.get("provider")})
             runners.append((runner, task, artifact))
         example = bench_input(first, runners[0][1], BenchConfig(batch_size=bench_batch))
-        for runner, _, _ in runners:
-            for _ in range(warmup):
-                runner.predict(example)
-        times = [[] for _ in runners]
-        for r in range(rounds):
-            order = range(len(runners)) if r % 2 == 0 else reversed(range(len(runners)))
-            for i in order:
-                start = time.perf_counter()
-                runners[i][0].predict(example)
-                times[i].append((time.perf_counter() - start) * 1000.0)
-            say("bench", done=r + 1, total=rounds)
-    for row, t in zip(rows, times):
-        t = sorted(t)
-        row["latency_ms_p50"] = statistics.median(t)
-        row["latency_ms_p95"] = t[min(len(t) - 1, int(round(0.95 * (len(t) - 1))))]
+        # keyed by position: two rows may carry the same name
+        times = take_turns({i: r.predict for i, (r, _, _) in enumerate(runners)}, example, rounds, warmup,
+                           lambda done, total: say("bench", done=done, total=total))
+    for i, row in enumerate(rows):
+        row.update(latency_stats(times[i]))
     if explain_samples:
         _add_explanation_agreement(opened, rows, split, explain_samples)
     base = rows[0]
@@ -221,7 +210,7 @@ def markdown_report(result: CompareResult, plot_name: str | None = None) -> str:
 
     m = machine_info()
     lines = [f"# Comparison ({result.metric} on {result.split}; latency on {result.backend}, "
-             f"batch {result.bench_batch}, {result.threads} threads, {result.rounds} interleaved rounds)", ""]
+             f"batch {result.bench_batch}, {result.threads} threads, {result.rounds} timed calls each, taking turns)", ""]
     columns = columns_for(result)
     lines.append("| " + " | ".join(title for _, title in columns) + " |")
     lines.append("|" + "---|" * len(columns))
@@ -249,7 +238,7 @@ def html_report(result: CompareResult, plot_png: Path | None) -> str:
             "td:first-child,th:first-child{text-align:left}table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}</style>"
             f"</head><body><h1>What each step bought</h1><p>{html.escape(result.metric)} on {html.escape(result.split)}; "
             f"latency on {html.escape(result.backend)}, batch {result.bench_batch}, {result.threads} threads, "
-            f"{result.rounds} interleaved rounds. Ratios are to the first row.</p>"
+            f"{result.rounds} timed calls each, taking turns. Ratios are to the first row.</p>"
             f"<table><tr>{head}</tr>{rows}</table>{image}<ul>{notes}</ul></body></html>\n")
 
 

@@ -3,8 +3,6 @@ the pruned model measured by the same code on the same inputs."""
 
 from __future__ import annotations
 
-import statistics
-import time
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -48,23 +46,10 @@ def task_metrics(task, model, split: str) -> dict:
 
 
 def interleaved_latency(predicts: dict[str, Callable], example, iterations: int, warmup: int = 3) -> dict:
-    """p50/p95 in ms of each predict on the same input, interleaved (A B B A …) so drift hits both alike."""
-    names = list(predicts)
-    for _ in range(warmup):
-        for name in names:
-            predicts[name](example)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(iterations):
-        for name in names if i % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            predicts[name](example)
-            times[name].append((time.perf_counter() - start) * 1000.0)
-    out = {}
-    for name, values in times.items():
-        values.sort()
-        out[name] = {"latency_ms_p50": statistics.median(values),
-                     "latency_ms_p95": values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]}
-    return out
+    """p50/p95 in ms of each predict on the same input, side by side (``timing.take_turns``)."""
+    from ..timing import latency_stats, take_turns
+
+    return {name: latency_stats(t) for name, t in take_turns(predicts, example, iterations, warmup).items()}
 
 
 def onnx_latency(artifact, model, config: dict, files: dict, example, threads: int, iterations: int):

@@ -1,7 +1,7 @@
 """The before/after report: file size, the task metric, and latency on the same threads.
 
-Both models are evaluated by the same code (``tasks``) on the same split, and timed interleaved
-(A B B A …, ``evaluate.benchmark_interleaved``) on the same input with the same intra-op threads,
+Both models are evaluated by the same code (``tasks``) on the same split, and timed side by side
+(taking turns, ``evaluate.benchmark_interleaved``) on the same input with the same intra-op threads,
 with thread-pool spinning off for both: two sessions timed in turn in one process would otherwise
 fight over the cores with their idle spinning threads.
 """
