@@ -35,25 +35,41 @@ def machine_line(info: dict | None = None) -> str:
             f"python {v.get('python')}, torch {v.get('torch')}, onnxruntime {v.get('onnxruntime', '-')}; {info['date']}")
 
 
-def load_average() -> float | None:
-    """The 1-minute load average (None where the OS has none): recorded before and after each run,
-    because on a shared machine other jobs' load is part of what a timing measured."""
+def cpu_snapshot() -> dict | None:
+    """Machine-wide busy and steal CPU seconds (/proc/stat) and this process's own CPU seconds
+    (threads and waited-for children included). Two snapshots tell how much of the CPU *other*
+    processes took while a benchmark ran: on a shared machine, that is part of what it measured.
+    None where /proc/stat does not exist (not Linux)."""
     import os
 
     try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
+        with open("/proc/stat", encoding="ascii") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except (OSError, ValueError):
         return None
+    hz = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return {"busy": (user + nice + system + irq + softirq) / hz, "steal": steal / hz,
+            "own": own.user + own.system + own.children_user + own.children_system, "wall": time.monotonic()}
 
 
-def load_line(before: float | None, after: float | None, cores: int | None) -> str:
-    """One sentence for the docs: was the machine quiet while this ran? (The run's own threads
-    count in the "after" figure.)"""
-    if before is None:
-        return "Load average not available on this OS."
-    busy = before > 0.5 * (cores or 1)
-    state = "**busy** with other work when this started" if busy else "otherwise idle when this started"
-    return f"The machine was {state} (1-minute load average {before:.1f} before, {after:.1f} after, on {cores} cores)."
+def contention(start: dict | None, end: dict | None, cores: int | None) -> dict | None:
+    """Shares of the machine's CPU capacity, between two snapshots, used by other processes and
+    stolen by the hypervisor (other virtual machines on the same host)."""
+    if not start or not end:
+        return None
+    capacity = (end["wall"] - start["wall"]) * (cores or 1)
+    other = max(0.0, (end["busy"] - start["busy"]) - (end["own"] - start["own"]))
+    return {"other_share": other / capacity, "steal_share": (end["steal"] - start["steal"]) / capacity}
+
+
+def contention_line(c: dict | None) -> str:
+    """One sentence for the docs: how quiet was the machine while this ran?"""
+    if not c:
+        return "CPU contention not recorded (no /proc/stat)."
+    quiet = c["other_share"] < 0.05 and c["steal_share"] < 0.05
+    return (f"While it ran, other processes used {c['other_share']:.0%} of the CPU and the hypervisor stole "
+            f"{c['steal_share']:.0%} ({'a quiet machine' if quiet else '**a busy machine**: expect noisier figures'}).")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -2,8 +2,9 @@
 
 A latency target is a claim about a whole graph, but a graph cannot run faster than its compute
 kernels. This script profiles the models exactly as `bigmodel export` / `bigmodel quantize` write
-them (ONNX Runtime's own per-node profiler, sessions timed interleaved with spinning off, medians
-per node) and bounds each target by generous assumptions:
+them (ONNX Runtime's own per-node profiler; each session run as it runs in `bigmodel eval`, thread
+spinning on, in short blocks that alternate between the models, the first call of each block
+discarded so no model pays for another's threads; medians per node) and bounds each target by generous assumptions:
 
 - export, gpt `mini` at 8 × 128 (target ONNX Runtime ≤ 0.6 × torch eager): even if every
   operation except the weight GEMMs (attention, softmax, norms, GELU, residual adds) took no time,
@@ -22,7 +23,7 @@ kernels differ and so do the ceilings; rerun this there.
 
 Budget: about 3 minutes on 2 cores.
 
-    python benchmarks/kernel_ceiling.py [--threads 1,2] [--rounds 40]
+    python benchmarks/kernel_ceiling.py [--threads 1,2] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import load_average, load_line, machine, machine_line, write_section
+from _common import contention, contention_line, cpu_snapshot, machine, machine_line, write_section
 
 TARGETS = {"export_gpt": 0.6, "quantize_gpt": 0.45, "quantize_cnn_speedup": 1.5}
 # Ops that multiply by a weight matrix (fp32 and int8, before and after ONNX Runtime's fusions).
@@ -60,8 +61,8 @@ class Profiled:
         options.enable_profiling = True
         options.profile_file_prefix = str(work / "profile")
         options.optimized_model_filepath = str(optimized)  # to see which nodes ORT fused into what
-        # Several sessions timed in turn in one process: idle spinning threads would steal cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spinning stays on, as `bigmodel eval` runs: the ceiling must use the kernels at their best.
+        # (Timing in blocks, run_blocks, keeps one session's spinning threads out of another's calls.)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         graph = onnx.load(str(optimized), load_external_data=False).graph
@@ -72,8 +73,8 @@ class Profiled:
     def __call__(self, x) -> None:
         self.session.run(None, {self.input: x})
 
-    def kernel_medians(self, skip: int) -> dict[str, float]:
-        """Median kernel time per node in ms, over the calls after the first ``skip``."""
+    def kernel_medians(self, keep: list[int]) -> dict[str, float]:
+        """Median kernel time per node in ms, over the calls numbered in ``keep`` (0 = the first)."""
         path = Path(self.session.end_profiling())
         events = json.loads(path.read_text())
         path.unlink()
@@ -81,26 +82,32 @@ class Profiled:
         for e in events:
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
                 times.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] / 1000.0)
-        return {name: statistics.median(t[skip:] or t) for name, t in times.items()}
+        return {name: statistics.median([t[i] for i in keep if i < len(t)] or t) for name, t in times.items()}
 
     def compute_nodes(self, medians: dict[str, float], ops: set[str], weights_only: bool) -> list[tuple[str, str, float]]:
         return [(name, op, medians[name]) for name, op, has_weight in self.nodes
                 if op in ops and name in medians and (has_weight or not weights_only)]
 
 
-def run_interleaved(calls: dict, x_for: dict, rounds: int, warmup: int = 5) -> dict[str, list[float]]:
-    """Wall times (ms) of each callable, alternating the order every round."""
+def run_blocks(calls: dict, x_for: dict, rounds: int, block: int = 4) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Each callable ``block`` + 1 times in a row, the models taking turns (order reversed every
+    round); the first call of each block is discarded, as it may wait for threads the previous
+    model left spinning. Returns the kept wall times (ms) and the kept call numbers per model."""
     names = list(calls)
-    for _ in range(warmup):
-        for n in names:
-            calls[n](x_for[n])
     wall: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
+    kept: dict[str, list[int]] = {n: [] for n in names}
+    count = dict.fromkeys(names, 0)
+    for r in range(rounds + 1):  # round 0 warms every model up and is discarded whole
         for n in (names if r % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
-            calls[n](x_for[n])
-            wall[n].append((time.perf_counter() - start) * 1000.0)
-    return wall
+            for i in range(block + 1):
+                start = time.perf_counter()
+                calls[n](x_for[n])
+                elapsed = (time.perf_counter() - start) * 1000.0
+                if r > 0 and i > 0:
+                    wall[n].append(elapsed)
+                    kept[n].append(count[n])
+                count[n] += 1
+    return wall, kept
 
 
 # --- the models, made the way the CLI makes them -------------------------------------------------
@@ -142,11 +149,11 @@ def gpt_ceilings(torch_dir: Path, fp32: Path, int8: Path, threads: int, rounds: 
     eager = open_backend(open_artifact(torch_dir), "torch", "cpu", threads)  # as `eval --bench` runs torch
     sessions = {"fp32": Profiled(fp32 / "model.onnx", threads, work), "int8": Profiled(int8 / "model.onnx", threads, work)}
     torch.set_num_threads(threads)
-    wall = run_interleaved({"torch": eager.predict, **sessions}, {k: tokens for k in ("torch", "fp32", "int8")}, rounds)
+    wall, kept = run_blocks({"torch": eager.predict, **sessions}, {k: tokens for k in ("torch", "fp32", "int8")}, rounds)
     p50 = {k: statistics.median(v) for k, v in wall.items()}
     gemm = {}
     for name, s in sessions.items():
-        nodes = s.compute_nodes(s.kernel_medians(skip=5), GEMM_OPS, weights_only=True)
+        nodes = s.compute_nodes(s.kernel_medians(kept[name]), GEMM_OPS, weights_only=True)
         gemm[name] = {"ms": sum(t for _, _, t in nodes), "nodes": len(nodes), "ops": sorted({op for _, op, _ in nodes})}
     return {
         "threads": threads, "wall_p50_ms": p50, "weight_gemm": gemm,
@@ -166,8 +173,8 @@ def cnn_ceiling(fp32: Path, int8: Path, threads: int, rounds: int, work: Path) -
     artifact = open_artifact(fp32)
     pixels = np.ascontiguousarray(bench_input(artifact, Evaluator(artifact, "val", None).task, BenchConfig(batch_size=256)))
     sessions = {"fp32": Profiled(fp32 / "model.onnx", threads, work), "int8": Profiled(int8 / "model.onnx", threads, work)}
-    wall = run_interleaved(sessions, {k: pixels for k in sessions}, rounds * 10)
-    medians = {k: s.kernel_medians(skip=50) for k, s in sessions.items()}
+    wall, kept = run_blocks(sessions, {k: pixels for k in sessions}, rounds * 2, block=20)
+    medians = {k: s.kernel_medians(kept[k]) for k, s in sessions.items()}
     # The compute layers in order (conv, conv, dense, dense); matched by position across the graphs.
     layers = {k: s.compute_nodes(medians[k], GEMM_OPS | CONV_OPS, weights_only=False) for k, s in sessions.items()}
     if len(layers["fp32"]) != len(layers["int8"]):
@@ -188,11 +195,11 @@ def cnn_ceiling(fp32: Path, int8: Path, threads: int, rounds: int, work: Path) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--rounds", type=int, default=16, help="interleaved rounds for the gpt (the CNN gets 10×)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of 4-call blocks for the gpt (the CNN: 2× the rounds of 20-call blocks)")
     args = parser.parse_args()
     started = time.perf_counter()
     info = machine()
-    results: dict = {"machine": info, "targets": TARGETS, "gpt": [], "cnn": [], "load_before": load_average()}
+    results: dict = {"machine": info, "targets": TARGETS, "gpt": [], "cnn": [], "cpu_start": cpu_snapshot()}
     with tempfile.TemporaryDirectory(prefix="bench-ceiling-") as tmp:
         work = Path(tmp)
         gpt = gpt_models(work)
@@ -206,7 +213,7 @@ def main() -> None:
                   f"int8 gpt ceiling {g['quantize']['ceiling']:.2f}× (measured {g['quantize']['measured']:.2f}×), "
                   f"int8 cnn ceiling {c['ceiling_speedup']:.2f}× faster (measured {c['measured_speedup']:.2f}×)", flush=True)
     results["seconds"] = time.perf_counter() - started
-    results["load_after"] = load_average()
+    results["contention"] = contention(results.pop("cpu_start"), cpu_snapshot(), info.get("cores"))
     write_section("kernel_ceiling", render(results, info), results)
     print(f"done in {results['seconds']:.0f} s; docs/benchmarks.md updated")
 
@@ -220,12 +227,12 @@ def render(r: dict, info: dict) -> str:
     lines = [
         "## What this CPU's kernels allow (`benchmarks/kernel_ceiling.py`)",
         "",
-        f"Machine: {machine_line(info)}. {load_line(r['load_before'], r['load_after'], info.get('cores'))} "
+        f"Machine: {machine_line(info)}. {contention_line(r.get('contention'))} "
         f"Run time {r['seconds']:.0f} s.",
         "",
         "Each ceiling is the best ratio a model could reach here if everything but its compute kernels were free; "
         "kernel times come from ONNX Runtime's per-node profiler on the models `bigmodel export` / `quantize` write "
-        "(medians per node, sessions timed interleaved, spinning off). A ceiling beyond the target means no graph "
+        "(medians per node; spinning on, the models taking turns in short blocks whose first call is discarded). A ceiling beyond the target means no graph "
         "change can meet that target on this CPU. Method and assumptions: the script's docstring.",
         "",
         "| target | threads | measured | ceiling | target | verdict |",

@@ -8,9 +8,9 @@ Targets (issue 4, written for an AVX-512 VNNI CPU):
 - weight-only: int8 checkpoint ≥ 3.9× smaller, int4 ≥ 7× smaller, output error stated.
 
 Every figure comes from `quantize_artifact`'s own report: the metric on the validation split for
-both models, and latency timed interleaved (A B B A …) with the same intra-op threads (spinning
+both models, and latency timed side by side (taking turns, engine/timing.py) with the same intra-op threads (spinning
 off for both). Next to the default scheme chosen for this CPU, the other int8 schemes are
-quantized and timed together with fp32 in one interleaved run, to show what the choice is worth
+quantized and timed together with fp32 in one run, to show what the choice is worth
 here. The mini gpt is trained for only --gpt-steps steps (the CPU budget); its perplexity delta is
 that of a briefly trained model.
 
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import load_average, load_line, machine, machine_line, write_section
+from _common import contention, contention_line, cpu_snapshot, machine, machine_line, write_section
 
 TARGETS = {"gpt_size": 3.9, "gpt_latency": 0.45, "gpt_ppl": 3.0, "mlp_acc": 0.5, "cnn_speedup": 1.5, "cnn_acc": 1.0,
            "w8_size": 3.9, "w4_size": 7.0}
@@ -89,7 +89,7 @@ def quantize(source: Path, out: Path, **options) -> dict:
 
 def schemes_side_by_side(source: Path, work: Path, mode: str, schemes: list[tuple[str, str, bool]], threads: int,
                          iterations: int, **bench) -> dict:
-    """fp32 and int8 under several schemes, timed together in one interleaved run."""
+    """fp32 and int8 under several schemes, timed together in one run, taking turns."""
     from bigmodel_cli.artifact import open_artifact
     from bigmodel_cli.engine.evaluate import BenchConfig
     from bigmodel_cli.engine.quantization.measure import Evaluator, latency
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep trained models here and reuse them")
     args = parser.parse_args()
     info = machine()
-    load_before = load_average()
+    cpu_start = cpu_snapshot()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         work = args.workdir or Path(tmp)
@@ -148,7 +148,7 @@ def main() -> None:
             t, max(4, args.iterations // 2), batch=8, seq=128)
     r["seconds"] = time.perf_counter() - started
     r["gpt_steps"] = args.gpt_steps
-    r["load_before"], r["load_after"] = load_before, load_average()
+    r["contention"] = contention(cpu_start, cpu_snapshot(), info.get("cores"))
     write_section("quantize", render(r, info), {"machine": info, **r})
     print(render(r, info))
 
@@ -177,8 +177,8 @@ def render(r: dict, info: dict) -> str:
         "## quantize: int8 vs fp32 (ONNX Runtime) and weight-only checkpoints",
         "",
         f"Machine: {machine_line(info)}. Threads: {g['latency']['threads']} intra-op, spinning off for both models, "
-        "interleaved timing; the ratio of medians is the claim, absolute times are this machine's only. "
-        f"{load_line(r.get('load_before'), r.get('load_after'), info.get('cores'))}",
+        "taking turns as `bigmodel quantize` times them; the ratio of medians is the claim, absolute times are this machine's only. "
+        f"{contention_line(r.get('contention'))}",
         f"Scheme chosen here: **{scheme['name']}**, reduce_range {scheme['reduce_range']} — {scheme['reason']}. "
         "The targets were written for an AVX-512 VNNI CPU; this one has no VNNI (and no AVX-512), so no VNNI "
         "figure is claimed here; `benchmarks/kernel_ceiling.py` measures how far this CPU's own int8 kernels "
@@ -209,7 +209,7 @@ def render(r: dict, info: dict) -> str:
         lines.append(f"| {name} | {bits} | {rep['size_ratio']:.2f}× | {change} | {e['max_abs_diff']:.3g} | {e['top1_agreement']:.2%} |")
     for key, title in (("cnn_schemes", "digits CNN, static, batch 256"), ("gpt_schemes", "mini gpt, dynamic, 8×128")):
         s = r[key]
-        lines += ["", f"int8 schemes on this CPU, {title} (fp32 and every scheme timed in one interleaved run):", "",
+        lines += ["", f"int8 schemes on this CPU, {title} (fp32 and every scheme timed in one run, taking turns):", "",
                   "| scheme | p50 ms | vs fp32 |", "|---|---|---|"]
         lines += [f"| {label} | {v['p50_ms']:.3f} | {v['vs_fp32']:.2f}× |" for label, v in s.items() if isinstance(v, dict)]
     lines += ["", f"Run time {r['seconds']:.0f} s. Raw numbers: `benchmarks/results/quantize.json`."]

@@ -4,10 +4,11 @@ and the before/after reports of prune and quantize all time through here.
 Side by side, the models take turns, and the order reverses every turn, so a machine that slows
 down or speeds up over the run affects every model alike. A turn is one untimed call followed by
 up to ``TURN`` timed calls, not a single call (strict A B A B): ONNX Runtime's pool threads keep
-spinning on the cores for a while after a call returns, and on a 2-core machine a torch call made
-right after a 2-thread ONNX Runtime call took 1.3× as long as one made after another torch call
-(docs/runtime.md), which flattered ONNX Runtime in every side-by-side figure. The untimed call
-absorbs whatever the previous model left running.
+spinning on the cores for a while after a call returns, so whatever runs next shares the cores
+with them. On a 2-core machine with 2 threads, timing torch and ONNX Runtime call by call gave
+ONNX Runtime / torch ratios of 0.64–0.84 (median 0.79) over five repeats, and in turns
+0.79–0.94 (median 0.84; docs/runtime.md): alternating single calls flattered ONNX Runtime. The untimed call absorbs
+whatever the previous model left running.
 """
 
 from __future__ import annotations
