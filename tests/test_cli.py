@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import assert_one_error_line as _one_error_line
 

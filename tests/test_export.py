@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import export_once
 
 
 def user_artifact(tmp_path: Path, like: Path, code: str, entry: str) -> Path:

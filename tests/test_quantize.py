@@ -330,7 +330,7 @@ def test_slower_int8_gets_a_loud_warning(cli, mlp_onnx, tmp_path, monkeypatch):
         return {name: {"latency_ms_p50": 1.0 if name == "before" else 2.0, "latency_ms_p95": 3.0, "throughput": 1.0}
                 for name in predicts}
 
-    monkeypatch.setattr(measure, "benchmark_interleaved", slow_after)
+    monkeypatch.setattr(measure, "benchmark_side_by_side", slow_after)
     r = cli("quantize", mlp_onnx, "--out", tmp_path / "q", *FAST)
     assert r.exit_code == 0, r.output
     assert "WARNING" in r.stderr and "SLOWER" in r.stderr

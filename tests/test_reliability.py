@@ -4,7 +4,6 @@ no unpickling anywhere. See docs/reliability.md for the matrix."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess

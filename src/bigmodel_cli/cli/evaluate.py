@@ -55,7 +55,7 @@ def eval_command(
 
 def _side_by_side(source, cfg, *, json_out: bool, **kwargs) -> None:
     """--bench on an artifact with both model.safetensors and model.onnx: one report per backend,
-    timed interleaved with the same threads, in adjacent columns."""
+    timed side by side (taking turns) with the same threads, in adjacent columns."""
     from ..engine.evaluate import evaluate_backends
 
     report = evaluate_backends(source, ("torch", "onnx"), bench=cfg, **kwargs)

@@ -39,7 +39,7 @@ def prune(
     kd_loss: Annotated[Optional[str], typer.Option("--kd-loss", help="--distill: forward-kl (default), reverse-kl or mse.", rich_help_panel=_F)] = None,
     split: Annotated[str, typer.Option("--split", help="Split on which the report measures before and after.")] = "test",
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure torch latency before and after.")] = True,
-    bench_iterations: Annotated[int, typer.Option("--bench-iterations", help="Timed runs of each model (interleaved).")] = 30,
+    bench_iterations: Annotated[int, typer.Option("--bench-iterations", help="Timed runs of each model (the models take turns).")] = 30,
     bench_onnx: Annotated[bool, typer.Option("--bench-onnx", help="Also export before and after (verified, not kept) and time them with ONNX Runtime.")] = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -93,7 +93,7 @@ def _print_report(result, report: dict) -> None:
     if report.get("latency"):
         lat = report["latency"]
         console.note(f"latency: {lat['backend']}, {lat['threads']} threads, input {tuple(lat['input_shape'])}, "
-                     "interleaved before/after on this machine")
+                     "before/after side by side on this machine")
     if report.get("onnx"):
         onnx = report["onnx"]
         console.note(f"onnx latency: {onnx['provider']}, {onnx['threads']} threads, exported with {onnx['exporter']}")

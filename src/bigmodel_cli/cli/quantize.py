@@ -17,7 +17,7 @@ _R = "Report"
 
 _STAGES = {"export": "exporting to ONNX (--export)", "preprocess": "ONNX Runtime pre-processing",
            "quantize": "quantizing", "calibrate": "calibrating", "evaluate": "evaluating before and after",
-           "rank": "ranking nodes by quantization error", "bench": "timing fp32 and int8 (interleaved)",
+           "rank": "ranking nodes by quantization error", "bench": "timing fp32 and int8 (side by side)",
            "load": "loading weights", "write": "writing"}
 
 
@@ -107,7 +107,7 @@ def _print_report(result) -> None:
             info.append(("calibration", f"{c['method']} on {c['samples']} samples ({c['source']})"))
     if "latency" in report:
         lat = report["latency"]
-        info.append(("timed", f"input {'×'.join(map(str, lat['input_shape']))}, {lat['threads']} threads, interleaved, this machine"))
+        info.append(("timed", f"input {'×'.join(map(str, lat['input_shape']))}, {lat['threads']} threads, side by side, this machine"))
     gate = result.gate
     if gate["max_metric_drop"] is not None:
         tries = len(gate["attempts"]) - 1

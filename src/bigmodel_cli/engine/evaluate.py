@@ -143,7 +143,7 @@ def evaluate_artifact(
     return result
 
 
-def benchmark_interleaved(predicts: dict[str, Callable], example: np.ndarray, cfg: BenchConfig, progress=None) -> dict[str, dict]:
+def benchmark_side_by_side(predicts: dict[str, Callable], example: np.ndarray, cfg: BenchConfig, progress=None) -> dict[str, dict]:
     """``benchmark`` for several backends at once, side by side: the backends take turns on the
     same input (``timing.take_turns``: why turns, not alternate calls), after warm-up."""
     from .timing import latency_stats, take_turns
@@ -173,7 +173,7 @@ def evaluate_backends(
     **kwargs,
 ) -> dict:
     """The same report for several backends of one artifact, side by side: each is evaluated on the
-    same data, and (with ``bench``) timed interleaved on the same input with the same threads."""
+    same data, and (with ``bench``) timed side by side on the same input with the same threads."""
     runners = {}
     for name in backends:
         runners[name] = open_backend(artifact, name, device, threads)
@@ -183,7 +183,7 @@ def evaluate_backends(
     if bench is not None:
         data = open_data(artifact, kwargs.get("data_arg"), kwargs.get("target"))
         task = make_task(data, batch_size=64, block_size=artifact.data_spec.get("block_size"))
-        timings = benchmark_interleaved({n: r.predict for n, r in runners.items()}, bench_input(artifact, task, bench), bench, progress)
+        timings = benchmark_side_by_side({n: r.predict for n, r in runners.items()}, bench_input(artifact, task, bench), bench, progress)
         for name, timing in timings.items():
             results[name].update(timing)
     report = {"artifact": str(artifact.path), "backends": results}

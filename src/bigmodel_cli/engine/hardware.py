@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
 from functools import lru_cache
 
 from ..errors import UserError

@@ -335,7 +335,7 @@ def _report(artifact, dense, model, task, cfg: PruneConfig, best: Path, config: 
     example = bench_input(artifact, task, BenchConfig())
     latency = onnx = None
     if cfg.bench:
-        timed = measure.interleaved_latency({"before": torch_predict(dense), "after": torch_predict(model)},
+        timed = measure.side_by_side_latency({"before": torch_predict(dense), "after": torch_predict(model)},
                                             example, cfg.bench_iterations)
         before.update(timed["before"])
         after.update(timed["after"])

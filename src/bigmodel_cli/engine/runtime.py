@@ -15,7 +15,7 @@ import numpy as np
 from ..artifact import ONNX_FILE, Artifact
 from ..errors import UserError
 from .backends import Backend
-from .onnx_files import check_external_data
+from .onnx_files import check_data_beside, check_external_data
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -104,12 +104,13 @@ def open_session(path: Path | str, device: str = "cpu", threads: int | None = No
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such ONNX file; export the model first (bigmodel export ARTIFACT --out DIR)")
-    check_external_data(path)  # a missing or short model.onnx.data: one line naming that file
+    check_data_beside(path)  # a short model.onnx.data: one line naming that file
     try:
         session = ort.InferenceSession(str(path), options, providers=providers_for(device))
     except UserError:
         raise
     except Exception as exc:  # onnxruntime raises its own pybind exception types
+        check_external_data(path)  # a missing data file is the likely cause: if so, say that
         raise UserError(f"{path}: ONNX Runtime cannot load it ({_first_line(exc)}); it is not a valid ONNX model "
                         "for this runtime — re-export it with bigmodel export") from None
     return session, threads
@@ -181,10 +182,11 @@ def onnx_backend(artifact: Artifact, device: str = "cpu", threads: int | None = 
 def _load_model(path: Path, with_data: bool = True):
     import onnx
 
-    check_external_data(path)
+    check_data_beside(path)
     try:
         return onnx.load(str(path), load_external_data=with_data)
     except Exception as exc:  # DecodeError, OSError, ...
+        check_external_data(path)  # a missing data file is the likely cause: if so, say that
         raise UserError(f"{path}: is not a readable ONNX file ({_first_line(exc)}); re-export it") from None
 
 

@@ -6,5 +6,5 @@
                  go into config.json, so the pruned model rebuilds from its config alone
 - ``user_graph`` Torch-Pruning's dependency graph for users' own models, and the JSON record that
                  lets such a model reload at its pruned shapes without pickle
-- ``report``     before/after measurements: sizes, task metric, interleaved torch / ONNX Runtime latency
+- ``report``     before/after measurements: sizes, task metric, torch / ONNX Runtime latency side by side
 """

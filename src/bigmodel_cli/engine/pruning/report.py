@@ -45,7 +45,7 @@ def task_metrics(task, model, split: str) -> dict:
     return {k: v for k, v in metrics.items() if k not in ("samples", "tokens")}
 
 
-def interleaved_latency(predicts: dict[str, Callable], example, iterations: int, warmup: int = 3) -> dict:
+def side_by_side_latency(predicts: dict[str, Callable], example, iterations: int, warmup: int = 3) -> dict:
     """p50/p95 in ms of each predict on the same input, side by side (``timing.take_turns``)."""
     from ..timing import latency_stats, take_turns
 
@@ -54,7 +54,7 @@ def interleaved_latency(predicts: dict[str, Callable], example, iterations: int,
 
 def onnx_latency(artifact, model, config: dict, files: dict, example, threads: int, iterations: int):
     """Export the dense and the pruned model with ``engine.export`` (verified against torch) into a
-    temporary directory and time both ONNX Runtime sessions, interleaved. The exports are not kept:
+    temporary directory and time both ONNX Runtime sessions side by side. The exports are not kept:
     ``bigmodel export DIR`` makes the deployable one. Returns ({"before": …, "after": …}, details)."""
     import tempfile
 
@@ -73,7 +73,7 @@ def onnx_latency(artifact, model, config: dict, files: dict, example, threads: i
         result = export_artifact(art.open_artifact(pruned), tmp / "pruned-onnx", options, threads=threads)
         sessions = {"before": open_session(dense_onnx, threads=threads)[0],
                     "after": open_session(result.path / art.ONNX_FILE, threads=threads)[0]}
-        timed = interleaved_latency({k: session_predict(v) for k, v in sessions.items()}, example, iterations)
+        timed = side_by_side_latency({k: session_predict(v) for k, v in sessions.items()}, example, iterations)
         provider = sessions["after"].get_providers()[0]
         del sessions
     figures = {k: {f"onnx_{name}": v for name, v in values.items()} for k, values in timed.items()}

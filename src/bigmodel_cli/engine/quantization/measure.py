@@ -1,7 +1,7 @@
 """The before/after report: file size, the task metric, and latency on the same threads.
 
 Both models are evaluated by the same code (``tasks``) on the same split, and timed side by side
-(taking turns, ``evaluate.benchmark_interleaved``) on the same input with the same intra-op threads,
+(taking turns, ``evaluate.benchmark_side_by_side``) on the same input with the same intra-op threads,
 with thread-pool spinning off for both: two sessions timed in turn in one process would otherwise
 fight over the cores with their idle spinning threads.
 """
@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ...artifact import Artifact
-from ..evaluate import BenchConfig, benchmark_interleaved, bench_input, open_data
+from ..evaluate import BenchConfig, benchmark_side_by_side, bench_input, open_data
 from ..tasks import make_task
 
 METRIC_KEYS = ("accuracy", "perplexity", "loss", "bits_per_byte", "samples", "tokens")
@@ -50,7 +50,7 @@ def onnx_predict(path: Path, threads: int | None):
 
 def latency(paths: dict[str, Path], artifact: Artifact, evaluator: Evaluator, cfg: BenchConfig,
             threads: int | None, progress: Callable | None = None) -> dict:
-    """p50/p95 of each model on the same input, interleaved, same threads, spinning off."""
+    """p50/p95 of each model on the same input, side by side, same threads, spinning off."""
     from ..runtime import open_session, session_predict
 
     predicts, used = {}, None
@@ -58,7 +58,7 @@ def latency(paths: dict[str, Path], artifact: Artifact, evaluator: Evaluator, cf
         session, used = open_session(path, threads=threads, spin=False)
         predicts[name] = session_predict(session)
     example = bench_input(artifact, evaluator.task, cfg)
-    timings = benchmark_interleaved(predicts, example, cfg, progress)
+    timings = benchmark_side_by_side(predicts, example, cfg, progress)
     return {"threads": used, "input_shape": list(example.shape), "spinning": False, "iterations": cfg.iterations,
             **{name: {k: t[k] for k in ("latency_ms_p50", "latency_ms_p95", "throughput")} for name, t in timings.items()}}
 
