@@ -10,7 +10,7 @@ the ratio of medians of wall time. Each configuration is measured at every threa
 and each row is compared with the target. Next to it, the ratio of this process's CPU time per
 call: with one thread that is the work itself, unaffected by whatever else a shared machine runs.
 Also measured, to back the defaults in docs/export.md: opset 18 (the default) against opset 23
-(native Attention) for the gpt, call-by-call alternation against turns (the bias turns remove),
+(native Attention) for the gpt, call-by-call alternation against turns (repeated),
 and an fp16 against the fp32 export of the MLP in ONNX Runtime's
 CPU provider.
 
@@ -90,24 +90,38 @@ def timed(candidates: dict, rounds: int, warmup: int = 3) -> dict[str, dict]:
                 "n": rounds} for n in names}
 
 
-def alternation_study(gpt: Path, example, threads: int, rounds: int) -> dict:
+def alternation_study(gpt: Path, example, threads: int, rounds: int, repeats: int = 3) -> dict:
     """Why turns: the same two backends timed call by call (A B B A …), the way this benchmark and
-    `eval --bench` timed them before, against turns. ONNX Runtime's spinning pool threads slow the
-    torch call that follows them."""
+    `eval --bench` timed them before, against turns, ``repeats`` times. Each pass is warmed up, and
+    which method goes first alternates between repeats, so neither gets the warmer machine."""
     from bigmodel_cli.artifact import open_artifact
     from bigmodel_cli.engine.backends import open_backend
 
     runners = {name: open_backend(open_artifact(gpt), name, "cpu", threads) for name in ("torch", "onnx")}
     fns = {name: (lambda r=r: r.predict(example)) for name, r in runners.items()}
-    single: dict[str, list[float]] = {n: [] for n in fns}
-    for r in range(rounds):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            start = time.perf_counter()
-            fns[name]()
-            single[name].append((time.perf_counter() - start) * 1000.0)
-    turns = timed(fns, rounds, warmup=0)
-    return {"threads": threads, "call_by_call": {n: statistics.median(v) for n, v in single.items()},
-            "turns": {n: turns[n]["p50"] for n in fns}}
+
+    def call_by_call() -> dict[str, float]:
+        for fn in fns.values():
+            fn()
+        single: dict[str, list[float]] = {n: [] for n in fns}
+        for r in range(rounds):
+            for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                start = time.perf_counter()
+                fns[name]()
+                single[name].append((time.perf_counter() - start) * 1000.0)
+        return {n: statistics.median(v) for n, v in single.items()}
+
+    def turns() -> dict[str, float]:
+        return {n: v["p50"] for n, v in timed(fns, rounds, warmup=1).items()}
+
+    runs = []
+    for repeat in range(repeats):
+        first, second = (call_by_call, turns) if repeat % 2 == 0 else (turns, call_by_call)
+        a, b = first(), second()
+        c, t = (a, b) if first is call_by_call else (b, a)
+        runs.append({"call_by_call": c, "turns": t, "call_by_call_ratio": c["onnx"] / c["torch"],
+                     "turns_ratio": t["onnx"] / t["torch"]})
+    return {"threads": threads, "rounds": rounds, "runs": runs}
 
 
 def side_by_side(candidates: dict[str, tuple[Path, str]], example, threads: int, rounds: int) -> dict:
@@ -207,19 +221,20 @@ def render(r: dict, info: dict) -> str:
             "",
             f"Side studies, {r['threads'][0]} thread, ONNX Runtime only: gpt `mini` opset 23 (native `Attention`) / "
             f"opset 18 (the default) = {ratio(o, 'opset23', 'opset18'):.3f}× "
-            f"({o['opset18']['p50']:.1f} vs {o['opset23']['p50']:.1f} ms p50). MLP exported as fp16 / fp32 on the CPU "
+            f"(opset 23 {o['opset23']['p50']:.1f} ms vs opset 18 {o['opset18']['p50']:.1f} ms p50). MLP exported as fp16 / fp32 on the CPU "
             f"provider: {ratio(f['mlp'], 'fp16', 'fp32'):.2f}× (fp16 verification: max |diff| "
             f"{f['verification']['mlp']['max_abs_diff']:.2e}, top-1 agreement {f['verification']['mlp']['top1_agreement']:.1%}).",
         ]
-    if "alternation" in r:
+    if "alternation" in r and "runs" in r["alternation"]:
         a = r["alternation"]
-        c, t = a["call_by_call"], a["turns"]
+        by_call = [x["call_by_call_ratio"] for x in a["runs"]]
+        in_turns = [x["turns_ratio"] for x in a["runs"]]
         lines += [
             "",
-            f"Why turns ({a['threads']} threads, gpt `mini`, p50 ms): timed call by call (torch, ONNX Runtime, ONNX Runtime, "
-            f"torch, …) torch took {c['torch']:.1f} and ONNX Runtime {c['onnx']:.1f} (ratio {c['onnx'] / c['torch']:.3f}×); "
-            f"in turns, torch {t['torch']:.1f} and ONNX Runtime {t['onnx']:.1f} ({t['onnx'] / t['torch']:.3f}×). "
-            "(One repeat on a noisy machine; docs/runtime.md gives the range over several.)",
+            f"Call by call against turns ({a['threads']} threads, gpt `mini`, {len(a['runs'])} repeats of {a['rounds']} "
+            f"timed calls each, the order of the two methods alternating): ONNX Runtime / torch timed call by call "
+            f"(torch, ONNX Runtime, ONNX Runtime, torch, …) {' '.join(f'{v:.3f}×' for v in by_call)}; in turns "
+            f"{' '.join(f'{v:.3f}×' for v in in_turns)}.",
         ]
     return "\n".join(lines)
 

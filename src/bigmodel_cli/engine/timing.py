@@ -6,8 +6,8 @@ down or speeds up over the run affects every model alike. A turn is one untimed 
 up to ``TURN`` timed calls, not a single call (strict A B A B): ONNX Runtime's pool threads keep
 spinning on the cores for a while after a call returns, so whatever runs next shares the cores
 with them. On a 2-core machine with 2 threads, timing torch and ONNX Runtime call by call gave
-ONNX Runtime / torch ratios of 0.64–0.84 (median 0.79) over five repeats, and in turns
-0.79–0.94 (median 0.84; docs/runtime.md): alternating single calls flattered ONNX Runtime. The untimed call absorbs
+an ONNX Runtime / torch ratio of 0.76–0.78 over three repeats, and in turns 0.89–0.91
+(benchmarks/export.py; docs/runtime.md): alternating single calls flattered ONNX Runtime. The untimed call absorbs
 whatever the previous model left running.
 """
 
