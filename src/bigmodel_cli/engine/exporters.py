@@ -8,18 +8,15 @@ failure into one line.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import artifact as art
 from ..errors import UserError
 from . import onnx_files
+from .quiet import silenced
 
 if TYPE_CHECKING:
     from .export import ExportOptions, IOLayout
@@ -47,21 +44,10 @@ def weight_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-@contextlib.contextmanager
 def _quiet():
-    """The exporters print progress to stdout and warnings to stderr; results on stdout must stay
-    clean (--json), so their chatter is swallowed and their failures reported by us, in one line."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    """The exporters print progress to stdout and warnings to stderr; their failures are reported
+    by us, in one line (``_reason``)."""
+    return silenced("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 
 def _reason(exc: BaseException) -> str:

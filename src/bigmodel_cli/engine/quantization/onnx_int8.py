@@ -13,15 +13,12 @@ the atomic staging directory); ORT's own temporary files go to its own temporary
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import UserError, WorkFailed
 from ..onnx_files import data_path, has_external_data
+from ..quiet import silenced
 from .scheme import Scheme
 
 MODES = ("dynamic", "static")
@@ -36,19 +33,9 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ma
               "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 
 
-@contextlib.contextmanager
 def quiet():
-    """ORT's quantization tools log advice to the root logger and print to stdout; results on stdout
-    must stay clean (--json) and their failures are reported by us, in one line."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
+    """ORT's quantization tools log advice to the root logger and print to stdout."""
+    return silenced()
 
 
 def _first_line(exc: BaseException) -> str:
