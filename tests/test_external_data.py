@@ -310,6 +310,50 @@ def test_a_data_file_the_manifest_does_not_list_is_refused(cli, mlp_onnx, tmp_pa
 # --- the file layout helpers ---------------------------------------------------------------------
 
 
+def _tiny_onnx(directory: Path, external: bool) -> Path:
+    """One MatMul with an 8×4 weight, saved as one file or with model.onnx.data."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.arange(32, dtype=np.float32).reshape(8, 4), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    directory.mkdir()
+    path = directory / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=external, location="model.onnx.data", size_threshold=0)
+    return path
+
+
+def test_opening_a_model_whose_data_file_is_gone_names_that_file(tmp_path):
+    """Outside an artifact (no manifest to catch it first): ONNX Runtime's own error does not name
+    the file, so the failed load is followed by the check that does."""
+    from bigmodel_cli.engine.runtime import open_session
+    from bigmodel_cli.errors import UserError
+
+    path = _tiny_onnx(tmp_path / "external", external=True)
+    session, _ = open_session(path, threads=1)
+    assert session.run(None, {"x": np.ones((1, 8), np.float32)})[0].tolist() == [[112.0, 120.0, 128.0, 136.0]]
+    (tmp_path / "external" / "model.onnx.data").unlink()
+    with pytest.raises(UserError, match=r"model\.onnx\.data: missing"):
+        open_session(path, threads=1)
+
+
+def test_a_one_file_model_is_not_parsed_before_loading(tmp_path, monkeypatch):
+    """Parsing a one-file model reads all its weights; the data-file check runs only when a data
+    file sits beside the model."""
+    from bigmodel_cli.engine import onnx_files
+    from bigmodel_cli.engine.runtime import open_session
+
+    parsed = []
+    monkeypatch.setattr(onnx_files, "check_external_data", lambda path: parsed.append(path))
+    open_session(_tiny_onnx(tmp_path / "one", external=False), threads=1)
+    assert parsed == []
+    open_session(_tiny_onnx(tmp_path / "two", external=True), threads=1)
+    assert parsed == [tmp_path / "two" / "model.onnx"]
+
+
 def test_place_packs_one_file_per_tensor_into_one_data_file(tmp_path, export_external, digits_mlp, monkeypatch):
     """The TorchScript exporter's layout above 2 GB (a file per tensor) becomes model.onnx.data, and
     back to one file; the model computes the same either way. The working directory holds a
