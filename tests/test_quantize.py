@@ -10,32 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import export_once
+
 # Timing is not what these tests check: keep it short.
 FAST = ("--iterations", "2", "--warmup", "0")
 
 
-def _export(tmp_path_factory, run_dir: Path) -> Path:
-    from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine.export import ExportOptions, export_artifact
-
-    out = tmp_path_factory.mktemp("quantize-exports") / "onnx"
-    export_artifact(open_artifact(run_dir), out, ExportOptions())
-    return out
-
-
-@pytest.fixture(scope="module")
-def mlp_onnx(tmp_path_factory, digits_mlp):
-    return _export(tmp_path_factory, digits_mlp)
-
-
+# mlp_onnx and gpt_onnx come from conftest (exported once per session, shared with other files);
+# quantize only reads them.
 @pytest.fixture(scope="module")
 def cnn_onnx(tmp_path_factory, digits_cnn):
-    return _export(tmp_path_factory, digits_cnn)
-
-
-@pytest.fixture(scope="module")
-def gpt_onnx(tmp_path_factory, tiny_gpt):
-    return _export(tmp_path_factory, tiny_gpt)
+    return export_once(tmp_path_factory, digits_cnn)
 
 
 def _ok(result) -> dict:
