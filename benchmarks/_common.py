@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def machine() -> dict:
     from bigmodel_cli.artifact import library_versions
-    from bigmodel_cli.engine.hardware import machine_info
+    from bigmodel_cli.engine.core.hardware import machine_info
 
     return {**machine_info(), "versions": library_versions(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
 

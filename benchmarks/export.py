@@ -67,7 +67,7 @@ def timed(candidates: dict, rounds: int, warmup: int = 3) -> dict[str, dict]:
     and TURN timed calls, the order reversed every turn), recording both wall time and this
     process's CPU time per call. With one thread, CPU time is the work itself, whatever else the
     shared machine is running; wall time is what a caller waits. ``rounds`` timed calls each."""
-    from bigmodel_cli.engine.timing import TURN
+    from bigmodel_cli.engine.core.timing import TURN
 
     names = list(candidates)
     for _ in range(warmup):

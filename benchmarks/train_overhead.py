@@ -89,7 +89,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     overhead = med["bigmodel fp32"] / med["plain"]
     bf16 = med["bigmodel bf16-mixed"] / med["bigmodel fp32"]
-    from bigmodel_cli.engine.hardware import cpu_has_native_bf16
+    from bigmodel_cli.engine.core.hardware import cpu_has_native_bf16
 
     info = machine()
     md = f"""## Training throughput (`benchmarks/train_overhead.py`)

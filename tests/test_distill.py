@@ -321,7 +321,7 @@ def test_cached_teacher_trains_exactly_like_the_live_one(tmp_path, deep_mlp):
 
 def test_public_loss_fn_for_other_commands(deep_mlp):
     from bigmodel_cli.data import load_dataset
-    from bigmodel_cli.engine.tasks import make_task
+    from bigmodel_cli.engine.core.tasks import make_task
     from bigmodel_cli.models import build_model, resolve_spec
 
     teacher_art = art.open_artifact(deep_mlp)

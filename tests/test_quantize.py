@@ -56,7 +56,7 @@ def _leftovers(directory: Path) -> list[str]:
 
 def test_dynamic_mlp_is_smaller_keeps_accuracy_and_runs_in_eval(cli, mlp_onnx, tmp_path, monkeypatch):
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine.hardware import cpu_flags
+    from bigmodel_cli.engine.core.hardware import cpu_flags
     from bigmodel_cli.engine.quantization.scheme import choose_scheme, detect_isa
 
     work = tmp_path / "cwd"

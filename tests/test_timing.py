@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bigmodel_cli.engine.timing import TURN, latency_stats, take_turns
+from bigmodel_cli.engine.core.timing import TURN, latency_stats, take_turns
 
 
 def recorder(names):

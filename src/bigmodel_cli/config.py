@@ -99,7 +99,7 @@ class TrainConfig:
             p.append(f"--optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             p.append(f"--schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-        from .engine.hardware import DEVICES, PRECISIONS
+        from .engine.core.hardware import DEVICES, PRECISIONS
 
         if self.precision not in PRECISIONS:
             p.append(f"--precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")

@@ -28,8 +28,8 @@ class Backend:
 
 
 def torch_backend(artifact: Artifact, device: str = "cpu", threads: int | None = None, precision: str = "fp32") -> Backend:
-    from . import hardware
-    from .tasks import torch_predict
+    from .core import hardware
+    from .core.tasks import torch_predict
 
     threads = hardware.set_threads(threads)
     device = hardware.resolve_device(device)

@@ -228,7 +228,7 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
     import torch
 
     from .evaluate import open_data
-    from .tasks import make_task
+    from .core.tasks import make_task
     from .train import check_resume
     from .train_setup import TrainJob
 

@@ -17,7 +17,7 @@ def compare_models(plan: DistillPlan, run, baseline, progress: Progress | None =
     """Teacher, baseline and distilled student on the same data, split and window: metric,
     parameters, size and latency (torch, this machine's threads)."""
     from .evaluate import BenchConfig, evaluate_artifact
-    from .hardware import resolve_device
+    from .core.hardware import resolve_device
 
     cfg = plan.cfg
     student_art = art.open_artifact(run.best_dir)

@@ -16,7 +16,7 @@ import numpy as np
 from ..artifact import Artifact
 from ..errors import UserError
 from .backends import Backend, open_backend
-from .tasks import make_task
+from .core.tasks import make_task
 
 SPLITS = ("train", "val", "test")
 
@@ -146,7 +146,7 @@ def evaluate_artifact(
 def benchmark_side_by_side(predicts: dict[str, Callable], example: np.ndarray, cfg: BenchConfig, progress=None) -> dict[str, dict]:
     """``benchmark`` for several backends at once, side by side: the backends take turns on the
     same input (``timing.take_turns``: why turns, not alternate calls), after warm-up."""
-    from .timing import latency_stats, take_turns
+    from .core.timing import latency_stats, take_turns
 
     report = (lambda done, total: progress("bench", done=done, total=total)) if progress else None
     times = take_turns(predicts, example, cfg.iterations, cfg.warmup, report)

@@ -70,7 +70,7 @@ class Explainer:
     (or finite-differenced) model."""
 
     def __init__(self, artifact: Artifact, through: str = "auto", threads: int | None = None):
-        from . import hardware
+        from .core import hardware
 
         hardware.set_threads(threads)
         self.artifact = artifact

@@ -278,9 +278,9 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
     """Export, check, optimize, verify and write ``out`` as a stage-"export" artifact."""
     import torch
 
-    from . import hardware
+    from .core import hardware
     from .runtime import open_session, session_predict
-    from .tasks import torch_predict
+    from .core.tasks import torch_predict
 
     options = options or ExportOptions()
     say = progress or (lambda *_a, **_k: None)

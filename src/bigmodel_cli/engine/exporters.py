@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .. import artifact as art
 from ..errors import UserError
 from . import onnx_files
-from .quiet import silenced
+from .core.quiet import silenced
 
 if TYPE_CHECKING:
     from .export import ExportOptions, IOLayout

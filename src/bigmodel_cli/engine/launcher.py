@@ -61,7 +61,7 @@ def device_capacity(device: str) -> tuple[int, str]:
 
 def check_options(nproc: int | None, strategy: str | None, device: str) -> None:
     """Check --nproc and --strategy before any work (nothing is loaded or written yet)."""
-    from . import hardware
+    from .core import hardware
 
     problems = []
     if strategy is not None and strategy not in STRATEGIES:
@@ -128,7 +128,7 @@ def launch(job, nproc: int, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from . import hardware
+    from .core import hardware
 
     strategy = job.strategy or "ddp"
     check_options(nproc, strategy, job.cfg.device)

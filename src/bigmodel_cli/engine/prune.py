@@ -244,7 +244,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     """Prune ``artifact`` as ``cfg`` says, fine-tune with ``train_cfg``, write ``cfg.out``."""
     import torch
 
-    from . import hardware
+    from .core import hardware
     from .evaluate import open_data
 
     progress = progress or (lambda event, **info: None)
@@ -257,7 +257,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     finetune = cfg.finetune_epochs > 0 or bool(train_cfg.max_steps)
     _check_request(artifact, cfg, spec, finetune)
 
-    from .tasks import make_task
+    from .core.tasks import make_task
 
     data = open_data(artifact)
     task = make_task(data, train_cfg.batch_size, train_cfg.seed, artifact.data_spec.get("block_size"), train_cfg.eval_windows)
@@ -322,7 +322,7 @@ def _report(artifact, dense, model, task, cfg: PruneConfig, best: Path, config: 
     report and the pruned model's task metrics."""
     from ..weights import save_model_weights
     from .evaluate import BenchConfig, bench_input
-    from .tasks import torch_predict
+    from .core.tasks import torch_predict
 
     after_metrics = measure.task_metrics(task, model, cfg.split)
     best.mkdir()

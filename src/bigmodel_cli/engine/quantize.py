@@ -224,7 +224,8 @@ def _user_exclusions(names: list[str], graph) -> list[str]:
 
 def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: str, overwrite: bool, tmp: Path,
                say: Callable) -> QuantizeResult:
-    from . import hardware, onnx_files
+    from .core import hardware
+    from . import onnx_files
     from .export import check_onnx_file, onnx_section
     from .exporters import needs_external_data
     from .quantization.calibration import calibration_set, make_reader, onnx_input

@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..artifact import Artifact, open_artifact
 from ..errors import UserError
-from .timing import latency_stats, take_turns
+from .core.timing import latency_stats, take_turns
 
 METRIC_FOR_TASK = {"classification": "accuracy", "language-modeling": "perplexity"}
 
@@ -95,7 +95,7 @@ def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int 
                       bench_batch: int | None = None, rounds: int = 30, warmup: int = 3, limit: int | None = None,
                       explain_samples: int = 0, progress: Callable | None = None) -> CompareResult:
     from .evaluate import BenchConfig, bench_input, open_data, size_stats
-    from .tasks import make_task
+    from .core.tasks import make_task
 
     if rounds < 1 or warmup < 0:
         raise UserError("--rounds must be at least 1 and --warmup not negative")
@@ -206,7 +206,7 @@ def _cell(row: dict, key: str) -> str:
 
 
 def markdown_report(result: CompareResult, plot_name: str | None = None) -> str:
-    from .hardware import machine_info
+    from .core.hardware import machine_info
 
     m = machine_info()
     lines = [f"# Comparison ({result.metric} on {result.split}; latency on {result.backend}, "

@@ -23,9 +23,10 @@ from .. import artifact as art
 from ..config import TrainConfig, asdict
 from ..errors import NonFiniteLoss, UserError
 from ..models import count_parameters
-from . import distributed, hardware
+from . import distributed
+from .core import hardware
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .tasks import torch_predict
+from .core.tasks import torch_predict
 from .train_setup import TrainJob, prepare_training
 
 RUN_FILE = "run.json"

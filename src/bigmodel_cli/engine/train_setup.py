@@ -16,7 +16,7 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..models import USER_ARCH, build_model, get_arch, resolve_spec
 from . import launcher
-from .tasks import make_task
+from .core.tasks import make_task
 
 
 @dataclass

@@ -38,7 +38,7 @@ def size_figures(model, weights: Path) -> dict:
 
 
 def task_metrics(task, model, split: str) -> dict:
-    from ..tasks import torch_predict
+    from ..core.tasks import torch_predict
 
     model.eval()
     metrics = task.evaluate(torch_predict(model.cpu()), split)
@@ -47,7 +47,7 @@ def task_metrics(task, model, split: str) -> dict:
 
 def side_by_side_latency(predicts: dict[str, Callable], example, iterations: int, warmup: int = 3) -> dict:
     """p50/p95 in ms of each predict on the same input, side by side (``timing.take_turns``)."""
-    from ..timing import latency_stats, take_turns
+    from ..core.timing import latency_stats, take_turns
 
     return {name: latency_stats(t) for name, t in take_turns(predicts, example, iterations, warmup).items()}
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ...artifact import Artifact
 from ..evaluate import BenchConfig, benchmark_side_by_side, bench_input, open_data
-from ..tasks import make_task
+from ..core.tasks import make_task
 
 METRIC_KEYS = ("accuracy", "perplexity", "loss", "bits_per_byte", "samples", "tokens")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ...errors import UserError, WorkFailed
 from ..onnx_files import data_path, has_external_data
-from ..quiet import silenced
+from ..core.quiet import silenced
 from .scheme import Scheme
 
 MODES = ("dynamic", "static")

@@ -121,9 +121,9 @@ def quantize_weights(source, out, options, overwrite: bool, tmp, say, options_re
     from safetensors.torch import save_file
 
     from ... import artifact as art
-    from .. import hardware
+    from ..core import hardware
     from ..export import compare_outputs
-    from ..tasks import torch_predict
+    from ..core.tasks import torch_predict
     from . import gate as gating
     from .measure import Evaluator, build_report, manifest_metrics, model_bytes
 

@@ -11,7 +11,7 @@ import os
 import platform
 from functools import lru_cache
 
-from ..errors import UserError
+from ...errors import UserError
 
 PRECISIONS = ("fp32", "bf16-mixed", "auto")
 DEVICES = ("auto", "cpu", "cuda")
