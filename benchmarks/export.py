@@ -55,7 +55,7 @@ def digits_artifact(work: Path, threads: int) -> Path:
 
 def export(source: Path, out: Path, **options) -> tuple[Path, dict, float]:
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine.export import ExportOptions, export_artifact
+    from bigmodel_cli.engine.onnx.export import ExportOptions, export_artifact
 
     start = time.perf_counter()
     result = export_artifact(open_artifact(source), out, ExportOptions(**options), threads=1)

@@ -69,7 +69,7 @@ def cnn_base_images(work: Path) -> Path:
 
 def exported(work: Path, source: Path, name: str) -> Path:
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine.export import ExportOptions, export_artifact
+    from bigmodel_cli.engine.onnx.export import ExportOptions, export_artifact
 
     out = work / f"{name}-onnx"
     if not (out / "manifest.json").is_file():

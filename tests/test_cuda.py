@@ -61,7 +61,7 @@ def test_export_on_cuda_verifies_with_the_cuda_provider(cli, digits_mlp, tmp_pat
 
 
 def test_cuda_and_cpu_sessions_agree(mlp_onnx):
-    from bigmodel_cli.engine.runtime import open_session, session_predict
+    from bigmodel_cli.engine.onnx.runtime import open_session, session_predict
 
     x = np.random.default_rng(0).standard_normal((7, 1, 8, 8)).astype(np.float32)
     cuda, _ = open_session(mlp_onnx / "model.onnx", device="cuda")

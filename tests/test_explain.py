@@ -305,7 +305,7 @@ def test_samples_summary_and_the_engine_function_for_compare(cli, digits_mlp, di
 @pytest.fixture(scope="module")
 def onnx_only(tmp_path_factory, digits_mlp, tiny_gpt):
     """ONNX-only exports (no model.safetensors) of the digits MLP and the tiny GPT."""
-    from bigmodel_cli.engine.export import ExportOptions, export_artifact
+    from bigmodel_cli.engine.onnx.export import ExportOptions, export_artifact
 
     root = tmp_path_factory.mktemp("onnx")
     for name, run in (("mlp", digits_mlp), ("gpt", tiny_gpt)):

@@ -171,8 +171,8 @@ def test_unsupported_operator_is_one_line_exit_2(cli, tmp_path, digits_mlp, monk
 
 def test_torchscript_fallback_is_recorded(tmp_path, digits_mlp, monkeypatch):
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine import export as export_engine
-    from bigmodel_cli.engine import exporters
+    from bigmodel_cli.engine.onnx import export as export_engine
+    from bigmodel_cli.engine.onnx import exporters
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("simulated dynamo failure")

@@ -33,7 +33,7 @@ def _ok(result) -> dict:
 @pytest.fixture(scope="module")
 def export_external(cli, tmp_path_factory):
     """export(run_dir, *args) → an export written with external data (threshold 0), once per args."""
-    from bigmodel_cli.engine import exporters
+    from bigmodel_cli.engine.onnx import exporters
 
     made: dict[tuple, Path] = {}
 
@@ -55,7 +55,7 @@ def export_external(cli, tmp_path_factory):
 @pytest.fixture
 def threshold(monkeypatch):
     """set(bytes): the external-data threshold for this test only."""
-    from bigmodel_cli.engine import exporters
+    from bigmodel_cli.engine.onnx import exporters
 
     return lambda value: monkeypatch.setattr(exporters, "EXTERNAL_DATA_THRESHOLD_BYTES", value)
 
@@ -74,7 +74,7 @@ def test_export_writes_one_data_file_and_hashes_it(export_external, digits_mlp, 
     import onnx
 
     from bigmodel_cli.artifact import open_artifact, sha256_file
-    from bigmodel_cli.engine.onnx_files import external_locations
+    from bigmodel_cli.engine.onnx.files import external_locations
 
     out = export_external({"mlp": digits_mlp, "cnn": digits_cnn, "gpt": tiny_gpt}[model], *args)
     files = {p.name for p in out.iterdir()}
@@ -96,7 +96,7 @@ def test_export_writes_one_data_file_and_hashes_it(export_external, digits_mlp, 
 
 def test_under_the_threshold_the_export_is_one_file(mlp_onnx):
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine import exporters
+    from bigmodel_cli.engine.onnx import exporters
 
     assert exporters.EXTERNAL_DATA_THRESHOLD_BYTES == 2 * 1024**3 - 128 * 1024**2
     a = open_artifact(mlp_onnx)
@@ -105,8 +105,8 @@ def test_under_the_threshold_the_export_is_one_file(mlp_onnx):
 
 def test_the_decision_counts_parameters_and_buffers_once(digits_cnn, tiny_gpt):
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine.export import io_layout
-    from bigmodel_cli.engine.exporters import export_module, needs_external_data, weight_bytes
+    from bigmodel_cli.engine.onnx.export import io_layout
+    from bigmodel_cli.engine.onnx.exporters import export_module, needs_external_data, weight_bytes
 
     gpt = open_artifact(tiny_gpt).build_model()
     stored = {t.data_ptr(): t.numel() * t.element_size() for t in gpt.state_dict().values()}
@@ -329,7 +329,7 @@ def _tiny_onnx(directory: Path, external: bool) -> Path:
 def test_opening_a_model_whose_data_file_is_gone_names_that_file(tmp_path):
     """Outside an artifact (no manifest to catch it first): ONNX Runtime's own error does not name
     the file, so the failed load is followed by the check that does."""
-    from bigmodel_cli.engine.runtime import open_session
+    from bigmodel_cli.engine.onnx.runtime import open_session
     from bigmodel_cli.errors import UserError
 
     path = _tiny_onnx(tmp_path / "external", external=True)
@@ -343,8 +343,8 @@ def test_opening_a_model_whose_data_file_is_gone_names_that_file(tmp_path):
 def test_a_one_file_model_is_not_parsed_before_loading(tmp_path, monkeypatch):
     """Parsing a one-file model reads all its weights; the data-file check runs only when a data
     file sits beside the model."""
-    from bigmodel_cli.engine import onnx_files
-    from bigmodel_cli.engine.runtime import open_session
+    from bigmodel_cli.engine.onnx import files as onnx_files
+    from bigmodel_cli.engine.onnx.runtime import open_session
 
     parsed = []
     monkeypatch.setattr(onnx_files, "check_external_data", lambda path: parsed.append(path))
@@ -361,7 +361,7 @@ def test_place_packs_one_file_per_tensor_into_one_data_file(tmp_path, export_ext
     import onnx
     import onnxruntime as ort
 
-    from bigmodel_cli.engine import onnx_files
+    from bigmodel_cli.engine.onnx import files as onnx_files
 
     source = export_external(digits_mlp)
     monkeypatch.chdir(source)
@@ -444,7 +444,7 @@ def big_export(big_artifact) -> Path:
 @pytest.mark.slow
 def test_a_real_model_over_2_gb_exports_to_model_onnx_data(big_export, tmp_path):
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine.exporters import EXTERNAL_DATA_THRESHOLD_BYTES
+    from bigmodel_cli.engine.onnx.exporters import EXTERNAL_DATA_THRESHOLD_BYTES
 
     weight_bytes = 4 * _big_params()
     assert weight_bytes > 2 * 1024**3 > EXTERNAL_DATA_THRESHOLD_BYTES

@@ -155,7 +155,7 @@ def test_damaged_safetensors(cli, digits_mlp, tmp_path_factory, mode, at, byte, 
 
 @pytest.fixture(scope="module")
 def onnx_artifact(digits_mlp, tmp_path_factory):
-    pytest.importorskip("bigmodel_cli.engine.export")
+    pytest.importorskip("bigmodel_cli.engine.onnx.export")
     out = tmp_path_factory.mktemp("onnx") / "exported"
     from bigmodel_cli.cli import app
     from typer.testing import CliRunner

@@ -38,7 +38,7 @@ def export(
 ) -> None:
     """Export an artifact to ONNX, verify it against PyTorch, and write it as a new artifact."""
     from ..artifact import open_artifact
-    from ..engine.export import ExportOptions, export_artifact
+    from ..engine.onnx.export import ExportOptions, export_artifact
 
     options = ExportOptions(dynamic=parse_dynamic(dynamic), dtype=dtype, device=device, optimize=optimize,
                             atol=atol, exporter=exporter, weights=weights)

@@ -17,7 +17,7 @@ def info(
 ) -> None:
     """Describe an artifact without running it (safe for artifacts with user model code)."""
     from ..artifact import open_artifact
-    from ..engine.inspect import describe
+    from ..engine.info import describe
 
     d = describe(open_artifact(artifact))
     if json_out:

@@ -47,7 +47,7 @@ def open_backend(artifact: Artifact, backend: str = "auto", device: str = "cpu",
     if backend == "onnx":
         if not artifact.has_onnx:
             raise UserError(f"{artifact.path}: has no model.onnx; export it first (bigmodel export {artifact.path} --out DIR)")
-        from .runtime import onnx_backend
+        from .onnx.runtime import onnx_backend
 
         return onnx_backend(artifact, device=device, threads=threads)
     if not artifact.has_weights:

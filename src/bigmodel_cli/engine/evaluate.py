@@ -35,7 +35,7 @@ def size_stats(artifact: Artifact, backend: str | None = None) -> dict:
     ``backend="onnx"`` measures model.onnx even when the artifact also carries safetensors (an
     export keeps both), so each backend reports the file it actually runs.
     """
-    from .inspect import parameter_counts
+    from .info import parameter_counts
 
     runs_onnx = backend == "onnx" and artifact.has_onnx
     params, zeros = parameter_counts(artifact, onnx=runs_onnx or not artifact.has_weights)

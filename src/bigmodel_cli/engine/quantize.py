@@ -156,7 +156,7 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
     mode = validate(options, source)
     art.check_output(out, overwrite)
     if mode != "weight-only" and source.has_onnx:
-        from .onnx_files import check_external_data
+        from .onnx.files import check_external_data
 
         check_external_data(source.path / art.ONNX_FILE)  # a short model.onnx.data is the user's to fix
     with tempfile.TemporaryDirectory(prefix="bigmodel-quantize-") as tmp:
@@ -184,7 +184,7 @@ def _working_float_model(fp32: Path, tmp: Path, options: QuantizeOptions, mode: 
     Named float.onnx (float.onnx.data for a model over 2 GB), never model.onnx: onnx.save_model
     refuses an external-data location that exists in the *current directory*, which model.onnx.data
     would whenever quantize is run from inside an export directory."""
-    from . import onnx_files
+    from .onnx import files as onnx_files
     from .quantization.onnx_int8 import load_graph, preprocess
 
     work = tmp / "float.onnx"
@@ -225,9 +225,9 @@ def _user_exclusions(names: list[str], graph) -> list[str]:
 def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: str, overwrite: bool, tmp: Path,
                say: Callable) -> QuantizeResult:
     from .core import hardware
-    from . import onnx_files
-    from .export import check_onnx_file, onnx_section
-    from .exporters import needs_external_data
+    from .onnx import files as onnx_files
+    from .onnx.export import check_onnx_file, onnx_section
+    from .onnx.exporters import needs_external_data
     from .quantization.calibration import calibration_set, make_reader, onnx_input
     from .quantization.onnx_int8 import Int8Settings, is_transformer, load_graph, quantize_file, quantized_nodes, sensitive_nodes
     from .quantization.scheme import choose_scheme, detect_isa
@@ -243,7 +243,7 @@ def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: 
     exported = None
     onnx_artifact = source
     if not source.has_onnx:
-        from .export import ExportOptions, export_artifact
+        from .onnx.export import ExportOptions, export_artifact
 
         say("stage", name="export")
         result = export_artifact(source, tmp / "export", ExportOptions(weights=False), threads=options.threads)

@@ -80,7 +80,7 @@ def _runner(artifact: Artifact, backend: str, threads: int | None, workdir: Path
 
     if backend == "onnx" and not artifact.has_onnx:
         # Measure a PyTorch-only artifact on the same runtime: export it to a scratch directory.
-        from .export import export_artifact
+        from .onnx.export import export_artifact
 
         out = workdir / f"export-{len(list(workdir.iterdir()))}"
         export_artifact(artifact, out, threads=threads)

@@ -58,8 +58,8 @@ def onnx_latency(artifact, model, config: dict, files: dict, example, threads: i
     ``bigmodel export DIR`` makes the deployable one. Returns ({"before": …, "after": …}, details)."""
     import tempfile
 
-    from ..export import ExportOptions, export_artifact
-    from ..runtime import open_session, session_predict
+    from ..onnx.export import ExportOptions, export_artifact
+    from ..onnx.runtime import open_session, session_predict
 
     with tempfile.TemporaryDirectory(prefix="bigmodel-prune-") as tmp:
         tmp = Path(tmp)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import UserError, WorkFailed
-from ..onnx_files import data_path, has_external_data
+from ..onnx.files import data_path, has_external_data
 from ..core.quiet import silenced
 from .scheme import Scheme
 

@@ -122,7 +122,7 @@ def quantize_weights(source, out, options, overwrite: bool, tmp, say, options_re
 
     from ... import artifact as art
     from ..core import hardware
-    from ..export import compare_outputs
+    from ..onnx.export import compare_outputs
     from ..core.tasks import torch_predict
     from . import gate as gating
     from .measure import Evaluator, build_report, manifest_metrics, model_bytes

@@ -25,7 +25,7 @@ def tensor_table(artifact: Artifact) -> list[dict]:
                 rows.append({"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).replace("torch.", ""),
                              "params": numel, "zeros": zeros, "sparsity": zeros / numel if numel else 0.0})
         return rows
-    from .runtime import onnx_tensor_table
+    from .onnx.runtime import onnx_tensor_table
 
     return onnx_tensor_table(artifact)
 
@@ -38,7 +38,7 @@ def parameter_counts(artifact: Artifact, onnx: bool = False) -> tuple[int, int]:
     ONNX initializers are already filtered to weights by the runtime module, int8 ones included.
     """
     if onnx or not artifact.has_weights:
-        from .runtime import onnx_tensor_table
+        from .onnx.runtime import onnx_tensor_table
 
         rows = onnx_tensor_table(artifact)
         return sum(r["params"] for r in rows), sum(r["zeros"] for r in rows)

@@ -55,7 +55,7 @@ def check_external_data(path: Path) -> None:
     the file instead of ONNX Runtime's deserializer message."""
     import onnx
 
-    from ..errors import UserError
+    from ...errors import UserError
 
     try:
         model = onnx.load(str(path), load_external_data=False)

@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import artifact as art
-from ..errors import ConfigErrors, UserError, WorkFailed
-from . import onnx_files
+from ... import artifact as art
+from ...errors import ConfigErrors, UserError, WorkFailed
+from . import files as onnx_files
 from .exporters import TORCHSCRIPT_MAX_OPSET, export_module, run_exporters
 
 DTYPES = ("fp32", "fp16")
@@ -278,9 +278,9 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
     """Export, check, optimize, verify and write ``out`` as a stage-"export" artifact."""
     import torch
 
-    from .core import hardware
+    from ..core import hardware
     from .runtime import open_session, session_predict
-    from .core.tasks import torch_predict
+    from ..core.tasks import torch_predict
 
     options = options or ExportOptions()
     say = progress or (lambda *_a, **_k: None)

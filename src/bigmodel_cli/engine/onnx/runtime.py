@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import ONNX_FILE, Artifact
-from ..errors import UserError
-from .backends import Backend
-from .onnx_files import check_data_beside, check_external_data
+from ...artifact import ONNX_FILE, Artifact
+from ...errors import UserError
+from ..backends import Backend
+from .files import check_data_beside, check_external_data
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU_PROVIDER = "CPUExecutionProvider"

@@ -13,10 +13,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import artifact as art
-from ..errors import UserError
-from . import onnx_files
-from .core.quiet import silenced
+from ... import artifact as art
+from ...errors import UserError
+from . import files as onnx_files
+from ..core.quiet import silenced
 
 if TYPE_CHECKING:
     from .export import ExportOptions, IOLayout
