@@ -24,8 +24,8 @@ PRESET, BATCH, BLOCK = "milli", 16, 128
 
 def bigmodel_round(steps: int, precision: str, workdir: str, seed: int) -> float:
     from bigmodel_cli import TrainConfig
-    from bigmodel_cli.engine.train import run_job
-    from bigmodel_cli.engine.train_setup import prepare_training
+    from bigmodel_cli.engine.training.loop import run_job
+    from bigmodel_cli.engine.training.job import prepare_training
 
     stamps: list[float] = []
 

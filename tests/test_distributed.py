@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel_cli.engine.launcher import available_cores
+from bigmodel_cli.engine.training.launcher import available_cores
 
 TOLERANCE = 1e-5
 needs_two_cores = pytest.mark.skipif(available_cores() < 2, reason="two worker processes need two CPU cores")
@@ -222,8 +222,8 @@ def test_the_full_optimizer_state_round_trips_between_index_and_name_keys():
     import torch
 
     from bigmodel_cli.config import TrainConfig
-    from bigmodel_cli.engine.distributed import _optimizer_by_index, _optimizer_by_name
-    from bigmodel_cli.engine.train import make_optimizer
+    from bigmodel_cli.engine.training.distributed import _optimizer_by_index, _optimizer_by_name
+    from bigmodel_cli.engine.training.loop import make_optimizer
     from bigmodel_cli.models import build_model
 
     model = build_model({"arch": "gpt", **GPT_ARGS, "vocab_size": 256})

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from bigmodel_cli import TrainConfig, evaluate_artifact, open_artifact, train
-from bigmodel_cli.engine.train import lr_at, run_job
-from bigmodel_cli.engine.train_setup import prepare_training
+from bigmodel_cli.engine.training.loop import lr_at, run_job
+from bigmodel_cli.engine.training.job import prepare_training
 from bigmodel_cli.errors import NonFiniteLoss, UserError
 
 

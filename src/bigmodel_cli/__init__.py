@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
         return TrainConfig
     if name == "train":
-        from .engine.train import train
+        from .engine.training.loop import train
 
         return train
     if name == "open_artifact":

@@ -110,9 +110,9 @@ def train(
 ) -> None:
     """Train a model (default: an MLP on the bundled digits) and write best/ and last/ artifacts."""
     from ..config import TrainConfig, build_config, read_toml
-    from ..engine import launcher
-    from ..engine.train import run_job
-    from ..engine.train_setup import prepare_training
+    from ..engine.training import launcher
+    from ..engine.training.loop import run_job
+    from ..engine.training.job import prepare_training
 
     file_values = read_toml(config, "train") if config else {}
     cfg = build_config(TrainConfig, file_values, train_flags, source=str(config or "config"))

@@ -229,8 +229,8 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
 
     from .evaluate import open_data
     from .core.tasks import make_task
-    from .train import check_resume
-    from .train_setup import TrainJob
+    from .training.loop import check_resume
+    from .training.job import TrainJob
 
     teacher = art.open_artifact(cfg.teacher)
     if not teacher.has_weights:
@@ -317,7 +317,7 @@ def _recording(progress: Progress, run_dir: Path, fingerprint: dict, fresh: bool
 
 def _baseline_job(plan: DistillPlan):
     """The same student, from the same starting weights, data, budget and seed, without the teacher."""
-    from .train_setup import TrainJob
+    from .training.job import TrainJob
 
     tc = plan.cfg.train
     out = Path(tc.out) / BASELINE_DIR
@@ -340,7 +340,7 @@ def _baseline_job(plan: DistillPlan):
 def run_distill(plan: DistillPlan, progress: Progress | None = None) -> DistillResult:
     import torch
 
-    from .train import run_job
+    from .training.loop import run_job
 
     progress = progress or _no_progress
     cfg, tc = plan.cfg, plan.cfg.train

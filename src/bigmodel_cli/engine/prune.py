@@ -371,8 +371,8 @@ def _finetune(model, data, task, artifact, spec, train_cfg, cfg, run_dir: Path, 
     from safetensors.torch import load_file
 
     from ..weights import load_into
-    from .train import run_job
-    from .train_setup import TrainJob
+    from .training.loop import run_job
+    from .training.job import TrainJob
 
     job_cfg = dataclasses.replace(
         train_cfg, model=str(artifact.path), epochs=cfg.finetune_epochs or None, out=str(run_dir),

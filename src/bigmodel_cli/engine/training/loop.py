@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import artifact as art
-from ..config import TrainConfig, asdict
-from ..errors import NonFiniteLoss, UserError
-from ..models import count_parameters
+from ... import artifact as art
+from ...config import TrainConfig, asdict
+from ...errors import NonFiniteLoss, UserError
+from ...models import count_parameters
 from . import distributed
-from .core import hardware
+from ..core import hardware
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .core.tasks import torch_predict
-from .train_setup import TrainJob, prepare_training
+from ..core.tasks import torch_predict
+from .job import TrainJob, prepare_training
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import artifact as art
-from ..config import TrainConfig
-from ..errors import UserError
-from ..models import USER_ARCH, build_model, get_arch, resolve_spec
+from ... import artifact as art
+from ...config import TrainConfig
+from ...errors import UserError
+from ...models import USER_ARCH, build_model, get_arch, resolve_spec
 from . import launcher
-from .core.tasks import make_task
+from ..core.tasks import make_task
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _synthetic_shape(overrides: dict) -> dict:
 def resolve_model(cfg: TrainConfig, data, overrides: dict) -> dict:
     """The config.json model dict for this run, checked against the data."""
     if ":" in cfg.model and cfg.model.split(":")[0].endswith(".py"):
-        from ..models.user import parse_reference, trust_file
+        from ...models.user import parse_reference, trust_file
 
         path, entry = parse_reference(cfg.model)
         trust_file(path)  # the user named it on this command line
@@ -122,7 +122,7 @@ def prepare_training(cfg: TrainConfig) -> TrainJob:
     """Validate the whole configuration and build data, model and task. No training yet."""
     import torch
 
-    from ..data import load_dataset, parse_data_arg
+    from ...data import load_dataset, parse_data_arg
 
     cfg.validate()
     overrides = cfg.model_overrides()

@@ -13,9 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
-from ..artifact import atomic_directory, file_entries, sha256_file
-from ..errors import UserError
-from ..weights import load_into, save_model_weights
+from ...artifact import atomic_directory, file_entries, sha256_file
+from ...errors import UserError
+from ...weights import load_into, save_model_weights
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"

@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import BigModelError, UserError, WorkFailed
+from ...errors import BigModelError, UserError, WorkFailed
 from .launcher import STRATEGIES, available_cores, check_job, check_shardable, device_capacity, under_torchrun
 
 

@@ -24,7 +24,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from ..errors import BigModelError, UserError, WorkFailed
+from ...errors import BigModelError, UserError, WorkFailed
 
 STRATEGIES = ("ddp", "fsdp")
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -61,7 +61,7 @@ def device_capacity(device: str) -> tuple[int, str]:
 
 def check_options(nproc: int | None, strategy: str | None, device: str) -> None:
     """Check --nproc and --strategy before any work (nothing is loaded or written yet)."""
-    from .core import hardware
+    from ..core import hardware
 
     problems = []
     if strategy is not None and strategy not in STRATEGIES:
@@ -78,7 +78,7 @@ def check_options(nproc: int | None, strategy: str | None, device: str) -> None:
                 problems.append(f"--nproc {nproc} is more than the {capacity} {what} on this machine; "
                                 f"use --nproc {max(capacity, 1)} or fewer (one process per {what[:-1]})")
     if problems:
-        from ..errors import ConfigErrors
+        from ...errors import ConfigErrors
 
         raise ConfigErrors(problems, "distributed options")
 
@@ -128,13 +128,13 @@ def launch(job, nproc: int, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .core import hardware
+    from ..core import hardware
 
     strategy = job.strategy or "ddp"
     check_options(nproc, strategy, job.cfg.device)
     check_job(job, strategy)
     if job.cfg.resume:
-        from .train import check_resume
+        from .loop import check_resume
 
         check_resume(job)
     out = Path(job.cfg.out)
