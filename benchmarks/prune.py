@@ -44,7 +44,7 @@ GPT_SIZES = ({"n_layer": 2, "n_embd": 128, "n_head": 4, "block_size": 128},
 
 def _prune(artifact, work: str, name: str, threads: int, iterations: int, onnx: bool, train_opts: dict, **prune_opts):
     from bigmodel_cli import TrainConfig
-    from bigmodel_cli.engine.prune import PruneConfig, prune_artifact
+    from bigmodel_cli.engine.compress.prune.command import PruneConfig, prune_artifact
 
     cfg = PruneConfig(out=f"{work}/{name}", bench=iterations > 0, bench_onnx=onnx, bench_iterations=max(iterations, 1),
                       **prune_opts)

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from bigmodel_cli import TrainConfig, open_artifact, train
 from bigmodel_cli.artifact import write_metadata
-from bigmodel_cli.engine.pruning.plan import cubic_schedule, kept_width, parse_pattern
-from bigmodel_cli.engine.pruning.structured import prune_builtin, unit_groups
+from bigmodel_cli.engine.compress.prune.plan import cubic_schedule, kept_width, parse_pattern
+from bigmodel_cli.engine.compress.prune.structured import prune_builtin, unit_groups
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.models import build_model, resolve_spec
 

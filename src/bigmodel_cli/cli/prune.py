@@ -50,7 +50,7 @@ def prune(
     with fine-tuning; writes OUT/best and reports before/after."""
     from ..artifact import open_artifact
     from ..config import TrainConfig, build_config
-    from ..engine.prune import PruneConfig, prune_artifact
+    from ..engine.compress.prune.command import PruneConfig, prune_artifact
 
     cfg = PruneConfig(method=method, sparsity=sparsity, scope=scope, pattern=pattern, importance=importance,
                       head_sparsity=head_sparsity, round_to=round_to, ignore=list(ignore or []), steps=steps,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from ...errors import UserError
+from bigmodel_cli.errors import UserError
 from .plan import kept_width, split_ignored
 
 CRITERIA = ("l1", "l2", "taylor")
@@ -160,7 +160,7 @@ def prune_builtin(model, spec: dict, *, sparsity: float, head_sparsity: float, c
     """
     import torch
 
-    from ...models import build_model
+    from bigmodel_cli.models import build_model
 
     groups = unit_groups(model, spec)
     pruned_names = check_ignore(groups, spec, ignore)

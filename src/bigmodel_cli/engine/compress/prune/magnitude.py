@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ...errors import UserError
+from bigmodel_cli.errors import UserError
 
 SCOPES = ("layer", "global")
 

@@ -7,7 +7,7 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
-from ... import artifact as art
+from bigmodel_cli import artifact as art
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -38,7 +38,7 @@ def size_figures(model, weights: Path) -> dict:
 
 
 def task_metrics(task, model, split: str) -> dict:
-    from ..core.tasks import torch_predict
+    from ...core.tasks import torch_predict
 
     model.eval()
     metrics = task.evaluate(torch_predict(model.cpu()), split)
@@ -47,7 +47,7 @@ def task_metrics(task, model, split: str) -> dict:
 
 def side_by_side_latency(predicts: dict[str, Callable], example, iterations: int, warmup: int = 3) -> dict:
     """p50/p95 in ms of each predict on the same input, side by side (``timing.take_turns``)."""
-    from ..core.timing import latency_stats, take_turns
+    from ...core.timing import latency_stats, take_turns
 
     return {name: latency_stats(t) for name, t in take_turns(predicts, example, iterations, warmup).items()}
 
@@ -58,8 +58,8 @@ def onnx_latency(artifact, model, config: dict, files: dict, example, threads: i
     ``bigmodel export DIR`` makes the deployable one. Returns ({"before": …, "after": …}, details)."""
     import tempfile
 
-    from ..onnx.export import ExportOptions, export_artifact
-    from ..onnx.runtime import open_session, session_predict
+    from ...onnx.export import ExportOptions, export_artifact
+    from ...onnx.runtime import open_session, session_predict
 
     with tempfile.TemporaryDirectory(prefix="bigmodel-prune-") as tmp:
         tmp = Path(tmp)

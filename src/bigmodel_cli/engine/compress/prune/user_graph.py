@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 
-from ...errors import UserError
+from bigmodel_cli.errors import UserError
 from .plan import split_ignored
 from .structured import accumulate_gradients
 

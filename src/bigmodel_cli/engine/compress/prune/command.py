@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import artifact as art
-from ..config import TrainConfig
-from ..errors import ConfigErrors, UserError
-from ..models import USER_ARCH
-from .pruning import report as measure
-from .pruning.magnitude import SCOPES, check_nm, hold_masks, layer_sparsity, prunable_layers, prune_unstructured
-from .pruning.plan import cubic_schedule, parse_pattern, split_ignored, torch_pruning_scheduler
-from .pruning.structured import ARCHS, CRITERIA, accumulate_gradients, check_ignore, prune_builtin, unit_groups
+from bigmodel_cli import artifact as art
+from bigmodel_cli.config import TrainConfig
+from bigmodel_cli.errors import ConfigErrors, UserError
+from bigmodel_cli.models import USER_ARCH
+from . import report as measure
+from .magnitude import SCOPES, check_nm, hold_masks, layer_sparsity, prunable_layers, prune_unstructured
+from .plan import cubic_schedule, parse_pattern, split_ignored, torch_pruning_scheduler
+from .structured import ARCHS, CRITERIA, accumulate_gradients, check_ignore, prune_builtin, unit_groups
 
 METHODS = ("magnitude", "structured")
 SPLITS = ("train", "val", "test")
@@ -97,7 +97,7 @@ class PruneConfig:
             if self.head_sparsity:
                 p.append("--head-sparsity removes attention heads: use it with --method structured")
         if self.distill:
-            from .losses import KD_LOSSES  # plain constants, no torch
+            from ...losses import KD_LOSSES  # plain constants, no torch
 
             if self.temperature is not None and not self.temperature > 0:
                 p.append(f"--temperature must be positive, got {self.temperature}")
@@ -191,7 +191,7 @@ class _UserGraph:
     def __init__(self, cfg: PruneConfig, model, task, base_dir: Path):
         import torch
 
-        from .pruning.user_graph import GraphPruner
+        from .user_graph import GraphPruner
 
         example = torch.from_numpy(task.example_input(2))
         self.graph = GraphPruner(model, example, sparsity=cfg.sparsity or 0.0, steps=cfg.steps,
@@ -208,8 +208,8 @@ class _UserGraph:
 def _with_structure(spec: dict, model, base_dir: Path) -> dict:
     """The user model's spec with a record of the shapes pruning changed, diffed against the module
     exactly as the user's file builds it (so pruning a pruned model records the total change)."""
-    from ..models import build_model
-    from .pruning.user_graph import PRUNED_KEY, structure_record
+    from bigmodel_cli.models import build_model
+    from .user_graph import PRUNED_KEY, structure_record
 
     bare = {k: v for k, v in spec.items() if k != PRUNED_KEY}
     record = structure_record(build_model(bare, base_dir=base_dir), model)
@@ -244,8 +244,8 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     """Prune ``artifact`` as ``cfg`` says, fine-tune with ``train_cfg``, write ``cfg.out``."""
     import torch
 
-    from .core import hardware
-    from .evaluate import open_data
+    from ...core import hardware
+    from ...evaluate import open_data
 
     progress = progress or (lambda event, **info: None)
     started = time.perf_counter()
@@ -257,7 +257,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     finetune = cfg.finetune_epochs > 0 or bool(train_cfg.max_steps)
     _check_request(artifact, cfg, spec, finetune)
 
-    from .core.tasks import make_task
+    from ...core.tasks import make_task
 
     data = open_data(artifact)
     task = make_task(data, train_cfg.batch_size, train_cfg.seed, artifact.data_spec.get("block_size"), train_cfg.eval_windows)
@@ -320,9 +320,9 @@ def _report(artifact, dense, model, task, cfg: PruneConfig, best: Path, config: 
             before_metrics: dict, progress) -> tuple[dict, dict]:
     """Write the pruned weights into ``best`` and measure both models side by side; returns the
     report and the pruned model's task metrics."""
-    from ..weights import save_model_weights
-    from .evaluate import BenchConfig, bench_input
-    from .core.tasks import torch_predict
+    from bigmodel_cli.weights import save_model_weights
+    from ...evaluate import BenchConfig, bench_input
+    from ...core.tasks import torch_predict
 
     after_metrics = measure.task_metrics(task, model, cfg.split)
     best.mkdir()
@@ -359,7 +359,7 @@ def _pruned_config(artifact: art.Artifact, spec: dict) -> dict:
 def _teacher_loss(teacher, student, task, cfg: PruneConfig):
     """The distillation loss of ``bigmodel distill`` (its public hook for other commands), with the
     unpruned model as teacher: pruning removed capacity, the teacher shows what it computed."""
-    from .distill import distillation_loss_fn
+    from ...distill import distillation_loss_fn
 
     return distillation_loss_fn(teacher, student, task, temperature=2.0 if cfg.temperature is None else cfg.temperature,
                                 alpha=0.5 if cfg.alpha is None else cfg.alpha, kd_loss=cfg.kd_loss or "forward-kl")
@@ -370,9 +370,9 @@ def _finetune(model, data, task, artifact, spec, train_cfg, cfg, run_dir: Path, 
     """One trainer run on the pruned model; the model ends with the run's best weights."""
     from safetensors.torch import load_file
 
-    from ..weights import load_into
-    from .training.loop import run_job
-    from .training.job import TrainJob
+    from bigmodel_cli.weights import load_into
+    from ...training.loop import run_job
+    from ...training.job import TrainJob
 
     job_cfg = dataclasses.replace(
         train_cfg, model=str(artifact.path), epochs=cfg.finetune_epochs or None, out=str(run_dir),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 import math
 
-from ...errors import UserError
+from bigmodel_cli.errors import UserError
 
 
 def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
