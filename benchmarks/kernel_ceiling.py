@@ -168,7 +168,7 @@ def cnn_ceiling(fp32: Path, int8: Path, threads: int, rounds: int, work: Path) -
 
     from bigmodel_cli.artifact import open_artifact
     from bigmodel_cli.engine.evaluate import BenchConfig, bench_input
-    from bigmodel_cli.engine.quantization.measure import Evaluator
+    from bigmodel_cli.engine.compress.quantize.measure import Evaluator
 
     artifact = open_artifact(fp32)
     pixels = np.ascontiguousarray(bench_input(artifact, Evaluator(artifact, "val", None).task, BenchConfig(batch_size=256)))

@@ -79,7 +79,7 @@ def exported(work: Path, source: Path, name: str) -> Path:
 
 def quantize(source: Path, out: Path, **options) -> dict:
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine.quantize import QuantizeOptions, quantize_artifact
+    from bigmodel_cli.engine.compress.quantize.command import QuantizeOptions, quantize_artifact
 
     start = time.perf_counter()
     result = quantize_artifact(open_artifact(source), out, QuantizeOptions(**options), overwrite=True)
@@ -92,7 +92,7 @@ def schemes_side_by_side(source: Path, work: Path, mode: str, schemes: list[tupl
     """fp32 and int8 under several schemes, timed together in one run, taking turns."""
     from bigmodel_cli.artifact import open_artifact
     from bigmodel_cli.engine.evaluate import BenchConfig
-    from bigmodel_cli.engine.quantization.measure import Evaluator, latency
+    from bigmodel_cli.engine.compress.quantize.measure import Evaluator, latency
 
     paths, sizes = {"fp32": source / "model.onnx"}, {}
     for label, scheme, reduce_range in schemes:

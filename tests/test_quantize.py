@@ -57,7 +57,7 @@ def _leftovers(directory: Path) -> list[str]:
 def test_dynamic_mlp_is_smaller_keeps_accuracy_and_runs_in_eval(cli, mlp_onnx, tmp_path, monkeypatch):
     from bigmodel_cli.artifact import open_artifact
     from bigmodel_cli.engine.core.hardware import cpu_flags
-    from bigmodel_cli.engine.quantization.scheme import choose_scheme, detect_isa
+    from bigmodel_cli.engine.compress.quantize.scheme import choose_scheme, detect_isa
 
     work = tmp_path / "cwd"
     work.mkdir()
@@ -123,7 +123,7 @@ def test_static_with_users_calibration_inputs_and_other_methods(cli, mlp_onnx, t
 def test_calibration_inputs_are_fed_like_the_training_data(mlp_onnx, tmp_path):
     from bigmodel_cli.artifact import open_artifact
     from bigmodel_cli.data import load_dataset
-    from bigmodel_cli.engine.quantization.calibration import calibration_set
+    from bigmodel_cli.engine.compress.quantize.calibration import calibration_set
 
     artifact = open_artifact(mlp_onnx)
     data = load_dataset(dict(artifact.data_spec))
@@ -202,7 +202,7 @@ def test_weight_and_isa_overrides_are_recorded(cli, mlp_onnx, tmp_path):
     ({"asimd", "asimddp"}, "aarch64", "arm", "s8s8", False),
 ])
 def test_scheme_is_chosen_per_cpu(flags, machine, isa, name, reduce_range):
-    from bigmodel_cli.engine.quantization.scheme import choose_scheme, detect_isa
+    from bigmodel_cli.engine.compress.quantize.scheme import choose_scheme, detect_isa
 
     assert detect_isa(frozenset(flags), machine) == isa
     scheme = choose_scheme(isa)
@@ -211,7 +211,7 @@ def test_scheme_is_chosen_per_cpu(flags, machine, isa, name, reduce_range):
 
 
 def test_scheme_overrides():
-    from bigmodel_cli.engine.quantization.scheme import choose_scheme
+    from bigmodel_cli.engine.compress.quantize.scheme import choose_scheme
 
     s8 = choose_scheme("avx2", "s8s8")
     assert s8.name == "s8s8" and not s8.reduce_range and s8.overridden == ["--scheme s8s8"]
@@ -243,7 +243,7 @@ def _heavy_tailed_model(path: Path):
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_ranking_puts_the_worst_quantized_tensor_first(tmp_path, mode):
-    from bigmodel_cli.engine.quantization import calibration, gate, onnx_int8, scheme
+    from bigmodel_cli.engine.compress.quantize import calibration, gate, onnx_int8, scheme
 
     model = tmp_path / "float.onnx"
     batches = _heavy_tailed_model(model)
@@ -265,7 +265,7 @@ def test_ranking_puts_the_worst_quantized_tensor_first(tmp_path, mode):
 def int8_scores_badly(monkeypatch):
     """int8 models whose every MatMul is quantized answer with one constant class, so the gate must
     keep a node in float; ``always=True`` makes every int8 model answer that way."""
-    from bigmodel_cli.engine import quantize as engine
+    from bigmodel_cli.engine.compress.quantize import command as engine
 
     real = engine.onnx_predict
     state = {"always": False}
@@ -309,7 +309,7 @@ def test_gate_that_still_fails_exits_1_and_names_the_nodes(cli, mlp_onnx, tmp_pa
 
 
 def test_slower_int8_gets_a_loud_warning(cli, mlp_onnx, tmp_path, monkeypatch):
-    from bigmodel_cli.engine.quantization import measure
+    from bigmodel_cli.engine.compress.quantize import measure
 
     def slow_after(predicts, example, cfg, progress=None):
         return {name: {"latency_ms_p50": 1.0 if name == "before" else 2.0, "latency_ms_p95": 3.0, "throughput": 1.0}
@@ -375,7 +375,7 @@ def test_weight_only_int4_packs_two_weights_per_byte(cli, digits_mlp, tmp_path):
 def test_weight_only_round_trip_error_is_within_half_a_step(shape, bits, group):
     import torch
 
-    from bigmodel_cli.engine.quantization.weight_only import dequantize_tensor, quantize_tensor
+    from bigmodel_cli.engine.compress.quantize.weight_only import dequantize_tensor, quantize_tensor
 
     torch.manual_seed(0)
     w = torch.randn(shape)

@@ -54,7 +54,7 @@ def quantize(
     """Quantize to int8 (ONNX Runtime dynamic or static) or int8/int4 weights (weight-only), measure
     before and after, and write a new artifact."""
     from ..artifact import open_artifact
-    from ..engine.quantize import QuantizeOptions, quantize_artifact
+    from ..engine.compress.quantize.command import QuantizeOptions, quantize_artifact
 
     options = QuantizeOptions(
         mode=mode, method=method, calib_samples=calib_samples, calib_data=calib_data, target=target,

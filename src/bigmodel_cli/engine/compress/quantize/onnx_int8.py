@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import UserError, WorkFailed
-from ..onnx.files import data_path, has_external_data
-from ..core.quiet import silenced
+from bigmodel_cli.errors import UserError, WorkFailed
+from ...onnx.files import data_path, has_external_data
+from ...core.quiet import silenced
 from .scheme import Scheme
 
 MODES = ("dynamic", "static")

@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import artifact as art
-from ..errors import ConfigErrors, UserError, WorkFailed
-from .evaluate import SPLITS, BenchConfig
-from .quantization import gate as gating
-from .quantization.measure import Evaluator, build_report, latency, manifest_metrics, model_bytes, onnx_predict
-from .quantization.onnx_int8 import METHODS
-from .quantization.scheme import SCHEMES
-from .quantization.weight_only import BITS
+from bigmodel_cli import artifact as art
+from bigmodel_cli.errors import ConfigErrors, UserError, WorkFailed
+from ...evaluate import SPLITS, BenchConfig
+from . import gate as gating
+from .measure import Evaluator, build_report, latency, manifest_metrics, model_bytes, onnx_predict
+from .onnx_int8 import METHODS
+from .scheme import SCHEMES
+from .weight_only import BITS
 
 MODES = ("auto", "dynamic", "static", "weight-only")
 # The issue's defaults: convolutions calibrate well and run as QLinearConv; dense layers and
@@ -156,12 +156,12 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
     mode = validate(options, source)
     art.check_output(out, overwrite)
     if mode != "weight-only" and source.has_onnx:
-        from .onnx.files import check_external_data
+        from ...onnx.files import check_external_data
 
         check_external_data(source.path / art.ONNX_FILE)  # a short model.onnx.data is the user's to fix
     with tempfile.TemporaryDirectory(prefix="bigmodel-quantize-") as tmp:
         if mode == "weight-only":
-            from .quantization.weight_only import quantize_weights
+            from .weight_only import quantize_weights
 
             report, section, gate, manifest = quantize_weights(source, Path(out), options, overwrite, Path(tmp), say,
                                                                _options_record(options, mode))
@@ -184,8 +184,8 @@ def _working_float_model(fp32: Path, tmp: Path, options: QuantizeOptions, mode: 
     Named float.onnx (float.onnx.data for a model over 2 GB), never model.onnx: onnx.save_model
     refuses an external-data location that exists in the *current directory*, which model.onnx.data
     would whenever quantize is run from inside an export directory."""
-    from .onnx import files as onnx_files
-    from .quantization.onnx_int8 import load_graph, preprocess
+    from ...onnx import files as onnx_files
+    from .onnx_int8 import load_graph, preprocess
 
     work = tmp / "float.onnx"
     info: dict = {"applied": False, "reason": "--no-preprocess"}
@@ -224,13 +224,13 @@ def _user_exclusions(names: list[str], graph) -> list[str]:
 
 def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: str, overwrite: bool, tmp: Path,
                say: Callable) -> QuantizeResult:
-    from .core import hardware
-    from .onnx import files as onnx_files
-    from .onnx.export import check_onnx_file, onnx_section
-    from .onnx.exporters import needs_external_data
-    from .quantization.calibration import calibration_set, make_reader, onnx_input
-    from .quantization.onnx_int8 import Int8Settings, is_transformer, load_graph, quantize_file, quantized_nodes, sensitive_nodes
-    from .quantization.scheme import choose_scheme, detect_isa
+    from ...core import hardware
+    from ...onnx import files as onnx_files
+    from ...onnx.export import check_onnx_file, onnx_section
+    from ...onnx.exporters import needs_external_data
+    from .calibration import calibration_set, make_reader, onnx_input
+    from .onnx_int8 import Int8Settings, is_transformer, load_graph, quantize_file, quantized_nodes, sensitive_nodes
+    from .scheme import choose_scheme, detect_isa
 
     # Calibration inputs first: data that does not fit the model is the user's to fix, before any
     # work. (An export made here has symbolic batch and sequence axes, like no fixed input at all.)
@@ -243,7 +243,7 @@ def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: 
     exported = None
     onnx_artifact = source
     if not source.has_onnx:
-        from .onnx.export import ExportOptions, export_artifact
+        from ...onnx.export import ExportOptions, export_artifact
 
         say("stage", name="export")
         result = export_artifact(source, tmp / "export", ExportOptions(weights=False), threads=options.threads)
@@ -289,7 +289,7 @@ def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: 
     first = evaluator(onnx_predict(int8, options.threads))
 
     def rank() -> list[dict]:
-        from .quantization.gate import rank_nodes, tensor_errors
+        from .gate import rank_nodes, tensor_errors
 
         per_task = gating.RANK_SAMPLES[source.task]
         batches, total = [], 0

@@ -13,16 +13,16 @@ from typing import Callable
 
 import numpy as np
 
-from ...artifact import Artifact
-from ..evaluate import BenchConfig, benchmark_side_by_side, bench_input, open_data
-from ..core.tasks import make_task
+from bigmodel_cli.artifact import Artifact
+from ...evaluate import BenchConfig, benchmark_side_by_side, bench_input, open_data
+from ...core.tasks import make_task
 
 METRIC_KEYS = ("accuracy", "perplexity", "loss", "bits_per_byte", "samples", "tokens")
 
 
 def model_bytes(path: Path) -> int:
     """A model file with its external data, if any."""
-    from ..onnx.files import data_path
+    from ...onnx.files import data_path
 
     data = data_path(path)  # model.onnx.data: the layout every ONNX file here ends in (onnx_files.place)
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -42,7 +42,7 @@ class Evaluator:
 
 
 def onnx_predict(path: Path, threads: int | None):
-    from ..onnx.runtime import open_session, session_predict
+    from ...onnx.runtime import open_session, session_predict
 
     session, _ = open_session(path, threads=threads)
     return session_predict(session)
@@ -51,7 +51,7 @@ def onnx_predict(path: Path, threads: int | None):
 def latency(paths: dict[str, Path], artifact: Artifact, evaluator: Evaluator, cfg: BenchConfig,
             threads: int | None, progress: Callable | None = None) -> dict:
     """p50/p95 of each model on the same input, side by side, same threads, spinning off."""
-    from ..onnx.runtime import open_session, session_predict
+    from ...onnx.runtime import open_session, session_predict
 
     predicts, used = {}, None
     for name, path in paths.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import platform
 from dataclasses import asdict, dataclass
 
-from ...errors import UserError
+from bigmodel_cli.errors import UserError
 
 SCHEMES = ("auto", "u8s8", "s8s8", "u8u8")
 _TYPES = {"u8s8": ("uint8", "int8"), "s8s8": ("int8", "int8"), "u8u8": ("uint8", "uint8")}

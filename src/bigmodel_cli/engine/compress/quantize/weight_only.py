@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from ...errors import UserError
+from bigmodel_cli.errors import UserError
 
 BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 64
@@ -120,10 +120,10 @@ def quantize_weights(source, out, options, overwrite: bool, tmp, say, options_re
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ... import artifact as art
-    from ..core import hardware
-    from ..onnx.export import compare_outputs
-    from ..core.tasks import torch_predict
+    from bigmodel_cli import artifact as art
+    from ...core import hardware
+    from ...onnx.export import compare_outputs
+    from ...core.tasks import torch_predict
     from . import gate as gating
     from .measure import Evaluator, build_report, manifest_metrics, model_bytes
 

@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from ...artifact import Artifact
-from ...errors import UserError
+from bigmodel_cli.artifact import Artifact
+from bigmodel_cli.errors import UserError
 
 CLASSIFIER_BATCH = 64
 LM_BATCH = 8  # windows per calibration batch: a language model's activations are (batch, seq, width)
@@ -65,7 +65,7 @@ class CalibrationSet:
 
 def _parse(calib_data: str, target: str | None = None) -> dict:
     """``parse_data_arg``, with its messages naming --calib-data rather than --data."""
-    from ...data import parse_data_arg
+    from bigmodel_cli.data import parse_data_arg
 
     try:
         return parse_data_arg(calib_data, target)
@@ -74,8 +74,8 @@ def _parse(calib_data: str, target: str | None = None) -> dict:
 
 
 def _classifier_inputs(artifact: Artifact, calib_data: str | None, target: str | None) -> tuple[np.ndarray, str]:
-    from ...data import load_dataset
-    from ...data.classification import preprocess
+    from bigmodel_cli.data import load_dataset
+    from bigmodel_cli.data.classification import preprocess
 
     spec = artifact.data_spec
     if calib_data is None:
@@ -120,7 +120,7 @@ def _classifier_inputs(artifact: Artifact, calib_data: str | None, target: str |
 def _lm_windows(artifact: Artifact, calib_data: str | None, samples: int, window: int, seed: int) -> tuple[np.ndarray, str]:
     import torch
 
-    from ...data import load_dataset
+    from bigmodel_cli.data import load_dataset
 
     spec = dict(artifact.data_spec)
     if calib_data is None:

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from ...errors import WorkFailed
+from bigmodel_cli.errors import WorkFailed
 from .calibration import make_reader
 from .onnx_int8 import COMPUTE_OPS, quiet
 
