@@ -35,7 +35,7 @@ GPT_STUDENT = {"n_layer": 1, "n_embd": 32, "n_head": 2}
 
 def digits(work: str, seeds: list[int], threads: int, quick: bool) -> dict:
     from bigmodel_cli import TrainConfig, train
-    from bigmodel_cli.engine.distill import DistillConfig, distill
+    from bigmodel_cli.engine.compress.distill.command import DistillConfig, distill
 
     started = time.perf_counter()
     teacher = train(TrainConfig(model="mlp", preset="base", epochs=10 if quick else 30, seed=0, threads=threads,
@@ -83,7 +83,7 @@ def _latency(teacher: str, student: str, threads: int) -> dict:
 
 def gpt(work: str, seeds: list[int], threads: int, quick: bool) -> dict:
     from bigmodel_cli import TrainConfig, train
-    from bigmodel_cli.engine.distill import DistillConfig, distill
+    from bigmodel_cli.engine.compress.distill.command import DistillConfig, distill
 
     started = time.perf_counter()
     common = {"block_size": 64, "batch_size": 16, "eval_windows": 32, "lr": 3e-3, "threads": threads}

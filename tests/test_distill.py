@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 
 from bigmodel_cli import artifact as art  # noqa: E402
 from bigmodel_cli.config import TrainConfig  # noqa: E402
-from bigmodel_cli.engine import distill as D  # noqa: E402
-from bigmodel_cli.engine.losses import IGNORE_INDEX, default_layer_map, distillation_loss, hidden_loss, kd_loss  # noqa: E402
+from bigmodel_cli.engine.compress.distill import command as D  # noqa: E402
+from bigmodel_cli.engine.compress.distill.losses import IGNORE_INDEX, default_layer_map, distillation_loss, hidden_loss, kd_loss  # noqa: E402
 from bigmodel_cli.errors import UserError  # noqa: E402
 from conftest import assert_one_error_line as _one_error_line  # noqa: E402
 

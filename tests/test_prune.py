@@ -161,7 +161,7 @@ def test_gradual_schedule_fine_tunes_and_the_zeros_stay(cli, mlp, tmp_path):
 
 
 def test_distill_fine_tunes_against_the_unpruned_teacher(cli, mlp, tmp_path, monkeypatch):
-    from bigmodel_cli.engine import distill
+    from bigmodel_cli.engine.compress.distill import command as distill
 
     calls = []
     real = distill.distillation_loss_fn

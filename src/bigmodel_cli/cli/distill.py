@@ -41,7 +41,7 @@ def distill(
 ) -> None:
     """Distil a teacher artifact into a smaller student; ends with teacher vs (baseline vs) distilled."""
     from ..config import TrainConfig, build_config
-    from ..engine.distill import DistillConfig, prepare_distill, run_distill
+    from ..engine.compress.distill.command import DistillConfig, prepare_distill, run_distill
 
     flags = dict(train_flags or {})
     flags["out"] = flags.get("out") or "runs/distill"

@@ -97,7 +97,7 @@ class PruneConfig:
             if self.head_sparsity:
                 p.append("--head-sparsity removes attention heads: use it with --method structured")
         if self.distill:
-            from ...losses import KD_LOSSES  # plain constants, no torch
+            from ..distill.losses import KD_LOSSES  # plain constants, no torch
 
             if self.temperature is not None and not self.temperature > 0:
                 p.append(f"--temperature must be positive, got {self.temperature}")
@@ -359,7 +359,7 @@ def _pruned_config(artifact: art.Artifact, spec: dict) -> dict:
 def _teacher_loss(teacher, student, task, cfg: PruneConfig):
     """The distillation loss of ``bigmodel distill`` (its public hook for other commands), with the
     unpruned model as teacher: pruning removed capacity, the teacher shows what it computed."""
-    from ...distill import distillation_loss_fn
+    from ..distill.command import distillation_loss_fn
 
     return distillation_loss_fn(teacher, student, task, temperature=2.0 if cfg.temperature is None else cfg.temperature,
                                 alpha=0.5 if cfg.alpha is None else cfg.alpha, kd_loss=cfg.kd_loss or "forward-kl")

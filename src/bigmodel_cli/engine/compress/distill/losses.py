@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UserError
+from bigmodel_cli.errors import UserError
 
 HIDDEN_ARCHS = ("mlp", "cnn", "gpt")  # the built-in models whose layers the hooks know
 # --cache-teacher keeps the teacher's outputs for the whole training split in memory; refuse when

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .. import artifact as art
-from ..config import TrainConfig
-from ..errors import UserError
-from ..models import USER_ARCH, get_arch, resolve_spec
+from bigmodel_cli import artifact as art
+from bigmodel_cli.config import TrainConfig
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.models import USER_ARCH, get_arch, resolve_spec
 from .losses import HIDDEN_ARCHS
 
 if TYPE_CHECKING:
-    from .distill import DistillConfig
+    from .command import DistillConfig
 
 
 def check_agreement(teacher, student, task) -> int:

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import artifact as art
-from ..config import TrainConfig
-from ..errors import ConfigErrors, UserError
-from ..models import USER_ARCH, build_model, count_parameters
-from .distill_report import compare_models
-from .distill_student import _block_size, _student_spec, check_agreement, init_from_teacher
+from bigmodel_cli import artifact as art
+from bigmodel_cli.config import TrainConfig
+from bigmodel_cli.errors import ConfigErrors, UserError
+from bigmodel_cli.models import USER_ARCH, build_model, count_parameters
+from .report import compare_models
+from .student import _block_size, _student_spec, check_agreement, init_from_teacher
 from .losses import HIDDEN_LOSSES, KD_LOSSES, DistillLoss, RowsTask, build_hidden_match
 
 DISTILL_FILE = "distill.json"  # the distillation options of a run, checked on --resume
@@ -227,10 +227,10 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
 
     import torch
 
-    from .evaluate import open_data
-    from .core.tasks import make_task
-    from .training.loop import check_resume
-    from .training.job import TrainJob
+    from ...evaluate import open_data
+    from ...core.tasks import make_task
+    from ...training.loop import check_resume
+    from ...training.job import TrainJob
 
     teacher = art.open_artifact(cfg.teacher)
     if not teacher.has_weights:
@@ -257,7 +257,7 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
     student = build_model(spec, base_dir=base_dir)
     source: dict = {"from": "artifact" if source_artifact else ("preset" if cfg.student_preset else "config")}
     if source_artifact is not None:
-        from ..weights import load_into
+        from bigmodel_cli.weights import load_into
 
         load_into(student, source_artifact.load_state_dict(), source=source_artifact.path / art.WEIGHTS_FILE)
         source["artifact"] = art.parent_ref(source_artifact)
@@ -317,7 +317,7 @@ def _recording(progress: Progress, run_dir: Path, fingerprint: dict, fresh: bool
 
 def _baseline_job(plan: DistillPlan):
     """The same student, from the same starting weights, data, budget and seed, without the teacher."""
-    from .training.job import TrainJob
+    from ...training.job import TrainJob
 
     tc = plan.cfg.train
     out = Path(tc.out) / BASELINE_DIR
@@ -340,7 +340,7 @@ def _baseline_job(plan: DistillPlan):
 def run_distill(plan: DistillPlan, progress: Progress | None = None) -> DistillResult:
     import torch
 
-    from .training.loop import run_job
+    from ...training.loop import run_job
 
     progress = progress or _no_progress
     cfg, tc = plan.cfg, plan.cfg.train

@@ -7,17 +7,17 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .. import artifact as art
+from bigmodel_cli import artifact as art
 
 if TYPE_CHECKING:
-    from .distill import DistillPlan, Progress
+    from .command import DistillPlan, Progress
 
 
 def compare_models(plan: DistillPlan, run, baseline, progress: Progress | None = None) -> dict:
     """Teacher, baseline and distilled student on the same data, split and window: metric,
     parameters, size and latency (torch, this machine's threads)."""
-    from .evaluate import BenchConfig, evaluate_artifact
-    from .core.hardware import resolve_device
+    from ...evaluate import BenchConfig, evaluate_artifact
+    from ...core.hardware import resolve_device
 
     cfg = plan.cfg
     student_art = art.open_artifact(run.best_dir)
