@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from bigmodel_cli.artifact import open_artifact
-from bigmodel_cli.engine import attribution as A
-from bigmodel_cli.engine.explain import ExplainOptions, explain, explanation_agreement
+from bigmodel_cli.engine.explain import attribution as A
+from bigmodel_cli.engine.explain.command import ExplainOptions, explain, explanation_agreement
 
 
 def _one_error_line(result, *needles: str) -> None:

@@ -12,7 +12,7 @@ from .options import BackendOpt, JsonOpt, ThreadsOpt
 
 
 def print_comparison(result) -> None:
-    from ..engine.report import _cell, columns_for
+    from ..engine.compare import _cell, columns_for
 
     columns = columns_for(result)
     title = (f"bigmodel compare · {result.metric} on {result.split} · latency on {result.backend}, batch "
@@ -29,7 +29,7 @@ def write_reports(result, plot: Path | None, markdown: Path | None, html_file: P
     """The PNG, Markdown and HTML reports asked for; a report gets a plot even if none was named."""
     import tempfile
 
-    from ..engine.report import html_report, markdown_report, plot_tradeoff, write_text_atomic
+    from ..engine.compare import html_report, markdown_report, plot_tradeoff, write_text_atomic
 
     written = []
     if plot:
@@ -62,7 +62,7 @@ def compare(
     json_out: JsonOpt = False,
 ) -> None:
     """Measure artifacts side by side: size, metric, latency p50/p95 and ratios to the first row."""
-    from ..engine.report import compare_artifacts
+    from ..engine.compare import compare_artifacts
 
     result = compare_artifacts(artifacts, backend=backend, threads=threads, split=split, bench_batch=bench_batch,
                                rounds=rounds, limit=limit, explain_samples=explain)
@@ -82,7 +82,7 @@ def plot(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: RUN_DIR/curves.png).")] = None,
 ) -> None:
     """Draw the training curves (loss, validation metric, learning rate) to a PNG."""
-    from ..engine.report import plot_training
+    from ..engine.compare import plot_training
 
     path = plot_training(run_dir, out or Path(run_dir) / "curves.png")
     console.out.print(f"wrote {path}")

@@ -37,7 +37,7 @@ def explain_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Explain a prediction: input attributions as a heatmap, a ranked feature table or coloured tokens."""
-    from ..engine.explain import ExplainOptions, explain, explain_split
+    from ..engine.explain.command import ExplainOptions, explain, explain_split
     from ..errors import UserError
 
     options = ExplainOptions(method=method, steps=steps, baseline=baseline, target=target, through=through,
@@ -125,8 +125,8 @@ def _grid(values, signed: bool, title: str):
 def _tokens_text(explanation):
     from rich.text import Text
 
-    from ..engine.explain import token_segments
-    from ..engine.explain_report import token_colour
+    from ..engine.explain.command import token_segments
+    from ..engine.explain.report import token_colour
 
     segments = token_segments(explanation.input, explanation.values)
     scale = max((abs(s["value"]) for s in segments), default=0.0)
@@ -159,7 +159,7 @@ def _facts(e) -> list[tuple[str, object]]:
 def _print_result(result) -> None:
     import numpy as np
 
-    from ..engine.explain import heatmap
+    from ..engine.explain.command import heatmap
 
     e, o = result.explanation, result.other
     title = "bigmodel explain" + (f" · {e.kind}" if o is None else " · compare")
@@ -230,7 +230,7 @@ def _print_summary(s: dict) -> None:
     if s["kind"] == "image":
         from rich.columns import Columns
 
-        from ..engine.explain import heatmap
+        from ..engine.explain.command import heatmap
 
         maps = [("A" if cmp else "mean |attribution|", s["mean_abs_attribution"])]
         if cmp is not None and cmp.get("mean_abs_attribution") is not None:

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from ..artifact import Artifact
-from ..errors import UserError
-from . import explain_report
-from .explain_inputs import dataset_inputs
-from .explain_model import Explainer, as_artifact, input_kind
-from .explain_report import atomic_file, check_output_file
-from .explain_types import ExplainOptions, Progress, agreement
+from ...artifact import Artifact
+from ...errors import UserError
+from . import report as explain_report
+from .inputs import dataset_inputs
+from .model import Explainer, as_artifact, input_kind
+from .report import atomic_file, check_output_file
+from .types import ExplainOptions, Progress, agreement
 
 
 def _summary(values: list[float]) -> dict:

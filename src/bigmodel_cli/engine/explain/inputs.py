@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import Artifact
-from ..errors import UserError
+from ...artifact import Artifact
+from ...errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 INPUT_SUFFIXES = (".npy", ".npz", ".csv", *IMAGE_SUFFIXES)
@@ -172,7 +172,7 @@ def read_prompt(text: str, context: int | None) -> np.ndarray:
 def dataset_inputs(artifact: Artifact, split: str, count: int, first: int = 0) -> list[np.ndarray]:
     """``count`` raw inputs from the artifact's own data split, from position ``first`` on: images or
     rows as stored (before normalization), or windows of byte tokens for language models."""
-    from .evaluate import open_data
+    from ..evaluate import open_data
 
     if split not in SPLITS:
         raise UserError(f"unknown --data {split!r}; choose one of {', '.join(SPLITS)} (the artifact's own data)")

@@ -139,7 +139,7 @@ def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int 
 def _add_explanation_agreement(opened: list, rows: list[dict], split: str, samples: int) -> None:
     """Does each artifact still look at the same evidence as the first? Mean Spearman correlation
     of integrated-gradients attributions over ``samples`` inputs (bigmodel explain --samples)."""
-    from .explain import explanation_agreement
+    from .explain.command import explanation_agreement
 
     first = opened[0][1]
     rows[0]["explain_rank_correlation"] = 1.0

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifact import Artifact
-from ..errors import UserError
-from . import explain_report
-from .explain_inputs import dataset_inputs, read_input, read_prompt
-from .explain_model import FD_MAX_INTERVALS, Explainer, as_artifact, input_kind
-from .explain_report import atomic_file, check_output_file, output_suffixes
-from .explain_summary import explain_split, explanation_agreement
-from .explain_types import (
+from ...artifact import Artifact
+from ...errors import UserError
+from . import report as explain_report
+from .inputs import dataset_inputs, read_input, read_prompt
+from .model import FD_MAX_INTERVALS, Explainer, as_artifact, input_kind
+from .report import atomic_file, check_output_file, output_suffixes
+from .summary import explain_split, explanation_agreement
+from .types import (
     BASELINES,
     THROUGH,
     ExplainOptions,

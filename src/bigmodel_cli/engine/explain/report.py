@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..errors import UserError
-from .explain_types import ExplainResult, Explanation, heatmap, token_segments
+from ... import __version__
+from ...errors import UserError
+from .types import ExplainResult, Explanation, heatmap, token_segments
 
 TOP_FEATURES = 20  # tabular bar charts show the strongest features only
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigErrors
+from ...errors import ConfigErrors
 from . import attribution as attr
 
 BASELINES = ("zeros", "blur", "mean")

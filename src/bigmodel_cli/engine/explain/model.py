@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import MANIFEST_FILE, Artifact, open_artifact, sha256_file
-from ..errors import UserError
+from ...artifact import MANIFEST_FILE, Artifact, open_artifact, sha256_file
+from ...errors import UserError
 from . import attribution as attr
-from .explain_inputs import gaussian_blur, shape_text
-from .explain_types import ExplainOptions, Explanation, token_text
+from .inputs import gaussian_blur, shape_text
+from .types import ExplainOptions, Explanation, token_text
 
 # Finite differences cost 2·d + 1 model runs per path point; refine less far than autograd does.
 FD_MAX_INTERVALS = 256
@@ -57,7 +57,7 @@ def _torch_ancestor(artifact: Artifact) -> tuple[Artifact | None, str]:
 
 def _onnx_predict(artifact: Artifact, threads: int | None):
     """ONNX Runtime's predict for the artifact, or None while engine/runtime.py is not installed."""
-    from .backends import open_backend
+    from ..backends import open_backend
 
     try:
         return open_backend(artifact, "onnx", threads=threads).predict
@@ -70,7 +70,7 @@ class Explainer:
     (or finite-differenced) model."""
 
     def __init__(self, artifact: Artifact, through: str = "auto", threads: int | None = None):
-        from .core import hardware
+        from ..core import hardware
 
         hardware.set_threads(threads)
         self.artifact = artifact
@@ -178,7 +178,7 @@ class Explainer:
 
             with torch.no_grad():
                 return self.embedding(torch.from_numpy(raw.astype(np.int64))).double().numpy()
-        from ..data.classification import preprocess
+        from ...data.classification import preprocess
 
         return preprocess(raw[None], self.spec)[0].astype(np.float64)
 
@@ -189,7 +189,7 @@ class Explainer:
                 raise UserError("--baseline blur is for images; language models take zeros or mean")
             emb = np.zeros((len(raw), weight.shape[1])) if name == "zeros" else np.tile(weight.mean(axis=0), (len(raw), 1))
             return emb
-        from ..data.classification import preprocess
+        from ...data.classification import preprocess
 
         if name == "zeros":
             base = np.zeros_like(raw)
@@ -229,7 +229,7 @@ class Explainer:
     def logits(self, raw: np.ndarray) -> np.ndarray:
         """The model's output for one raw input: class logits, or the next-token logits."""
         if self.predict is not None:
-            from ..data.classification import preprocess
+            from ...data.classification import preprocess
 
             return np.asarray(self.predict(preprocess(raw[None], self.spec)))[0].astype(np.float64)
         import torch
