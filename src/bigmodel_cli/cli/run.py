@@ -21,7 +21,7 @@ def run(
     json_out: JsonOpt = False,
 ) -> None:
     """Run a recipe (train → prune → distill → quantize → export …); finished steps are skipped on a rerun."""
-    from ..engine.pipeline import _command_group, _params, artifact_outputs, parse_recipe, run_recipe, step_argv
+    from .recipe import _command_group, _params, artifact_outputs, parse_recipe, run_recipe, step_argv
     from ..engine.compare import compare_artifacts
     from .compare import print_comparison, write_reports
 

@@ -59,7 +59,7 @@ class Recipe:
 def _command_group():
     import typer
 
-    from ..cli import app
+    from . import app
 
     return typer.main.get_command(app)
 
@@ -349,7 +349,7 @@ def _invoke(group, argv: list[str], report_file: Path | None, step: Step) -> Non
     import contextlib
     import io
 
-    from ..cli import BigModelGroup, describe_failure
+    from . import BigModelGroup, describe_failure
     from ..errors import BigModelError
 
     import sys
