@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..engine.core.recipe_state import STATE_FILE, load_state, save_state
 from ..errors import ConfigErrors, UserError
 
-STATE_FILE = "run-state.json"
 # Commands that write an artifact (or a training run) directory: the runner gives them --out.
 ARTIFACT_COMMANDS = ("train", "prune", "distill", "export", "quantize")
 # Commands that only report: their --json output is saved as RUN_DIR/<name>.json.
@@ -277,19 +277,6 @@ def _fingerprint(step: Step, argv: list[str], run_dir: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _load_state(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / STATE_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _save_state(run_dir: Path, state: dict) -> None:
-    tmp = run_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / STATE_FILE)
-
-
 @dataclass
 class StepOutcome:
     name: str
@@ -312,7 +299,7 @@ def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = _load_state(run_dir)
+    state = load_state(run_dir)
     group = _command_group()
     outcomes: list[StepOutcome] = []
     for index, step in enumerate(recipe.steps, start=1):
@@ -334,11 +321,11 @@ def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
             announce(index, len(recipe.steps), step, status, argv + extra)
         if status != "skipped":
             state[step.name] = {"fingerprint": fingerprint, "argv": argv, "complete": False}
-            _save_state(run_dir, state)
+            save_state(run_dir, state)
             _invoke(group, argv + extra, output if not step.writes_artifact else None, step)
             # Inputs may have been rewritten by this very run: fingerprint what was actually read.
             state[step.name] = {"fingerprint": _fingerprint(step, argv, run_dir), "argv": argv, "complete": True}
-            _save_state(run_dir, state)
+            save_state(run_dir, state)
         outcomes.append(StepOutcome(step.name, step.command, status, output, argv))
     return outcomes
 

@@ -36,7 +36,7 @@ class CompareResult:
 
 def expand_run_dirs(paths: list[Path]) -> list[Path]:
     """A `bigmodel run` directory stands for its artifact steps, in recipe order."""
-    from ..cli.recipe import STATE_FILE
+    from .core.recipe_state import STATE_FILE
 
     expanded: list[Path] = []
     for path in map(Path, paths):

@@ -1,0 +1,26 @@
+"""The state file of a ``bigmodel run`` directory: each step's command line and fingerprint.
+
+``cli/recipe.py`` writes it; ``engine/compare.py`` reads it to expand a run directory into its
+artifact steps. It lives here, below both, so that reading it never imports the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+STATE_FILE = "run-state.json"
+
+
+def load_state(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def save_state(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / STATE_FILE)
