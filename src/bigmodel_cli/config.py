@@ -16,6 +16,9 @@ from .errors import ConfigErrors, UserError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
+# The choices of --precision and --device; engine/core/hardware.py decides what each one means.
+PRECISIONS = ("fp32", "bf16-mixed", "auto")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -99,8 +102,6 @@ class TrainConfig:
             p.append(f"--optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             p.append(f"--schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-        from .engine.core.hardware import DEVICES, PRECISIONS
-
         if self.precision not in PRECISIONS:
             p.append(f"--precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
         if self.device not in DEVICES:

@@ -11,10 +11,9 @@ import os
 import platform
 from functools import lru_cache
 
+from ...config import DEVICES, PRECISIONS  # noqa: F401  (the choices live with the option; re-exported)
 from ...errors import UserError
 
-PRECISIONS = ("fp32", "bf16-mixed", "auto")
-DEVICES = ("auto", "cpu", "cuda")
 # Below this many parameters a step is dominated by overheads, not matmuls, and bf16 does not pay.
 BF16_MIN_PARAMS = 1_000_000
 
