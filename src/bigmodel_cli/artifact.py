@@ -163,7 +163,7 @@ class Artifact:
             raise UserError(f"{self.path / WEIGHTS_FILE}: cannot read weights ({exc}); re-create the artifact") from None
         quantization = self.config.get("quantization") or {}
         if quantization.get("mode") == "weight-only":  # int8/int4 weights + scales → float (bigmodel quantize)
-            from .engine.compress.quantize.weight_only import dequantize_state
+            from .weights import dequantize_state
 
             state = dequantize_state(state, quantization, source=str(self.path / WEIGHTS_FILE))
         return state

@@ -6,6 +6,7 @@ second name is dropped on save and restored by the model's own tying on load.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .errors import UserError
@@ -58,3 +59,39 @@ def load_into(model, state: dict, source: Path | str = "weights") -> None:
                 f"expects {tuple(expected[name].shape)}; config.json and the weights do not belong together"
             )
     model.load_state_dict(state, strict=False)
+
+
+# --- weight-only int8 / int4 (bigmodel quantize --weight-only), decoded on load ------------------
+# The stored layout is described in engine/compress/quantize/weight_only.py, which encodes it.
+
+BITS = (8, 4)
+SCALE_SUFFIX = ".scale"
+
+
+def dequantize_tensor(stored, scale, shape: list[int], bits: int):
+    """The float32 weight back from its integers and scales."""
+    import torch
+
+    if bits == 8:
+        flat = stored.reshape(shape[0], -1).float() * scale.float()[:, None]
+        return flat.reshape(shape)
+    low, high = (stored & 0x0F).to(torch.int16), (stored >> 4).to(torch.int16)
+    q = torch.stack([low, high], dim=2).reshape(stored.shape[0], -1) - 8
+    groups = scale.shape[1]
+    w = (q.reshape(stored.shape[0], groups, -1).float() * scale.float()[..., None]).reshape(stored.shape[0], -1)
+    columns = math.prod(shape[1:])
+    return w[:, :columns].reshape(shape).contiguous()
+
+
+def dequantize_state(state: dict, section: dict, source: str = "weights") -> dict:
+    """Undo ``quantize_state`` for the tensors the ``quantization`` section of config.json lists."""
+    bits = section.get("bits")
+    shapes = section.get("tensors") or {}
+    if bits not in BITS or not isinstance(shapes, dict):
+        raise UserError(f"{source}: config.json's quantization section is not readable (bits {bits!r}); re-create the artifact")
+    out = dict(state)
+    for name, shape in shapes.items():
+        if name not in out or name + SCALE_SUFFIX not in out:
+            raise UserError(f"{source}: quantized tensor {name} or its scale is missing; re-create the artifact")
+        out[name] = dequantize_tensor(out[name], out.pop(name + SCALE_SUFFIX), list(shape), bits)
+    return out

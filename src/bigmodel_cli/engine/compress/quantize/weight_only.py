@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 
 from bigmodel_cli.errors import UserError
+# Decoding is storage's job (an artifact dequantizes on load); encoding is this command's.
+from bigmodel_cli.weights import BITS, SCALE_SUFFIX, dequantize_state, dequantize_tensor  # noqa: F401  (re-exported)
 
-BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 64
-SCALE_SUFFIX = ".scale"
 
 
 def _quantizable(name: str, tensor) -> bool:
@@ -54,21 +54,6 @@ def quantize_tensor(weight, bits: int, group_size: int):
     return packed.contiguous(), scale.contiguous()
 
 
-def dequantize_tensor(stored, scale, shape: list[int], bits: int):
-    """The float32 weight back from its integers and scales."""
-    import torch
-
-    if bits == 8:
-        flat = stored.reshape(shape[0], -1).float() * scale.float()[:, None]
-        return flat.reshape(shape)
-    low, high = (stored & 0x0F).to(torch.int16), (stored >> 4).to(torch.int16)
-    q = torch.stack([low, high], dim=2).reshape(stored.shape[0], -1) - 8
-    groups = scale.shape[1]
-    w = (q.reshape(stored.shape[0], groups, -1).float() * scale.float()[..., None]).reshape(stored.shape[0], -1)
-    columns = math.prod(shape[1:])
-    return w[:, :columns].reshape(shape).contiguous()
-
-
 def quantize_state(state: dict, bits: int, group_size: int, keep_float: list[str] | tuple = ()) -> tuple[dict, dict]:
     """A state dict → (tensors to save, {name: float shape} of those quantized)."""
     out, shapes = {}, {}
@@ -80,20 +65,6 @@ def quantize_state(state: dict, bits: int, group_size: int, keep_float: list[str
         else:
             out[name] = tensor
     return out, shapes
-
-
-def dequantize_state(state: dict, section: dict, source: str = "weights") -> dict:
-    """Undo ``quantize_state`` for the tensors the ``quantization`` section of config.json lists."""
-    bits = section.get("bits")
-    shapes = section.get("tensors") or {}
-    if bits not in BITS or not isinstance(shapes, dict):
-        raise UserError(f"{source}: config.json's quantization section is not readable (bits {bits!r}); re-create the artifact")
-    out = dict(state)
-    for name, shape in shapes.items():
-        if name not in out or name + SCALE_SUFFIX not in out:
-            raise UserError(f"{source}: quantized tensor {name} or its scale is missing; re-create the artifact")
-        out[name] = dequantize_tensor(out[name], out.pop(name + SCALE_SUFFIX), list(shape), bits)
-    return out
 
 
 def tensor_errors(state: dict, bits: int, group_size: int) -> dict[str, float]:
