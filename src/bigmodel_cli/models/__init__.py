@@ -135,7 +135,7 @@ def build_model(spec: dict, base_dir: Path | None = None):
 
         model = build_user_model(spec, base_dir)
         if spec.get("pruned"):  # structured pruning changed its shapes (JSON record, no pickle)
-            from ..engine.compress.prune.user_graph import restore_pruned_shapes
+            from .pruned_shapes import restore_pruned_shapes
 
             restore_pruned_shapes(model, spec["pruned"])
         return model

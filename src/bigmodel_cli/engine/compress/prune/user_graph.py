@@ -9,8 +9,8 @@ would be a worse copy of it.
 Reloading without pickle: Torch-Pruning's own save format pickles modules, so we do not use it.
 Instead ``structure_record`` compares the pruned model with a freshly built one and writes, as JSON
 in config.json's model section, the shapes of the tensors and the plain attributes (in_features,
-out_channels, num_features, …) that changed. ``restore_pruned_shapes`` — called by
-``models.build_model`` — rebuilds the user's module, reapplies those attributes and resizes those
+out_channels, num_features, …) that changed. ``models.pruned_shapes.restore_pruned_shapes`` —
+called by ``models.build_model`` — rebuilds the user's module, reapplies those attributes and resizes those
 tensors, and the weights then load from safetensors as usual.
 """
 
@@ -19,10 +19,10 @@ from __future__ import annotations
 import itertools
 
 from bigmodel_cli.errors import UserError
+# Reading the record back is the models' job (models/pruned_shapes.py); the key is re-exported here.
+from bigmodel_cli.models.pruned_shapes import PRUNED_KEY  # noqa: F401
 from .plan import split_ignored
 from .structured import accumulate_gradients
-
-PRUNED_KEY = "pruned"  # config.json model key holding the record
 
 
 def _layers(model):
@@ -129,25 +129,3 @@ def structure_record(fresh, pruned) -> dict:
         if entry:
             record[name] = entry
     return record
-
-
-def restore_pruned_shapes(model, record: dict) -> None:
-    """Make a freshly built user model take the shapes in ``record`` (weights are loaded after)."""
-    import torch
-
-    for name, entry in record.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise UserError(
-                f"config.json records pruned layer {name!r} but the model file has no such layer; "
-                "the artifact's model.py and config.json do not belong together"
-            ) from None
-        for key, value in entry.get("attrs", {}).items():
-            current = getattr(module, key, None)
-            setattr(module, key, tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value)
-        for key, shape in entry.get("shapes", {}).items():
-            old = getattr(module, key)
-            new = torch.empty(shape, dtype=old.dtype, device=old.device)
-            setattr(module, key, torch.nn.Parameter(new, requires_grad=old.requires_grad)
-                    if isinstance(old, torch.nn.Parameter) else new)
