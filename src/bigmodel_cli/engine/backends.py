@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..artifact import Artifact
+from ..artifact import ONNX_FILE, Artifact
 from ..errors import UserError
 
 BACKENDS = ("auto", "torch", "onnx")
@@ -38,6 +38,27 @@ def torch_backend(artifact: Artifact, device: str = "cpu", threads: int | None =
                    {"precision": precision}, model=model)
 
 
+def onnx_backend(artifact: Artifact, device: str = "cpu", threads: int | None = None) -> Backend:
+    """ONNX Runtime on an artifact's ``model.onnx`` (exported or quantized alike).
+
+    ``detail`` records the provider ONNX Runtime actually chose (CUDA may fall back to CPU for a
+    session it cannot place), and the graph's input shape so callers can respect fixed dimensions.
+    """
+    from .onnx.runtime import CUDA_PROVIDER, open_session, session_predict, session_signature
+
+    session, threads = open_session(artifact.path / ONNX_FILE, device=device, threads=threads)
+    provider = session.get_providers()[0]
+    signature = session_signature(session)
+    onnx_meta = artifact.config.get("onnx") or {}
+    detail = {"provider": provider, "input_shape": signature["inputs"][0]["shape"]}
+    if onnx_meta.get("dtype"):
+        detail["onnx_dtype"] = onnx_meta["dtype"]
+    used = "cuda" if provider == CUDA_PROVIDER else "cpu"
+    backend = Backend("onnx", session_predict(session), used, threads, detail)
+    backend.model = session  # the session, for callers that need more than predict()
+    return backend
+
+
 def open_backend(artifact: Artifact, backend: str = "auto", device: str = "cpu", threads: int | None = None) -> Backend:
     """``auto`` prefers ONNX Runtime when the artifact has an ONNX model, else PyTorch."""
     if backend not in BACKENDS:
@@ -47,8 +68,6 @@ def open_backend(artifact: Artifact, backend: str = "auto", device: str = "cpu",
     if backend == "onnx":
         if not artifact.has_onnx:
             raise UserError(f"{artifact.path}: has no model.onnx; export it first (bigmodel export {artifact.path} --out DIR)")
-        from .onnx.runtime import onnx_backend
-
         return onnx_backend(artifact, device=device, threads=threads)
     if not artifact.has_weights:
         raise UserError(f"{artifact.path}: is ONNX-only; use --backend onnx (or the PyTorch parent for --backend torch)")

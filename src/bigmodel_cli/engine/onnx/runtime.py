@@ -14,7 +14,6 @@ import numpy as np
 
 from ...artifact import ONNX_FILE, Artifact
 from ...errors import UserError
-from ..backends import Backend
 from .files import check_data_beside, check_external_data
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -158,25 +157,6 @@ def session_predict(session):
         return np.concatenate(parts)
 
     return predict
-
-
-def onnx_backend(artifact: Artifact, device: str = "cpu", threads: int | None = None) -> Backend:
-    """ONNX Runtime on an artifact's ``model.onnx`` (exported or quantized alike).
-
-    ``detail`` records the provider ONNX Runtime actually chose (CUDA may fall back to CPU for a
-    session it cannot place), and the graph's input shape so callers can respect fixed dimensions.
-    """
-    session, threads = open_session(artifact.path / ONNX_FILE, device=device, threads=threads)
-    provider = session.get_providers()[0]
-    signature = session_signature(session)
-    onnx_meta = artifact.config.get("onnx") or {}
-    detail = {"provider": provider, "input_shape": signature["inputs"][0]["shape"]}
-    if onnx_meta.get("dtype"):
-        detail["onnx_dtype"] = onnx_meta["dtype"]
-    used = "cuda" if provider == CUDA_PROVIDER else "cpu"
-    backend = Backend("onnx", session_predict(session), used, threads, detail)
-    backend.model = session  # the session, for callers that need more than predict()
-    return backend
 
 
 def _load_model(path: Path, with_data: bool = True):
