@@ -134,7 +134,7 @@ def launch(job, nproc: int, argv: list[str]) -> None:
     check_options(nproc, strategy, job.cfg.device)
     check_job(job, strategy)
     if job.cfg.resume:
-        from .loop import check_resume
+        from .run_dir import check_resume
 
         check_resume(job)
     out = Path(job.cfg.out)

@@ -4,8 +4,8 @@
 the loop is step-based and every batch is a pure function of (seed, step), so resume needs only the
 step, and data-parallel ranks only slice the same batch. Under torchrun the same loop runs on every
 rank (engine/distributed.py: DDP or FSDP, the loss weighted so that N processes train like one, rank
-0 alone writing). The run directory it writes (run.json, the --resume checks, metrics.jsonl) is kept
-here too.
+0 alone writing). The run directory it writes (metrics.jsonl; run.json and the --resume checks are
+in run_dir.py) is kept here too.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ from ..core import hardware
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..core.tasks import torch_predict
 from .job import TrainJob, prepare_training
+from .run_dir import RUN_FILE, check_resume, run_fingerprint
 
-RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-# Options that may change between a run and its --resume without changing the result.
-RESUME_MAY_CHANGE = {"resume", "overwrite", "threads", "keep_checkpoints", "device"}
 
 Progress = Callable[..., None]
 
@@ -111,33 +109,10 @@ def _total_steps(cfg: TrainConfig, task) -> int:
     return math.ceil(30 * task.micro_batches_per_epoch / cfg.grad_accum)
 
 
-def _fingerprint(job: TrainJob) -> dict:
-    options = {k: v for k, v in asdict(job.cfg).items() if k not in RESUME_MAY_CHANGE}
-    return {"options": options, "model": job.artifact_config["model"], "stage": job.stage}
-
-
-def check_resume(job: TrainJob) -> Path:
-    """--resume: the run directory exists and was started with the same options (reads only)."""
-    run_dir = Path(job.cfg.out)
-    record = _fingerprint(job)
-    previous_file = run_dir / RUN_FILE
-    if not previous_file.is_file():
-        raise UserError(f"--resume: {run_dir} has no {RUN_FILE}; it is not a training run directory (drop --resume to start one)")
-    previous = json.loads(previous_file.read_text(encoding="utf-8"))
-    changed = sorted(
-        k for k in set(previous["options"]) | set(record["options"])
-        if previous["options"].get(k) != record["options"].get(k)
-    )
-    if changed:
-        detail = ", ".join(f"{k} ({previous['options'].get(k)!r} → {record['options'].get(k)!r})" for k in changed)
-        raise UserError(f"--resume: options differ from the run being resumed: {detail}; resume with the same options")
-    return run_dir
-
-
 def _prepare_run_dir(job: TrainJob) -> Path:
     cfg = job.cfg
     run_dir = Path(cfg.out)
-    record = _fingerprint(job)
+    record = run_fingerprint(job)
     if cfg.resume:
         return check_resume(job)
     if run_dir.exists():  # check_output already required --overwrite

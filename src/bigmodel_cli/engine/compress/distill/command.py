@@ -229,7 +229,7 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
 
     from ...evaluate import open_data
     from ...core.tasks import make_task
-    from ...training.loop import check_resume
+    from ...training.run_dir import check_resume
     from ...training.job import TrainJob
 
     teacher = art.open_artifact(cfg.teacher)

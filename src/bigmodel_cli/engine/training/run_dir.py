@@ -1,0 +1,41 @@
+"""A training run directory's record (run.json) and the --resume check against it.
+
+Apart from the loop (``loop.py``) so that the launcher can check --resume before any worker
+starts without importing the loop. ``job`` is a ``training.job.TrainJob``; it is not imported
+here, because job.py imports the launcher, which imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...config import asdict
+from ...errors import UserError
+
+RUN_FILE = "run.json"
+# Options that may change between a run and its --resume without changing the result.
+RESUME_MAY_CHANGE = {"resume", "overwrite", "threads", "keep_checkpoints", "device"}
+
+
+def run_fingerprint(job) -> dict:
+    options = {k: v for k, v in asdict(job.cfg).items() if k not in RESUME_MAY_CHANGE}
+    return {"options": options, "model": job.artifact_config["model"], "stage": job.stage}
+
+
+def check_resume(job) -> Path:
+    """--resume: the run directory exists and was started with the same options (reads only)."""
+    run_dir = Path(job.cfg.out)
+    record = run_fingerprint(job)
+    previous_file = run_dir / RUN_FILE
+    if not previous_file.is_file():
+        raise UserError(f"--resume: {run_dir} has no {RUN_FILE}; it is not a training run directory (drop --resume to start one)")
+    previous = json.loads(previous_file.read_text(encoding="utf-8"))
+    changed = sorted(
+        k for k in set(previous["options"]) | set(record["options"])
+        if previous["options"].get(k) != record["options"].get(k)
+    )
+    if changed:
+        detail = ", ".join(f"{k} ({previous['options'].get(k)!r} → {record['options'].get(k)!r})" for k in changed)
+        raise UserError(f"--resume: options differ from the run being resumed: {detail}; resume with the same options")
+    return run_dir
