@@ -377,9 +377,9 @@ def write_metadata(
         "parent": parent_ref(parent),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": list(sys.argv[1:] if argv is None else argv),
-        "options": _jsonable(options or {}),
-        "metrics": _jsonable(metrics or {}),
-        **_jsonable(extra or {}),
+        "options": jsonable(options or {}),
+        "metrics": jsonable(metrics or {}),
+        **jsonable(extra or {}),
         "files": file_entries(directory),
         "versions": library_versions(),
     }
@@ -387,12 +387,12 @@ def write_metadata(
     return manifest
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Paths and numpy/torch scalars → plain JSON types, so a manifest always serialises."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "item") and callable(value.item):

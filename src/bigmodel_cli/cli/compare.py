@@ -12,14 +12,14 @@ from .options import BackendOpt, JsonOpt, ThreadsOpt
 
 
 def print_comparison(result) -> None:
-    from ..engine.compare import _cell, columns_for
+    from ..engine.compare import columns_for, table_cell
 
     columns = columns_for(result)
     title = (f"bigmodel compare · {result.metric} on {result.split} · latency on {result.backend}, batch "
              f"{result.bench_batch}, {result.threads} threads, {result.rounds} timed calls each · (×) = ratio to the first row")
     table = console.rows_table(title, [t for _, t in columns], [])
     for row in result.rows:
-        table.add_row(*(_cell(row, key) for key, _ in columns))
+        table.add_row(*(table_cell(row, key) for key, _ in columns))
     console.out.print(table)
     for note in result.notes:
         console.note(note)

@@ -30,9 +30,9 @@ def note(message: str) -> None:
 
 
 def print_json(data: Any) -> None:
-    from ..artifact import _jsonable
+    from ..artifact import jsonable
 
-    print(json.dumps(_jsonable(data), indent=2, default=str))
+    print(json.dumps(jsonable(data), indent=2, default=str))
 
 
 def fmt(value: Any) -> str:

@@ -56,7 +56,7 @@ class Recipe:
     description: str = ""
 
 
-def _command_group():
+def command_group():
     import typer
 
     from . import app
@@ -64,7 +64,7 @@ def _command_group():
     return typer.main.get_command(app)
 
 
-def _params(command) -> dict[str, Any]:
+def command_params(command) -> dict[str, Any]:
     """Option name (python name) → the command's parameter, with ``kind`` set to its Python type."""
     import inspect
     import typing
@@ -129,7 +129,7 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
         raise ConfigErrors(problems + ["a recipe needs at least one [[steps]] table"], f"recipe {path}")
     _apply_overrides(raw_steps, overrides or [], problems)
 
-    group = _command_group()
+    group = command_group()
     steps: list[Step] = []
     seen: list[str] = []
     for index, raw in enumerate(raw_steps, start=1):
@@ -147,7 +147,7 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
             problems.append(f"{where}: unknown command {command!r} (a step runs one of: {', '.join(known)})")
             seen.append(name)
             continue
-        params = _params(group.commands[command])
+        params = command_params(group.commands[command])
         refs: dict[str, str] = {}
         for key in list(raw):
             if key not in REFERENCES:
@@ -300,18 +300,18 @@ def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = load_state(run_dir)
-    group = _command_group()
+    group = command_group()
     outcomes: list[StepOutcome] = []
     for index, step in enumerate(recipe.steps, start=1):
         command = group.commands[step.command]
-        argv = step_argv(step, run_dir, _params(command))
+        argv = step_argv(step, run_dir, command_params(command))
         fingerprint = _fingerprint(step, argv, run_dir)
         output = run_dir / (step.name if step.writes_artifact else f"{step.name}.json")
         previous = state.get(step.name, {})
         same = previous.get("fingerprint") == fingerprint
         if step.writes_artifact and same and _output_complete(output):
             status, extra = "skipped", []
-        elif step.writes_artifact and same and (output / "run.json").exists() and "resume" in _params(command):
+        elif step.writes_artifact and same and (output / "run.json").exists() and "resume" in command_params(command):
             status, extra = "resumed", ["--resume"]
         elif not step.writes_artifact and same and output.exists():
             status, extra = "skipped", []

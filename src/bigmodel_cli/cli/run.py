@@ -21,16 +21,16 @@ def run(
     json_out: JsonOpt = False,
 ) -> None:
     """Run a recipe (train → prune → distill → quantize → export …); finished steps are skipped on a rerun."""
-    from .recipe import _command_group, _params, artifact_outputs, parse_recipe, run_recipe, step_argv
+    from .recipe import command_group, command_params, artifact_outputs, parse_recipe, run_recipe, step_argv
     from ..engine.compare import compare_artifacts
     from .compare import print_comparison, write_reports
 
     parsed = parse_recipe(recipe, set_ or [])
     run_dir = out or Path(parsed.out or f"runs/{recipe.stem}")
     if check:
-        group = _command_group()
+        group = command_group()
         for step in parsed.steps:
-            argv = step_argv(step, run_dir, _params(group.commands[step.command]))
+            argv = step_argv(step, run_dir, command_params(group.commands[step.command]))
             console.out.print(f"[bold]{step.name}[/]: bigmodel " + " ".join(argv), highlight=False)
         return
 

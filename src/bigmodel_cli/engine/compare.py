@@ -194,7 +194,7 @@ def columns_for(result: CompareResult) -> list[tuple[str, str]]:
     return COLUMNS + extra
 
 
-def _cell(row: dict, key: str) -> str:
+def table_cell(row: dict, key: str) -> str:
     value = row.get(key)
     if value is None:
         return "-"
@@ -215,7 +215,7 @@ def markdown_report(result: CompareResult, plot_name: str | None = None) -> str:
     lines.append("| " + " | ".join(title for _, title in columns) + " |")
     lines.append("|" + "---|" * len(columns))
     for row in result.rows:
-        lines.append("| " + " | ".join(_cell(row, key) for key, _ in columns) + " |")
+        lines.append("| " + " | ".join(table_cell(row, key) for key, _ in columns) + " |")
     lines += ["", "Ratios in parentheses are to the first row.",
               f"Machine: {m['cpu']} ({m['cores']} cores; {' '.join(m['isa'])})."]
     lines += [f"Note: {n}" for n in result.notes]
@@ -226,7 +226,7 @@ def markdown_report(result: CompareResult, plot_name: str | None = None) -> str:
 
 def html_report(result: CompareResult, plot_png: Path | None) -> str:
     columns = columns_for(result)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in columns) + "</tr>" for r in result.rows)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(table_cell(r, k))}</td>" for k, _ in columns) + "</tr>" for r in result.rows)
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t in columns)
     image = ""
     if plot_png is not None:

@@ -136,7 +136,7 @@ class _MetricsLog:
         self.handle = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self.handle.write(json.dumps(art._jsonable(record)) + "\n")
+        self.handle.write(json.dumps(art.jsonable(record)) + "\n")
         self.handle.flush()
 
     def close(self) -> None:

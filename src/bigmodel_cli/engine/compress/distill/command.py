@@ -28,7 +28,7 @@ from bigmodel_cli.config import TrainConfig
 from bigmodel_cli.errors import ConfigErrors, UserError
 from bigmodel_cli.models import USER_ARCH, build_model, count_parameters
 from .report import compare_models
-from .student import _block_size, _student_spec, check_agreement, init_from_teacher
+from .student import shared_block_size, student_spec_for, check_agreement, init_from_teacher
 from .losses import HIDDEN_LOSSES, KD_LOSSES, DistillLoss, RowsTask, build_hidden_match
 
 DISTILL_FILE = "distill.json"  # the distillation options of a run, checked on --resume
@@ -249,8 +249,8 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
     with torch.no_grad():
         width = int(teacher_model(torch.from_numpy(probe_task.example_input(2))).shape[-1])
 
-    spec, source_artifact = _student_spec(cfg, teacher, data, width)
-    block_size = _block_size(tc, teacher, spec)
+    spec, source_artifact = student_spec_for(cfg, teacher, data, width)
+    block_size = shared_block_size(tc, teacher, spec)
     task = make_task(data, tc.batch_size, tc.seed, block_size, tc.eval_windows)
     torch.manual_seed(tc.seed)
     base_dir = source_artifact.path if source_artifact is not None else None

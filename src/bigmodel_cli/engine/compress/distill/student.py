@@ -1,5 +1,5 @@
 """Building the ``bigmodel distill`` student: its model spec from a preset, a config or an existing
-artifact (``_student_spec``), the training window both models share (``_block_size``), the check
+artifact (``student_spec_for``), the training window both models share (``shared_block_size``), the check
 that it agrees with its teacher on input and output (``check_agreement``), and copying every k-th
 teacher layer into it (``init_from_teacher``). Split out of ``engine/distill.py``, which re-exports
 the public names.
@@ -134,7 +134,7 @@ def init_from_teacher(student, teacher, student_spec: dict, teacher_spec: dict) 
     return {"stride": stride, "teacher_layers": [i * stride for i in range(s_depth)]}
 
 
-def _student_spec(cfg: DistillConfig, teacher: art.Artifact, data, width: int):
+def student_spec_for(cfg: DistillConfig, teacher: art.Artifact, data, width: int):
     """The student's config.json model dict, and the artifact it comes from (--student)."""
     if cfg.student is not None:
         source = art.open_artifact(cfg.student)
@@ -183,7 +183,7 @@ def _inheritable(spec: dict) -> dict:
     return values
 
 
-def _block_size(cfg: TrainConfig, teacher: art.Artifact, student_spec: dict) -> int | None:
+def shared_block_size(cfg: TrainConfig, teacher: art.Artifact, student_spec: dict) -> int | None:
     """Language models: the training window, which both models' context must hold."""
     if teacher.task != "language-modeling":
         return None
