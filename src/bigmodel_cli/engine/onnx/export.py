@@ -32,6 +32,7 @@ from ... import artifact as art
 from ...errors import ConfigErrors, UserError, WorkFailed
 from . import files as onnx_files
 from .exporters import TORCHSCRIPT_MAX_OPSET, export_module, run_exporters
+from .layout import ExportOptions, IOLayout
 
 DTYPES = ("fp32", "fp16")
 OPTIMIZE = ("none", "basic", "extended")
@@ -40,28 +41,11 @@ DYNAMIC_AXES = ("batch", "seq")
 # The dynamo exporter writes opset-18 ops (e.g. Split with num_outputs) even when asked for less,
 # so 18 is the floor; the TorchScript exporter stops at 20 (exporters.TORCHSCRIPT_MAX_OPSET).
 MIN_OPSET = 18
-# 18 is the newest opset that both exporters and every ONNX Runtime since 1.14 understand, so the
-# file runs in the widest range of clients; newer opsets measured no faster here (docs/export.md).
-DEFAULT_OPSET = 18
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 5e-2}
-TRACE_BATCH = 2  # tracing example; verification uses other batch sizes
-VERIFY_BATCHES = (1, 7)
 def max_opset() -> int:
     import onnx
 
     return int(onnx.defs.onnx_opset_version())
-
-
-@dataclass
-class ExportOptions:
-    opset: int = DEFAULT_OPSET
-    dynamic: list[str] | None = None  # default: batch (and seq for language models)
-    dtype: str = "fp32"
-    device: str = "cpu"
-    optimize: str = "basic"
-    atol: float | None = None  # default: DEFAULT_ATOL[dtype]
-    exporter: str = "auto"
-    weights: bool = True  # also carry model.safetensors so the torch backend runs the same directory
 
 
 @dataclass
@@ -75,39 +59,6 @@ class ExportResult:
 
 
 # --- inputs ------------------------------------------------------------------------------------
-
-
-@dataclass
-class IOLayout:
-    """How the model is fed: element type, per-sample shape, which axes are symbolic."""
-
-    task: str
-    sample_shape: tuple[int, ...]  # classification: input_shape; language models: ()
-    dtype: str  # "float32" or "int64"
-    dynamic: tuple[str, ...]
-    context: int | None = None  # language models: the longest sequence the model takes
-    window: int | None = None  # language models: the training window (the fixed seq length if seq is static)
-    vocab_size: int | None = None
-
-    def shape(self, batch: int, seq: int | None = None) -> tuple[int, ...]:
-        if self.task == "language-modeling":
-            return (batch, seq if "seq" in self.dynamic else self.window)
-        return (batch, *self.sample_shape)
-
-    def trace_shape(self) -> tuple[int, ...]:
-        batch = TRACE_BATCH if "batch" in self.dynamic else 1
-        if self.task == "language-modeling":
-            return self.shape(batch, max(1, min(self.context, max(2, self.context // 2))))
-        return self.shape(batch)
-
-    def verify_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes that differ from the tracing example along every symbolic axis."""
-        batches = VERIFY_BATCHES if "batch" in self.dynamic else (1, 1)
-        if self.task == "language-modeling" and "seq" in self.dynamic:
-            trace_seq = self.trace_shape()[1]
-            seqs = [s for s in dict.fromkeys((self.context, max(1, self.context // 3), 1)) if s != trace_seq][:2]
-            return [self.shape(b, s) for b in batches for s in seqs]
-        return [self.shape(b) for b in batches]
 
 
 def io_layout(artifact: art.Artifact, dynamic: list[str] | None = None) -> IOLayout:

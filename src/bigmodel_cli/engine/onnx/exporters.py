@@ -19,7 +19,7 @@ from . import files as onnx_files
 from ..core.quiet import silenced
 
 if TYPE_CHECKING:
-    from .export import ExportOptions, IOLayout
+    from .layout import ExportOptions, IOLayout
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's newest opset
