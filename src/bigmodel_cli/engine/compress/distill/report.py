@@ -5,17 +5,15 @@ Split out of ``engine/distill.py``, which re-exports ``compare_models``.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from bigmodel_cli import artifact as art
 
-if TYPE_CHECKING:
-    from .command import DistillPlan, Progress
 
-
-def compare_models(plan: DistillPlan, run, baseline, progress: Progress | None = None) -> dict:
+def compare_models(plan, run, baseline, progress: Callable[..., None] | None = None) -> dict:
     """Teacher, baseline and distilled student on the same data, split and window: metric,
-    parameters, size and latency (torch, this machine's threads)."""
+    parameters, size and latency (torch, this machine's threads). ``plan`` is command.py's
+    DistillPlan, not imported here: command.py imports this module."""
     from ...evaluate import BenchConfig, evaluate_artifact
     from ...core.hardware import resolve_device
 
