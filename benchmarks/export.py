@@ -5,7 +5,7 @@ Targets (issue 3): ONNX Runtime fp32 latency at most 0.6× torch eager for the `
 
 Both backends are opened the way `bigmodel eval --bench` opens them (engine.backends.open_backend),
 with the same thread count, and timed as `eval --bench` times them (taking turns of one untimed and
-four timed calls, order reversed every turn; engine/timing.py says why) after warm-up; the claim is
+four timed calls, order reversed every turn; engine/core/timing.py says why) after warm-up; the claim is
 the ratio of medians of wall time. Each configuration is measured at every thread count in --threads,
 and each row is compared with the target. Next to it, the ratio of this process's CPU time per
 call: with one thread that is the work itself, unaffected by whatever else a shared machine runs.
@@ -63,7 +63,7 @@ def export(source: Path, out: Path, **options) -> tuple[Path, dict, float]:
 
 
 def timed(candidates: dict, rounds: int, warmup: int = 3) -> dict[str, dict]:
-    """As `bigmodel eval --bench` times backends (engine.timing.take_turns: turns of one untimed
+    """As `bigmodel eval --bench` times backends (engine.core.timing.take_turns: turns of one untimed
     and TURN timed calls, the order reversed every turn), recording both wall time and this
     process's CPU time per call. With one thread, CPU time is the work itself, whatever else the
     shared machine is running; wall time is what a caller waits. ``rounds`` timed calls each."""

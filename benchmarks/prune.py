@@ -1,9 +1,9 @@
 """Pruning: what sparsity and structure cost in accuracy and buy in size and latency.
 
-Every figure comes from `bigmodel prune`'s own report (engine.prune.prune_artifact): the dense and
+Every figure comes from `bigmodel prune`'s own report (engine/compress/prune: prune_artifact): the dense and
 the pruned model measured on the same split, and their latencies timed interleaved (A B B A …) on
 the same input with the same fixed thread count, for PyTorch and — after a verified export with
-engine/export.py — ONNX Runtime. The claims are ratios of medians; absolute times are "on this
+engine/onnx/export.py — ONNX Runtime. The claims are ratios of medians; absolute times are "on this
 machine" only.
 
 Experiments and the issue's targets:

@@ -8,7 +8,7 @@ Targets (issue 4, written for an AVX-512 VNNI CPU):
 - weight-only: int8 checkpoint ≥ 3.9× smaller, int4 ≥ 7× smaller, output error stated.
 
 Every figure comes from `quantize_artifact`'s own report: the metric on the validation split for
-both models, and latency timed side by side (taking turns, engine/timing.py) with the same intra-op threads (spinning
+both models, and latency timed side by side (taking turns, engine/core/timing.py) with the same intra-op threads (spinning
 off for both). Next to the default scheme chosen for this CPU, the other int8 schemes are
 quantized and timed together with fp32 in one run, to show what the choice is worth
 here. The mini gpt is trained for only --gpt-steps steps (the CPU budget); its perplexity delta is

@@ -1,4 +1,4 @@
-"""Side-by-side timing (engine/timing.py): who runs when, and how many calls are timed."""
+"""Side-by-side timing (engine/core/timing.py): who runs when, and how many calls are timed."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
-# A model over protobuf's 2 GB limit keeps its weights here, beside model.onnx (engine/onnx_files.py).
+# A model over protobuf's 2 GB limit keeps its weights here, beside model.onnx (engine/onnx/files.py).
 # It is hashed, verified and copied like every other file of the artifact.
 ONNX_DATA_FILE = ONNX_FILE + ".data"
 MODEL_CODE_FILE = "model.py"  # a copy of the user's model file, for --model FILE.py:Class

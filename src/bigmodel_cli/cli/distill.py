@@ -1,4 +1,4 @@
-"""bigmodel distill: options → DistillConfig → engine.distill → teacher vs baseline vs distilled."""
+"""bigmodel distill: options → DistillConfig → engine.compress.distill → teacher vs baseline vs distilled."""
 
 from __future__ import annotations
 

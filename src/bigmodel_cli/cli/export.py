@@ -1,4 +1,4 @@
-"""bigmodel export: a PyTorch artifact → a verified ONNX artifact (engine.export.export_artifact)."""
+"""bigmodel export: a PyTorch artifact → a verified ONNX artifact (engine.onnx.export.export_artifact)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from . import console
 
 
 class TrainingProgress:
-    """Callable progress sink for engine.train.run_job: a bar with loss, lr, throughput and ETA."""
+    """Callable progress sink for engine.training.loop.run_job: a bar with loss, lr, throughput and ETA."""
 
     def __init__(self, label: str = "train", unit: str = "samples/s", enabled: bool = True):
         self.label, self.unit, self.enabled = label, unit, enabled

@@ -1,4 +1,4 @@
-"""bigmodel prune: options → PruneConfig (+ the trainer's flags for fine-tuning) → engine.prune →
+"""bigmodel prune: options → PruneConfig (+ the trainer's flags for fine-tuning) → engine.compress.prune →
 a before/after table."""
 
 from __future__ import annotations

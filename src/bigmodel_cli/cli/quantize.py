@@ -1,4 +1,4 @@
-"""bigmodel quantize: options → QuantizeOptions → engine.quantize.quantize_artifact → a before/after table."""
+"""bigmodel quantize: options → QuantizeOptions → engine.compress.quantize (quantize_artifact) → a before/after table."""
 
 from __future__ import annotations
 

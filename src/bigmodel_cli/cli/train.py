@@ -1,4 +1,4 @@
-"""bigmodel train: options → TrainConfig → engine.train → a results table.
+"""bigmodel train: options → TrainConfig → engine.training.loop → a results table.
 
 The trainer's options are declared once (``_options``) and appended to other commands that train
 (prune's fine-tuning, distill) with ``with_train_options``, so every flag has one name and one help.

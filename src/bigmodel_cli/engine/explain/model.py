@@ -56,12 +56,12 @@ def _torch_ancestor(artifact: Artifact) -> tuple[Artifact | None, str]:
 
 
 def _onnx_predict(artifact: Artifact, threads: int | None):
-    """ONNX Runtime's predict for the artifact, or None while engine/runtime.py is not installed."""
+    """ONNX Runtime's predict for the artifact, or None while engine/onnx/runtime.py is not installed."""
     from ..backends import open_backend
 
     try:
         return open_backend(artifact, "onnx", threads=threads).predict
-    except ImportError:  # the ONNX Runtime backend (engine/runtime.py) is not part of this build
+    except ImportError:  # the ONNX Runtime backend (engine/onnx/runtime.py) is not part of this build
         return None
 
 
@@ -95,7 +95,7 @@ class Explainer:
                 self.via = "onnx finite differences"
                 return
             if through == "onnx":
-                raise UserError("--through onnx needs the ONNX Runtime backend (engine/runtime.py), which this "
+                raise UserError("--through onnx needs the ONNX Runtime backend (engine/onnx/runtime.py), which this "
                                 "build lacks; use --through torch")
             self.notes.append("ONNX Runtime backend not available in this build; explained through the PyTorch ancestor")
         if onnx_only:

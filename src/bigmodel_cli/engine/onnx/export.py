@@ -2,7 +2,7 @@
 
 The export artifact holds ``model.onnx`` (one file while the weights are under
 ``exporters.EXTERNAL_DATA_THRESHOLD_BYTES``, just under protobuf's 2 GB limit; above it the weights go to
-exactly one ``model.onnx.data`` beside it, whichever exporter ran — see ``onnx_files.py``),
+exactly one ``model.onnx.data`` beside it, whichever exporter ran — see ``files.py``),
 ``config.json`` (the parent's model and data sections plus an ``onnx`` section: exporter, opset,
 input/output names, symbolic dimensions, dtype) and ``manifest.json`` (the same,
 plus the verification figures). By default it also carries the parent's ``model.safetensors``

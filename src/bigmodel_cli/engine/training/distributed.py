@@ -20,7 +20,7 @@ Several machines need ``--out`` on a filesystem that every node sees, as rank 0 
 rank reads the checkpoint it resumes from.
 
 Starting the workers (``bigmodel train --nproc N``) and the checks made before they start are in
-engine/launcher.py; ``join`` makes the job's checks again, for workers that torchrun started itself.
+engine/training/launcher.py; ``join`` makes the job's checks again, for workers that torchrun started itself.
 """
 
 from __future__ import annotations

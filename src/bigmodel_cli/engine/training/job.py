@@ -1,7 +1,7 @@
 """Setting up a training run: what a job is (``TrainJob``), and how a TrainConfig becomes one.
 
 ``prepare_training`` turns a TrainConfig into a TrainJob, checking everything (data, model, shapes)
-before any work; engine/train.py's ``run_job`` then runs it. Distillation and pruning build their
+before any work; engine/training/loop.py's ``run_job`` then runs it. Distillation and pruning build their
 own TrainJob (a different loss, a different model) and reuse the loop unchanged.
 """
 

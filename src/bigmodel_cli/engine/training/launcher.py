@@ -9,7 +9,7 @@ exit code.
 The checks it makes are here too: the environment (is this process a torchrun worker, how many
 workers this machine can host), the options (``check_options``, before any work) and the job
 (``check_job``: ``bigmodel train`` only, and a model that FSDP can shard). A worker repeats the job's
-checks when it joins the others (engine/distributed.py), as torchrun may have started it directly.
+checks when it joins the others (engine/training/distributed.py), as torchrun may have started it directly.
 """
 
 from __future__ import annotations

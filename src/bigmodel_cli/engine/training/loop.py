@@ -1,9 +1,9 @@
 """The training loop behind ``bigmodel train`` (and the fine-tuning in prune and distill).
 
-``run_job`` runs any TrainJob (engine/train_setup.py builds one from a TrainConfig and checks it):
+``run_job`` runs any TrainJob (engine/training/job.py builds one from a TrainConfig and checks it):
 the loop is step-based and every batch is a pure function of (seed, step), so resume needs only the
 step, and data-parallel ranks only slice the same batch. Under torchrun the same loop runs on every
-rank (engine/distributed.py: DDP or FSDP, the loss weighted so that N processes train like one, rank
+rank (engine/training/distributed.py: DDP or FSDP, the loss weighted so that N processes train like one, rank
 0 alone writing). The run directory it writes (metrics.jsonl; run.json and the --resume checks are
 in run_dir.py) is kept here too.
 """

@@ -1,14 +1,14 @@
 """``bigmodel distill``: train a smaller student to imitate a teacher artifact.
 
-The student is trained by the one training loop (``engine.train.run_job``); distillation only
+The student is trained by the one training loop (``engine.training.loop.run_job``); distillation only
 changes the job: the loss (``DistillLoss``: the teacher's softened logits, the labels, and
 optionally its hidden states), the trainable extras (the projections that map student features to
 teacher widths: checkpointed for resume, never saved in the student artifact), the stage
 (``distill``) and the parent (the teacher). Hidden states are read with forward hooks on the
-built-in architectures' layers (``engine/losses.py``), so the model classes stay unchanged.
+built-in architectures' layers (``engine/compress/distill/losses.py``), so the model classes stay unchanged.
 
 This module holds the options (``DistillConfig``), the job assembly and the run; building the
-student lives in ``engine/distill_student.py`` and the report in ``engine/distill_report.py``
+student lives in ``student.py`` and the report in ``report.py``
 (their public names are re-exported here).
 
 ``distillation_loss_fn`` is the small public entry point for other commands that fine-tune with a
@@ -141,7 +141,7 @@ def parse_layer_map(value: str) -> list[tuple[int, int]]:
 
 def distillation_loss_fn(teacher_model, student_model, task, temperature: float | None = None, alpha: float = 0.5,
                          kd_loss: str = "forward-kl") -> Callable:
-    """A ``loss_fn(model, x, y)`` for ``engine.train_setup.TrainJob`` that distils ``teacher_model``'s logits
+    """A ``loss_fn(model, x, y)`` for ``engine.training.job.TrainJob`` that distils ``teacher_model``'s logits
     into the model being trained: alpha·T²·KL(teacher ‖ student) + (1 − alpha)·CE(labels).
 
     For commands that fine-tune with a teacher (``bigmodel prune --distill``): the teacher is put in
@@ -178,7 +178,7 @@ def distillation_loss_fn(teacher_model, student_model, task, temperature: float 
 class DistillPlan:
     cfg: DistillConfig
     teacher: art.Artifact
-    job: Any  # engine.train_setup.TrainJob
+    job: Any  # engine.training.job.TrainJob
     loss: DistillLoss
     student_spec: dict
     student_source: dict

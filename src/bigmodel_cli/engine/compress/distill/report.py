@@ -1,5 +1,5 @@
 """The ``bigmodel distill`` report: teacher, baseline and distilled student measured side by side.
-Split out of ``engine/distill.py``, which re-exports ``compare_models``.
+Split out of ``command.py``, which re-exports ``compare_models``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Building the ``bigmodel distill`` student: its model spec from a preset, a config or an existing
 artifact (``student_spec_for``), the training window both models share (``shared_block_size``), the check
 that it agrees with its teacher on input and output (``check_agreement``), and copying every k-th
-teacher layer into it (``init_from_teacher``). Split out of ``engine/distill.py``, which re-exports
+teacher layer into it (``init_from_teacher``). Split out of ``command.py``, which re-exports
 the public names.
 """
 

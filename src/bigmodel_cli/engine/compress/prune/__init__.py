@@ -1,4 +1,4 @@
-"""The methods behind ``bigmodel prune`` (orchestrated by ``engine/prune.py``).
+"""The methods behind ``bigmodel prune`` (orchestrated by ``engine/compress/prune/command.py``).
 
 - ``plan``       the cubic sparsity schedule, kept-width rounding, N:M patterns, --ignore
 - ``magnitude``  unstructured L1 magnitude and N:M masks (torch.nn.utils.prune), made permanent

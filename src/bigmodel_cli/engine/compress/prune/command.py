@@ -2,7 +2,7 @@
 in several steps with fine-tuning between and after them, and measure what it bought.
 
 One call, ``prune_artifact``: validate everything, then for each step of the cubic schedule prune
-(``pruning/``) and fine-tune with the one training loop (``train.run_job``: a TrainJob with the
+(this package) and fine-tune with the one training loop (``training.loop.run_job``: a TrainJob with the
 pruned model, stage "prune", parent the input artifact), and finally measure the dense and the
 pruned model side by side on the same split and inputs. The output directory is laid out like a
 training run: ``best/`` is the pruned artifact (what every other command opens when given the
@@ -46,7 +46,7 @@ class PruneConfig:
     steps: int = 1  # increments along the cubic schedule
     finetune_epochs: int = 0  # training epochs after each step
     calibration_batches: int = 8  # taylor: training batches whose gradients score the units
-    distill: bool = False  # fine-tune against the unpruned model as teacher (engine/distill.py's loss)
+    distill: bool = False  # fine-tune against the unpruned model as teacher (compress/distill/command.py's loss)
     temperature: float | None = None  # --distill: softening of both distributions (default 2)
     alpha: float | None = None  # --distill: weight of the teacher's soft targets (default 0.5)
     kd_loss: str | None = None  # --distill: forward-kl (default), reverse-kl or mse

@@ -53,7 +53,7 @@ def side_by_side_latency(predicts: dict[str, Callable], example, iterations: int
 
 
 def onnx_latency(artifact, model, config: dict, files: dict, example, threads: int, iterations: int):
-    """Export the dense and the pruned model with ``engine.export`` (verified against torch) into a
+    """Export the dense and the pruned model with ``engine.onnx.export`` (verified against torch) into a
     temporary directory and time both ONNX Runtime sessions side by side. The exports are not kept:
     ``bigmodel export DIR`` makes the deployable one. Returns ({"before": …, "after": …}, details)."""
     import tempfile

@@ -1,4 +1,4 @@
-"""The pieces of ``bigmodel quantize`` (the command itself is ``engine/quantize.py``).
+"""The pieces of ``bigmodel quantize`` (the command itself is ``engine/compress/quantize/command.py``).
 
 - ``scheme``       which int8 scheme suits the CPU it runs on (VNNI, AVX-512, AVX2, ARM)
 - ``calibration``  calibration inputs (the artifact's training split or ``--calib-data``)

@@ -5,13 +5,13 @@ One call, ``quantize_artifact``: validate everything, then
 
 - ``dynamic`` / ``static``: take the artifact's fp32 ``model.onnx`` (exporting a PyTorch artifact
   first with ``export=True``), run ONNX Runtime's pre-processing and quantizer
-  (``quantization/onnx_int8.py``) with the int8 scheme chosen for this CPU
-  (``quantization/scheme.py``), calibrating static models on ``calib_samples`` inputs;
+  (``onnx_int8.py``) with the int8 scheme chosen for this CPU
+  (``scheme.py``), calibrating static models on ``calib_samples`` inputs;
 - ``weight-only``: int8 or packed int4 weights in ``model.safetensors``
-  (``quantization/weight_only.py``), dequantized when the artifact is loaded;
+  (``weight_only.py``), dequantized when the artifact is loaded;
 
-then measure before and after on the same split and the same threads (``quantization/measure.py``),
-apply the accuracy gate (``quantization/gate.py``: rank nodes by per-tensor error, keep the worst in
+then measure before and after on the same split and the same threads (``measure.py``),
+apply the accuracy gate (``gate.py``: rank nodes by per-tensor error, keep the worst in
 float, retry), and write a stage-"quantize" artifact whose parent is the input artifact. Temporary
 files live in a TemporaryDirectory; the artifact is written through ``atomic_directory``, so a
 failure (exit 1) or a user error (exit 2) leaves nothing behind.

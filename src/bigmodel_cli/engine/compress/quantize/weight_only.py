@@ -80,7 +80,7 @@ def tensor_errors(state: dict, bits: int, group_size: int) -> dict[str, float]:
     return errors
 
 
-# --- the command's weight-only flow (engine/quantize.py dispatches here) ------------------------------
+# --- the command's weight-only flow (command.py dispatches here) ------------------------------
 
 
 def quantize_weights(source, out, options, overwrite: bool, tmp, say, options_record: dict) -> tuple[dict, dict, dict, dict]:
