@@ -9,8 +9,8 @@ would be a worse copy of it.
 Reloading without pickle: Torch-Pruning's own save format pickles modules, so we do not use it.
 Instead ``structure_record`` compares the pruned model with a freshly built one and writes, as JSON
 in config.json's model section, the shapes of the tensors and the plain attributes (in_features,
-out_channels, num_features, …) that changed. ``models.pruned_shapes.restore_pruned_shapes`` —
-called by ``models.build_model`` — rebuilds the user's module, reapplies those attributes and resizes those
+out_channels, num_features, …) that changed. ``restore_pruned_shapes`` — called by
+``models.build_model`` — rebuilds the user's module, reapplies those attributes and resizes those
 tensors, and the weights then load from safetensors as usual.
 """
 
