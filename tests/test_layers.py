@@ -180,22 +180,68 @@ def private_imports(root: Path) -> list[str]:
     return problems
 
 
+def defined_names(path: Path) -> set[str] | None:
+    """Names a module defines at its top level (also inside top-level if/try); None when it has a
+    module ``__getattr__`` and so may define any name."""
+    names: set[str] = set()
+    body = list(ast.parse(path.read_text(encoding="utf-8")).body)
+    while body:
+        node = body.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.If, ast.Try)):
+            body += node.body + node.orelse + getattr(node, "finalbody", [])
+            body += [stmt for handler in getattr(node, "handlers", []) for stmt in handler.body]
+    return None if "__getattr__" in names else names
+
+
+def unresolved_imports(root: Path) -> list[str]:
+    """Imports of the package that name a module or a name that does not exist: after a file moves,
+    a relative import with the old depth (often a lazy one inside a function) fails only when it runs."""
+    modules = find_modules(root)
+    problems = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(node, module, path.name == "__init__.py")
+                if base != root.name and not base.startswith(root.name + "."):
+                    continue
+                if base not in modules:
+                    problems.append(f"{module} (line {node.lineno}) imports {base}, which does not exist")
+                    continue
+                defined = defined_names(modules[base])
+                problems += [f"{module} (line {node.lineno}) imports {alias.name} from {base}, which has no such name"
+                             for alias in node.names
+                             if f"{base}.{alias.name}" not in modules and defined is not None and alias.name not in defined]
+            elif isinstance(node, ast.Import):
+                problems += [f"{module} (line {node.lineno}) imports {alias.name}, which does not exist"
+                             for alias in node.names
+                             if alias.name.startswith(root.name + ".") and alias.name not in modules]
+    return problems
+
+
 # --- the checkers can fail ----------------------------------------------------------------------
 
 
 @pytest.fixture
 def bad_package(tmp_path):
     """A package with an upward import (artifact → cli), a circle (engine.core.a ↔ engine.core.b)
-    made of a function-level and a TYPE_CHECKING import, and private names crossing modules."""
+    made of a function-level and a TYPE_CHECKING import, imports of a missing name and of a missing
+    module (a relative import one level short), and private names crossing modules."""
     root = tmp_path / "bigmodel_cli"
     files = {
         "__init__.py": "",
         "errors.py": "_SECRET = 1\n",
-        "artifact.py": "def f():\n    from .cli import app\n",
+        "artifact.py": "def f():\n    from .cli import app\n\n\ndef g():\n    from .errors import nothing\n",
         "cli/__init__.py": "app = None\n",
         "engine/__init__.py": "",
         "engine/core/__init__.py": "",
-        "engine/core/a.py": "def f():\n    from . import b\n",
+        "engine/core/a.py": "def f():\n    from . import b\n    from ..config import x  # one level short\n",
         "engine/core/b.py": textwrap.dedent("""\
             from typing import TYPE_CHECKING
             from ... import errors
@@ -211,11 +257,15 @@ def bad_package(tmp_path):
     return root
 
 
-def test_the_checks_find_upward_imports_circles_and_private_names(bad_package):
+def test_the_checks_find_each_kind_of_problem(bad_package):
     imports = find_imports(bad_package)
     assert upward_imports(imports) == [
         "bigmodel_cli.artifact (line 2, layer artifact) imports bigmodel_cli.cli (layer cli)"]
     assert import_circles(imports) == [["bigmodel_cli.engine.core.a", "bigmodel_cli.engine.core.b"]]
+    assert unresolved_imports(bad_package) == [
+        "bigmodel_cli.artifact (line 6) imports nothing from bigmodel_cli.errors, which has no such name",
+        "bigmodel_cli.engine.core.a (line 3) imports bigmodel_cli.engine.config, which does not exist",
+    ]
     assert private_imports(bad_package) == [
         "bigmodel_cli.engine.core.b (line 3) imports bigmodel_cli.errors._SECRET",
         "bigmodel_cli.engine.core.b (line 6) uses errors._SECRET",
@@ -233,6 +283,11 @@ def test_every_module_has_a_layer():
         except LookupError:
             unplaced.append(module)
     assert not unplaced, f"add these modules to LAYERS in tests/test_layers.py (and docs/architecture.md): {unplaced}"
+
+
+def test_every_import_of_the_package_resolves():
+    problems = unresolved_imports(SRC)
+    assert not problems, "imports that would fail when they run:\n" + "\n".join(problems)
 
 
 def test_no_module_imports_from_a_higher_layer():
