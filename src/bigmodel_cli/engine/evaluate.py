@@ -29,6 +29,13 @@ class BenchConfig:
     seq_len: int | None = None  # language models; default: the artifact's training window
 
 
+def check_limit(limit: int | None) -> None:
+    """--limit N evaluates the first N samples (or windows); 0 or a negative N used to mean
+    'everything' or 'all but the last N' without a word."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 (samples or windows to evaluate), got {limit}")
+
+
 def size_stats(artifact: Artifact, backend: str | None = None) -> dict:
     """Parameters, non-zero parameters and file size, from the weights on disk.
 
@@ -122,6 +129,7 @@ def evaluate_artifact(
     """One dict with the metric, the size and (with ``bench``) latency, plus where it ran."""
     if split not in SPLITS:
         raise UserError(f"unknown --split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_limit(limit)
     data = open_data(artifact, data_arg, target)
     runner = runner or open_backend(artifact, backend, device, threads)
     task = make_task(data, batch_size=64, block_size=artifact.data_spec.get("block_size"))
@@ -174,6 +182,7 @@ def evaluate_backends(
 ) -> dict:
     """The same report for several backends of one artifact, side by side: each is evaluated on the
     same data, and (with ``bench``) timed side by side on the same input with the same threads."""
+    check_limit(kwargs.get("limit"))
     runners = {}
     for name in backends:
         runners[name] = open_backend(artifact, name, device, threads)

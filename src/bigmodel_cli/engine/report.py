@@ -95,11 +95,12 @@ def _runner(artifact: Artifact, backend: str, threads: int | None, workdir: Path
 def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int | None = None, split: str = "val",
                       bench_batch: int | None = None, rounds: int = 30, warmup: int = 3, limit: int | None = None,
                       explain_samples: int = 0, progress: Callable | None = None) -> CompareResult:
-    from .evaluate import BenchConfig, bench_input, open_data, size_stats
+    from .evaluate import BenchConfig, bench_input, check_limit, open_data, size_stats
     from .tasks import make_task
 
     if rounds < 1 or warmup < 0:
         raise UserError("--rounds must be at least 1 and --warmup not negative")
+    check_limit(limit)
     say = progress or (lambda *a, **k: None)
     opened = _open_all(expand_run_dirs(paths))
     backend = _choose_backend(backend, [a for _, a in opened])
