@@ -92,6 +92,32 @@ def test_limit_must_be_at_least_one(cli, digits_mlp, limit):
     assert_one_error_line(cli("compare", digits_mlp, "--limit", limit, "--rounds", "1"), "--limit", limit)
 
 
+def _limited(*args: str, memory: int = 3 << 30) -> subprocess.CompletedProcess:
+    """bigmodel ARGS in a subprocess that may map at most ``memory`` bytes: a regression in a
+    hostile-memory case fails the test instead of eating the machine."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    return subprocess.run([sys.executable, "-m", "bigmodel_cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_a_bench_batch_too_big_to_build_is_refused(digits_mlp, command):
+    extra = ("--bench", "--iterations", "1") if command == "eval" else ("--rounds", "1", "--limit", "8")
+    result = _limited(command, digits_mlp / "best", "--bench-batch", "1000000000", *extra)
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: --bench-batch 1000000000") and "GiB" in errors[0]
+
+
+def test_compare_bench_batch_must_be_at_least_one(cli, digits_mlp):
+    for batch in ("0", "-1"):
+        assert_one_error_line(cli("compare", digits_mlp / "best", "--bench-batch", batch), "--bench-batch", batch)
+
+
 # ------------------------------------------------------------------ files that are not what they should be
 
 

@@ -99,16 +99,32 @@ def benchmark(predict: Callable, example: np.ndarray, cfg: BenchConfig, progress
     }
 
 
+# The timed input is built in memory before the first call; a batch beyond this is a typo (and the
+# model's activations would be many times larger still), not a benchmark.
+MAX_BENCH_INPUT_BYTES = 1 << 30
+
+
+def check_bench_size(batch: int, values_per_sample: int, bytes_per_value: int) -> None:
+    if batch < 1:
+        raise UserError(f"--bench-batch must be at least 1, got {batch}")
+    need = batch * values_per_sample * bytes_per_value
+    if need > MAX_BENCH_INPUT_BYTES:
+        raise UserError(f"--bench-batch {batch} makes a timed input of {need / 2**30:,.1f} GiB "
+                        f"(at most {MAX_BENCH_INPUT_BYTES / 2**30:g} GiB); lower --bench-batch (or --seq-len)")
+
+
 def bench_input(artifact: Artifact, task, cfg: BenchConfig) -> np.ndarray:
     if artifact.task == "language-modeling":
         batch = cfg.batch_size or 1
         seq = cfg.seq_len or artifact.data_spec.get("block_size", 128)
+        check_bench_size(batch, seq, 8)
         rng = np.random.default_rng(0)
         return rng.integers(0, artifact.data_spec.get("vocab_size", 256), size=(batch, seq)).astype(np.int64)
     x = task.data.arrays("val")[0]
     if len(x) == 0:
         x = task.data.arrays("train")[0]
     batch = cfg.batch_size or 64
+    check_bench_size(batch, int(np.prod(x.shape[1:])), 4)
     return np.resize(x, (batch, *x.shape[1:])).astype(np.float32)
 
 

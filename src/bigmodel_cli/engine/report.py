@@ -100,6 +100,8 @@ def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int 
 
     if rounds < 1 or warmup < 0:
         raise UserError("--rounds must be at least 1 and --warmup not negative")
+    if bench_batch is not None and bench_batch < 1:
+        raise UserError(f"--bench-batch must be at least 1, got {bench_batch}")
     check_limit(limit)
     say = progress or (lambda *a, **k: None)
     opened = _open_all(expand_run_dirs(paths))
