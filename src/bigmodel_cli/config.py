@@ -7,6 +7,8 @@ Every option has one name, used on the command line (``--grad-accum``) and in re
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,35 @@ from .errors import ConfigErrors, UserError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
+# torch.manual_seed takes seeds up to 2**64 - 1 and numpy's generators refuse negative ones; beyond
+# either, the run died deep in the work with an internal error.
+SEED_MAX = 2**64 - 1
+
+
+def thread_limit() -> int:
+    """The most --threads any command accepts: this machine's logical cores. Asked for tens of
+    thousands, torch's OpenMP pool crashes the process (a segfault), and more threads than cores
+    only wait on each other."""
+    return os.cpu_count() or 1
+
+
+def threads_problem(threads: int | None) -> str | None:
+    """What is wrong with a --threads value (None: not given, the default), or None."""
+    if threads is None or 1 <= threads <= thread_limit():
+        return None
+    return f"--threads must be between 1 and {thread_limit()} (the cores of this machine), got {threads}"
+
+
+def seed_problem(seed: int) -> str | None:
+    """What is wrong with a --seed value, or None."""
+    if 0 <= seed <= SEED_MAX:
+        return None
+    return f"--seed must be between 0 and 2**64-1 ({SEED_MAX}), got {seed}"
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for a real, finite number: options parsed as floats accept 'nan' and 'inf'."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -83,16 +114,21 @@ class TrainConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 p.append(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("epochs", "max_steps", "eval_every", "checkpoint_every", "patience", "block_size", "threads",
+        for name in ("epochs", "max_steps", "eval_every", "checkpoint_every", "patience", "block_size",
                      "input_size", "hidden_size", "output_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 p.append(f"{_flag(name)} must be at least 1, got {value}")
-        if not self.lr > 0:
-            p.append(f"--lr must be positive, got {self.lr}")
+        for problem in (threads_problem(self.threads), seed_problem(self.seed)):
+            if problem:
+                p.append(problem)
+        if not (is_finite_number(self.lr) and self.lr > 0):
+            p.append(f"--lr must be a finite positive number, got {self.lr}")
+        # NaN passes every `< 0` test, and an infinite clip or min-delta silently disables the feature.
         for name in ("weight_decay", "grad_clip", "min_delta", "momentum"):
-            if getattr(self, name) < 0:
-                p.append(f"{_flag(name)} must not be negative, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (is_finite_number(value) and value >= 0):
+                p.append(f"{_flag(name)} must be a finite number, 0 or more, got {value}")
         if self.warmup_steps < 0 or self.skip_nonfinite < 0:
             p.append("--warmup-steps and --skip-nonfinite must not be negative")
         if self.optimizer not in OPTIMIZERS:
@@ -181,6 +217,10 @@ def read_toml(path: Path | str, table: str | None = None) -> dict:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; give the path of a TOML file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory; give the path of a TOML file") from None
+    except OSError as exc:  # unreadable: permissions, a special file
+        raise UserError(f"{path}: cannot be read ({exc.strerror}); give the path of a readable TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid TOML ({exc}); fix the file") from None
     if table and isinstance(data.get(table), dict):

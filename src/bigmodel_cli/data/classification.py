@@ -38,6 +38,16 @@ def stratified_split(y: np.ndarray, val: float, test: float, seed: int) -> dict[
     return {k: np.sort(np.concatenate(v)) if v else np.array([], dtype=np.int64) for k, v in parts.items()}
 
 
+def rows_for_one(fraction: float) -> int:
+    """The fewest rows of a class for which the split gives ``fraction`` of them at least one row."""
+    if not fraction > 0:
+        return 0
+    n = 1
+    while int(round(n * fraction)) < 1:
+        n += 1
+    return n
+
+
 @dataclass
 class ClassificationData:
     task = "classification"
@@ -69,6 +79,20 @@ class ClassificationData:
             "num_classes": int(max(len(self.class_names), int(self.y.max()) + 1)),
             "class_names": list(self.class_names),
         })
+
+    def check_trainable(self) -> None:
+        """A classifier needs two classes to tell apart and a validation split to pick its best
+        step by; without them training "succeeded" with a constant model, or failed after the
+        first epoch on an empty evaluation."""
+        where = self.spec.get("path", self.spec["name"])
+        present = np.unique(self.y)
+        if len(present) < 2:
+            only = self.class_names[int(present[0])] if int(present[0]) < len(self.class_names) else str(int(present[0]))
+            raise UserError(f"{where}: every row has the label {only!r}; a classifier needs at least 2 classes")
+        if len(self.splits["val"]) == 0:
+            val = (self.spec.get("split") or {}).get("val", 0.1)
+            raise UserError(f"{where}: {len(self.y)} rows leave the validation split empty (it takes a fraction {val:g} "
+                            f"of each class, rounded); give at least {rows_for_one(val)} rows of some class")
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import artifact as art
+from ..config import is_finite_number
 from ..errors import ConfigErrors, UserError, WorkFailed
 from . import onnx_files
 from .exporters import TORCHSCRIPT_MAX_OPSET, export_module, run_exporters
@@ -184,8 +185,8 @@ def validate_options(options: ExportOptions, artifact: art.Artifact) -> None:
             problems.append(f"--dynamic {','.join(unknown)}: symbolic axes are batch and seq (or none)")
         elif "seq" in options.dynamic and artifact.task != "language-modeling":
             problems.append("--dynamic seq is for language models; a classifier's only symbolic axis is batch")
-    if options.atol is not None and not options.atol > 0:
-        problems.append(f"--atol must be positive, got {options.atol}")
+    if options.atol is not None and not (is_finite_number(options.atol) and options.atol > 0):
+        problems.append(f"--atol must be a finite positive number, got {options.atol}")
     if options.device not in ("cpu", "cuda"):
         problems.append(f"--device {options.device!r} is not cpu or cuda")
     if options.optimize == "extended" and options.dtype == "fp16" and options.device == "cpu":

@@ -11,6 +11,7 @@ import os
 import platform
 from functools import lru_cache
 
+from ..config import threads_problem
 from ..errors import UserError
 
 PRECISIONS = ("fp32", "bf16-mixed", "auto")
@@ -96,7 +97,8 @@ def set_threads(threads: int | None) -> int:
     import torch
 
     if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1, got {threads}")
+        problem = threads_problem(threads)
+        if problem:
+            raise UserError(problem)
         torch.set_num_threads(threads)
     return torch.get_num_threads()

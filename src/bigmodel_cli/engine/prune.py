@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import artifact as art
-from ..config import TrainConfig
+from ..config import TrainConfig, is_finite_number
 from ..errors import ConfigErrors, UserError
 from ..models import USER_ARCH
 from .pruning import report as measure
@@ -99,8 +99,8 @@ class PruneConfig:
         if self.distill:
             from .losses import KD_LOSSES  # plain constants, no torch
 
-            if self.temperature is not None and not self.temperature > 0:
-                p.append(f"--temperature must be positive, got {self.temperature}")
+            if self.temperature is not None and not (is_finite_number(self.temperature) and self.temperature > 0):
+                p.append(f"--temperature must be positive (and finite), got {self.temperature}")
             if self.alpha is not None and not 0 <= self.alpha <= 1:
                 p.append(f"--alpha must be between 0 and 1, got {self.alpha}")
             if self.kd_loss is not None and self.kd_loss not in KD_LOSSES:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import artifact as art
+from ..config import is_finite_number, threads_problem
 from ..errors import ConfigErrors, UserError, WorkFailed
 from .evaluate import SPLITS, BenchConfig
 from .quantization import gate as gating
@@ -108,8 +109,8 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
     if options.calib_data is not None and (mode == "weight-only" or (mode == "dynamic" and options.max_metric_drop is None)):
         p.append("--calib-data feeds static calibration and the accuracy gate's error ranking; "
                  f"{mode} quantization without --max-metric-drop does not use it")
-    if options.max_metric_drop is not None and not options.max_metric_drop >= 0:
-        p.append(f"--max-metric-drop must be 0 or more (accuracy points, or perplexity percent), got {options.max_metric_drop}")
+    if options.max_metric_drop is not None and not (is_finite_number(options.max_metric_drop) and options.max_metric_drop >= 0):
+        p.append(f"--max-metric-drop must be a finite number, 0 or more (accuracy points, or perplexity percent), got {options.max_metric_drop}")
     if options.max_retries < 0:
         p.append(f"--max-retries must be 0 or more, got {options.max_retries}")
     if options.scheme not in SCHEMES:
@@ -120,8 +121,8 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
         p.append("--iterations and --bench-batch must be at least 1 and --warmup not negative")
     if options.limit is not None and options.limit < 1:
         p.append(f"--limit must be at least 1, got {options.limit}")
-    if options.threads is not None and options.threads < 1:
-        p.append(f"--threads must be at least 1, got {options.threads}")
+    if threads_problem(options.threads):
+        p.append(threads_problem(options.threads))
     if options.export and mode == "weight-only":
         p.append("--export is for the ONNX modes; weight-only quantizes model.safetensors")
     if p:

@@ -132,6 +132,8 @@ def prepare_training(cfg: TrainConfig) -> TrainJob:
         art.check_output(cfg.out, cfg.overwrite)
     data_arg = default_data(cfg, arch_task, overrides)
     data = load_dataset(parse_data_arg(data_arg, cfg.target, **_synthetic_shape(overrides)))
+    if data.task == "classification":
+        data.check_trainable()
     spec = resolve_model(cfg, data, overrides)
     block_size = None
     if data.task == "language-modeling":
