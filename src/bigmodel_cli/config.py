@@ -174,15 +174,32 @@ def build_config(cls, file_values: dict | None = None, flags: dict | None = None
     return cls(**values)
 
 
+# An options file or recipe is a few kilobytes; a bigger one is not what the user meant to give.
+MAX_TOML_BYTES = 4 * 1024 * 1024
+
+
 def read_toml(path: Path | str, table: str | None = None) -> dict:
     """A TOML options file; ``table`` picks e.g. [train] when present."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        # A directory fails to read; a FIFO or device would block or never end: refuse both up front.
+        raise UserError(f"{path}: is not a regular file; give the path of a TOML file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            raw = file.read(MAX_TOML_BYTES + 1)  # bounded: the size on disk may not tell the truth
+        if len(raw) > MAX_TOML_BYTES:
+            raise UserError(f"{path}: is larger than {MAX_TOML_BYTES // (1024 * 1024)} MiB; "
+                            "a recipe or options file is a few kilobytes: give the right file")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; give the path of a TOML file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror}); give a TOML file you can read") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid TOML ({exc}); fix the file") from None
+    except RecursionError:
+        # tomllib parses nested arrays and tables recursively: a few hundred levels exhaust the stack.
+        raise UserError(f"{path}: arrays or tables are nested too deeply to read; fix the file") from None
     if table and isinstance(data.get(table), dict):
         return data[table]
     return data
