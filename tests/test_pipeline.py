@@ -190,6 +190,26 @@ input = {str(sample)!r}
     assert state["ex"]["complete"] is False and state["chk"]["complete"] is False  # so the next run reruns both
 
 
+def test_a_training_step_that_failed_before_writing_is_run_again_not_resumed(cli, tmp_path, monkeypatch):
+    """After a failed attempt with new options, RUN_DIR/t still holds the previous run: resuming it
+    with the new options would be refused, so the step starts again."""
+    import bigmodel_cli.engine.train_setup as train_setup
+
+    recipe, run = tmp_path / "t.toml", tmp_path / "r"
+    recipe.write_text('[[steps]]\nname = "t"\ncommand = "train"\nmax-steps = 2\n')
+    assert cli("run", recipe, "--out", run, "--compare-rounds", "2").exit_code == 0
+
+    def interrupted(cfg):
+        raise OSError(28, "No space left on device", str(run / "t"))  # before anything was written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_setup, "prepare_training", interrupted)
+        assert cli("run", recipe, "--out", run, "--set", "t.lr=0.002").exit_code == 2
+    again = _json(cli("run", recipe, "--out", run, "--set", "t.lr=0.002", "--json", "--compare-rounds", "2"))
+    assert [s["status"] for s in again["steps"]] == ["ran"]
+    assert json.loads((run / "t" / "run.json").read_text())["options"]["lr"] == 0.002
+
+
 def test_recipe_refuses_steps_that_cannot_run_before_anything_runs(cli, tmp_path):
     recipe = tmp_path / "clash.toml"
     recipe.write_text("""

@@ -104,7 +104,7 @@ def _params(command) -> dict[str, Any]:
     return params
 
 
-def argument_key(param) -> str:
+def _argument_key(param) -> str:
     """The recipe key for a command argument after the artifact: its metavar (INPUT → input)."""
     return (param.metavar or param.name).strip("[].").lower()
 
@@ -243,7 +243,7 @@ def _take_arguments(raw: dict, params: list, where: str, command: str, problems:
     a required one that is missing is a problem now, not a failure when the step runs."""
     arguments: dict[str, Any] = {}
     for param in params:
-        key = argument_key(param)
+        key = _argument_key(param)
         if key not in raw:
             if param.required:
                 problems.append(f"{where}: {command} needs {key} = \"PATH\" (its {key.upper()} argument)")
