@@ -250,7 +250,17 @@ from = "t"
 
 
 def test_a_recipe_that_is_a_directory_or_nested_too_deeply_is_one_error_line(cli, tmp_path):
+    import os
+    import subprocess
+    import sys
+
     assert_one_error_line(cli("run", tmp_path), "is not a regular file")
+    fifo = tmp_path / "recipe.toml"
+    os.mkfifo(fifo)  # opening it to read would wait forever for a writer: a subprocess with a timeout
+    proc = subprocess.run([sys.executable, "-m", "bigmodel_cli", "run", str(fifo)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "is not a regular file" in proc.stderr
+    fifo.unlink()
     deep = tmp_path / "deep.toml"
     deep.write_text("[[steps]]\nname = 't'\ncommand = 'train'\nx = " + "[" * 3000 + "]" * 3000 + "\n")
     assert_one_error_line(cli("run", deep, "--check"), "nested too deeply")
