@@ -212,7 +212,8 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
                 continue
             options[param.name] = value
         code = [value for key, value in options.items()
-                if key == "model" and names_model_file(value) and (name, key) not in from_command_line]
+                if key == "model" and isinstance(value, str) and names_model_file(value)
+                and (name, key) not in from_command_line]
         steps.append(Step(name=name, command=command, options=options, refs=refs, arguments=arguments,
                           code_named_in_toml=code))
         seen.append(name)
