@@ -210,19 +210,34 @@ def build_config(cls, file_values: dict | None = None, flags: dict | None = None
     return cls(**values)
 
 
+# An options file or recipe is a few kilobytes; a bigger one is not what the user meant to give.
+MAX_TOML_BYTES = 4 * 1024 * 1024
+
+
 def read_toml(path: Path | str, table: str | None = None) -> dict:
     """A TOML options file; ``table`` picks e.g. [train] when present."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a regular file; give the path of a TOML file")
+    if path.exists() and not path.is_file():
+        # A FIFO or device would block or never end: refuse it up front.
+        raise UserError(f"{path}: is not a regular file; give the path of a TOML file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            raw = file.read(MAX_TOML_BYTES + 1)  # bounded: the size on disk may not tell the truth
+        if len(raw) > MAX_TOML_BYTES:
+            raise UserError(f"{path}: is larger than {MAX_TOML_BYTES // (1024 * 1024)} MiB; "
+                            "a recipe or options file is a few kilobytes: give the right file")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; give the path of a TOML file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory; give the path of a TOML file") from None
-    except OSError as exc:  # unreadable: permissions, a special file
+    except OSError as exc:  # unreadable: permissions
         raise UserError(f"{path}: cannot be read ({exc.strerror}); give the path of a readable TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid TOML ({exc}); fix the file") from None
+    except RecursionError:
+        # tomllib parses nested arrays and tables recursively: a few hundred levels exhaust the stack.
+        raise UserError(f"{path}: arrays or tables are nested too deeply to read; fix the file") from None
     if table and isinstance(data.get(table), dict):
         return data[table]
     return data

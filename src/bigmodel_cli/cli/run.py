@@ -22,6 +22,7 @@ def run(
 ) -> None:
     """Run a recipe (train → prune → distill → quantize → export …); finished steps are skipped on a rerun."""
     from ..engine.pipeline import _command_group, _params, artifact_outputs, parse_recipe, run_recipe, step_argv
+    from ..engine.pipeline import check_model_code_trust
     from ..engine.report import compare_artifacts
     from .compare import print_comparison, write_reports
 
@@ -32,6 +33,7 @@ def run(
         for step in parsed.steps:
             argv = step_argv(step, run_dir, _params(group.commands[step.command]))
             console.out.print(f"[bold]{step.name}[/]: bigmodel " + " ".join(argv), highlight=False)
+        check_model_code_trust(parsed)  # after the commands: they show what the code would be run by
         return
 
     def announce(index, total, step, status, argv):

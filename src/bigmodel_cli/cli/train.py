@@ -113,9 +113,13 @@ def train(
     from ..engine import launcher
     from ..engine.train import run_job
     from ..engine.train_setup import prepare_training
+    from ..models.user import names_model_file, require_trust_for_file_reference
 
     file_values = read_toml(config, "train") if config else {}
     cfg = build_config(TrainConfig, file_values, train_flags, source=str(config or "config"))
+    if config is not None and (train_flags or {}).get("model") is None and names_model_file(cfg.model):
+        # The model file came from the TOML file, not from the user's command line.
+        require_trust_for_file_reference(cfg.model, str(config), f"give it on the command line (--model {cfg.model})")
     launcher.check_options(nproc, strategy, cfg.device)
     job = prepare_training(cfg)
     job.strategy = strategy

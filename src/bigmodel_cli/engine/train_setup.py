@@ -15,6 +15,7 @@ from .. import artifact as art
 from ..config import TrainConfig
 from ..errors import UserError
 from ..models import USER_ARCH, build_model, get_arch, resolve_spec
+from ..models.user import names_model_file
 from . import launcher
 from .tasks import make_task
 
@@ -58,7 +59,7 @@ def _synthetic_shape(overrides: dict) -> dict:
 
 def resolve_model(cfg: TrainConfig, data, overrides: dict) -> dict:
     """The config.json model dict for this run, checked against the data."""
-    if ":" in cfg.model and cfg.model.split(":")[0].endswith(".py"):
+    if names_model_file(cfg.model):
         from ..models.user import parse_reference, trust_file
 
         path, entry = parse_reference(cfg.model)
@@ -126,7 +127,7 @@ def prepare_training(cfg: TrainConfig) -> TrainJob:
 
     cfg.validate()
     overrides = cfg.model_overrides()
-    is_user = ":" in cfg.model and cfg.model.split(":")[0].endswith(".py")
+    is_user = names_model_file(cfg.model)
     arch_task = None if is_user else get_arch(cfg.model).task
     if not cfg.resume and launcher.env_rank() == 0:  # other ranks would race rank 0 creating it
         art.check_output(cfg.out, cfg.overwrite)
