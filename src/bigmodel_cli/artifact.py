@@ -275,7 +275,6 @@ def atomic_directory(out: Path | str, overwrite: bool = False,
     out = Path(out)
     with outputs.hold(out):
         check_output(out, overwrite, inputs)
-        outputs.clean_stale(out)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             staging = outputs.staging_path(out)

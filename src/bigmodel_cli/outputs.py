@@ -76,7 +76,11 @@ def is_bookkeeping(name: str) -> bool:
 def check_output(out: Path | str, overwrite: bool, inputs: Iterable[Path | str | None] = ()) -> Path:
     """Fail before any work if ``out`` may not be written or replaced (see the module docstring)."""
     out = Path(out)
+    refuse_if_locked(out)  # before any work: the writer's own lock is taken when it writes
     _check_inputs(out, inputs)
+    # Leftovers of a killed writer go first: a set-aside old output may have to come back, and then
+    # it exists for the checks below.
+    clean_stale(out)
     if out.is_symlink():
         raise UserError(f"{out}: is a symbolic link; --out must be a real directory (choose another --out)")
     if out.exists() and not overwrite:
@@ -264,6 +268,8 @@ class OutputLock:
 def hold(out: Path | str) -> OutputLock:
     """Take the output's lock, or fail with one line naming the process that has it."""
     out = Path(out)
+    if not out.absolute().name:
+        raise UserError(f"{out}: is the root directory; choose another --out")
     path = lock_path(out.absolute())
     held = OutputLock._held.get(str(path))
     if held is not None:
@@ -301,6 +307,26 @@ def hold(out: Path | str) -> OutputLock:
     lock = OutputLock(out, fd, path)
     OutputLock._held[str(path)] = lock
     return lock
+
+
+def refuse_if_locked(out: Path) -> None:
+    """Fail if another process holds the output's lock; creates nothing."""
+    path = lock_path(out.absolute())
+    if not out.absolute().name or str(path) in OutputLock._held:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file: nobody is writing there
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = _read_pid(fd)
+        who = f" (pid {owner})" if owner else ""
+        raise UserError(f"{out}: is being written by another bigmodel process{who}; wait for it or choose "
+                        "another --out") from None
+    finally:
+        os.close(fd)  # and with it the probe's lock
 
 
 def _read_pid(fd: int) -> int | None:
@@ -369,8 +395,10 @@ def pid_alive(pid: int) -> bool:
 
 
 def clean_stale(out: Path | str) -> list[Path]:
-    """Remove ``out``'s staging directories whose writer is gone; put back a set-aside old output
-    that a killed swap left without a replacement. Returns what was removed."""
+    """Beside ``out`` (in its folder): remove the staging directories whose writer is gone, and put
+    back a set-aside old output that a killed swap left without its replacement. Only names of the
+    form ``.NAME.tmp-PID-XXXXXXXX`` / ``.NAME.old-PID-XXXXXXXX`` are considered, and only when PID is
+    dead and the entry is older than this command. Returns what was removed."""
     out = Path(out)
     removed: list[Path] = []
     try:
@@ -379,13 +407,14 @@ def clean_stale(out: Path | str) -> list[Path]:
         return removed
     for entry in entries:
         match = _HIDDEN.match(entry.name)
-        if not match or match["name"] != out.name or pid_alive(int(match["pid"])):
+        if not match or pid_alive(int(match["pid"])):
             continue
         try:
             if entry.is_symlink() or entry.lstat().st_mtime >= STARTED:
                 continue
-            if match["kind"] == "old" and not out.exists():
-                entry.rename(out)  # the swap was cut between its two renames: the old output is the only one
+            owner = entry.parent / match["name"]
+            if match["kind"] == "old" and not owner.exists() and not owner.is_symlink():
+                entry.rename(owner)  # the swap was cut between its two renames: this is the only copy
                 continue
             if entry.is_dir():
                 shutil.rmtree(entry)

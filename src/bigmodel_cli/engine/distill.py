@@ -212,7 +212,12 @@ def _check_distill_resume(out: str, fingerprint: dict) -> None:
     path = Path(out) / DISTILL_FILE
     if not path.is_file():
         raise UserError(f"--resume: {out} has no {DISTILL_FILE}; it is not a distillation run (drop --resume to start one)")
-    previous = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size <= 1 << 20 else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        previous = None
+    if not isinstance(previous, dict):
+        raise UserError(f"--resume: {path} is damaged; start the run again with --overwrite")
     now = json.loads(json.dumps(fingerprint))
     changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
     if changed:

@@ -314,7 +314,6 @@ def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
         if run_dir.exists() and not overwrite and (run_dir / STATE_FILE).exists():
             return _run_steps(recipe, run_dir, announce)  # a rerun continues the run
         outputs.check_output(run_dir, overwrite, [recipe.path])  # refuses what bigmodel did not write
-        outputs.clean_stale(run_dir)
         aside = outputs.aside_path(run_dir) if run_dir.exists() else None
         try:
             if aside is not None:

@@ -159,7 +159,6 @@ def _prepare_run_dir(job: TrainJob) -> Path:
     if cfg.resume:
         return check_resume(job)
     if run_dir.exists():  # check_output already required --overwrite and that bigmodel wrote it
-        outputs.clean_stale(run_dir)
         run_dir = outputs.staging_path(run_dir)
     try:
         run_dir.mkdir(parents=True)
