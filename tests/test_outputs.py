@@ -405,8 +405,9 @@ def test_run_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
 def test_lock_is_reentrant_in_one_process_and_removed_when_released(tmp_path):
     out = tmp_path / "x"
+    (tmp_path / "sub").mkdir()
     with outputs.hold(out):
-        with outputs.hold(out):
+        with outputs.hold(tmp_path / "sub" / ".." / "x"):  # the same output, spelled another way
             pass
         assert (tmp_path / ".x.lock").exists()
     assert not (tmp_path / ".x.lock").exists()

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -62,7 +63,10 @@ def aside_path(out: Path) -> Path:
 
 
 def lock_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.lock"
+    """``.NAME.lock`` in the output's folder, spelled canonically: one output, one lock file name,
+    however --out was written (the in-process registry of held locks is keyed by it)."""
+    absolute = Path(os.path.abspath(out))
+    return Path(os.path.realpath(absolute.parent)) / f".{absolute.name}.lock"
 
 
 def is_bookkeeping(name: str) -> bool:
@@ -244,8 +248,9 @@ class OutputLock:
 
     _held: dict[str, "OutputLock"] = {}
 
-    def __init__(self, out: Path, fd: int, path: Path):
+    def __init__(self, out: Path, fd: int, path: Path, created: list[Path]):
         self.out, self.fd, self.path, self.count = out, fd, path, 1
+        self.created = created  # folders made for the lock file, removed on release if still empty
 
     def release(self) -> None:
         self.count -= 1
@@ -257,6 +262,7 @@ class OutputLock:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         os.close(self.fd)
+        _remove_empty(self.created)
 
     def __enter__(self) -> "OutputLock":
         return self
@@ -268,22 +274,37 @@ class OutputLock:
 def hold(out: Path | str) -> OutputLock:
     """Take the output's lock, or fail with one line naming the process that has it."""
     out = Path(out)
-    if not out.absolute().name:
+    if not Path(os.path.abspath(out)).name:
         raise UserError(f"{out}: is the root directory; choose another --out")
-    path = lock_path(out.absolute())
+    path = lock_path(out)
     held = OutputLock._held.get(str(path))
     if held is not None:
         held.count += 1
         return held
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"{out}: cannot create the output ({exc.strerror}); choose another --out") from None
+        raise _cannot_create(out, exc) from None
+    try:
+        return _lock(out, path, created)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _lock(out: Path, path: Path, created: list[Path]) -> OutputLock:
+    """hold's loop: open, lock, and check that the name still points at what was locked."""
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: a lock name planted as a link must not make us truncate what it points at
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as exc:
-            raise UserError(f"{out}: cannot create the output ({exc.strerror}); choose another --out") from None
+            raise _cannot_create(out, exc) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"{path}: is not a regular file (bigmodel's lock for {out.name}); remove it or choose "
+                            "another --out")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -304,18 +325,34 @@ def hold(out: Path | str) -> OutputLock:
     with contextlib.suppress(OSError):  # the pid only names the holder in a refusal; a full disk may refuse it
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-    lock = OutputLock(out, fd, path)
+    lock = OutputLock(out, fd, path, created)
     OutputLock._held[str(path)] = lock
     return lock
 
 
+def _cannot_create(out: Path, exc: OSError) -> UserError:
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"{Path(os.path.abspath(out)).parent}: is not writable; choose another --out")
+    return UserError(f"{out}: cannot create the output ({exc.strerror}); choose another --out")
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the folders made for a lock file if nothing was written into them (a refused or failed
+    command leaves no trace); a folder that holds anything stays."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 def refuse_if_locked(out: Path) -> None:
     """Fail if another process holds the output's lock; creates nothing."""
-    path = lock_path(out.absolute())
-    if not out.absolute().name or str(path) in OutputLock._held:
+    path = lock_path(out)
+    if not Path(os.path.abspath(out)).name or str(path) in OutputLock._held:
         return
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return  # no lock file: nobody is writing there
     try:
