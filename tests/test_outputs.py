@@ -134,6 +134,12 @@ def test_foreign_explains_what_is_not_ours(tmp_path, digits_mlp):
     (recipe_run / "run-state.json").write_text(json.dumps({"ev": {}}))
     (recipe_run / "ev.json").write_text("{}")
     assert outputs.foreign(recipe_run) is None
+    (recipe_run / f".ev.tmp-{os.getpid()}-0123abcd").mkdir()  # bigmodel's own staging and lock
+    (recipe_run / ".ev.lock").write_text("123\n")
+    assert outputs.foreign(recipe_run) is None
+    (recipe_run / ".ev.lock").write_text("my own lock file, with my notes")
+    assert ".ev.lock" in outputs.foreign(recipe_run)
+    (recipe_run / ".ev.lock").unlink()
     (recipe_run / "todo.txt").write_text("x")
     assert "todo.txt" in outputs.foreign(recipe_run)
     (recipe_run / "run-state.json").write_text("[1, 2")  # unreadable state: what it holds is unknown

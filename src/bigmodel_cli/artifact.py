@@ -248,10 +248,11 @@ def new_config(task: str, model: dict, data: dict, **extra: Any) -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "task": task, "model": model, "data": data, **extra}
 
 
-def check_output(out: Path | str, overwrite: bool, inputs: Iterable[Path | str | None] = ()) -> Path:
+def check_output(out: Path | str, overwrite: bool, inputs: Iterable[Path | str | None] = (),
+                 lock_probe: bool = True) -> Path:
     """Fail before any work if the output exists and may not be replaced, or would destroy an input
     (the policy is outputs.check_output's)."""
-    return outputs.check_output(out, overwrite, inputs)
+    return outputs.check_output(out, overwrite, inputs, lock_probe)
 
 
 def _fsync_tree(root: Path) -> None:

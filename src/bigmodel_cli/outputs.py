@@ -69,18 +69,35 @@ def lock_path(out: Path) -> Path:
     return Path(os.path.realpath(absolute.parent)) / f".{absolute.name}.lock"
 
 
-def is_bookkeeping(name: str) -> bool:
-    """A hidden staging, set-aside or lock entry that bigmodel itself creates beside its outputs."""
-    return bool(_HIDDEN.match(name) or _LEGACY_HIDDEN.match(name) or _LOCK.match(name))
+def is_bookkeeping(folder: Path | str, name: str) -> bool:
+    """A hidden staging, set-aside or lock entry that bigmodel itself creates beside its outputs. A
+    lock file counts only while it holds nothing but a pid, so a user's own ``.something.lock`` is
+    not taken for one of ours."""
+    if _HIDDEN.match(name) or _LEGACY_HIDDEN.match(name):
+        return True
+    if not _LOCK.match(name):
+        return False
+    path = Path(folder) / name
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 32:
+            return False
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return text == "" or text.isdigit()
 
 
 # --------------------------------------------------------------------------- the overwrite policy
 
 
-def check_output(out: Path | str, overwrite: bool, inputs: Iterable[Path | str | None] = ()) -> Path:
-    """Fail before any work if ``out`` may not be written or replaced (see the module docstring)."""
+def check_output(out: Path | str, overwrite: bool, inputs: Iterable[Path | str | None] = (),
+                 lock_probe: bool = True) -> Path:
+    """Fail before any work if ``out`` may not be written or replaced (see the module docstring).
+    ``lock_probe=False`` only for a worker writing under the lock its launching process holds."""
     out = Path(out)
-    refuse_if_locked(out)  # before any work: the writer's own lock is taken when it writes
+    if lock_probe:
+        refuse_if_locked(out)  # before any work: the writer's own lock is taken when it writes
     _check_inputs(out, inputs)
     # Leftovers of a killed writer go first: a set-aside old output may have to come back, and then
     # it exists for the checks below.
@@ -106,8 +123,8 @@ def _check_inputs(out: Path, inputs: Iterable[Path | str | None]) -> None:
     """--out may not be an input, hold one, or lie inside one (writing there would change it)."""
     target = out.resolve()
     for given in inputs:
-        if given is None or str(given) == "":
-            continue
+        if not isinstance(given, (str, Path)) or str(given) in ("", "stdlib"):
+            continue  # not a file (a built-in dataset), or a malformed record the loader will refuse
         source = Path(given).resolve()
         if source == target or target in source.parents:
             relation = "is" if source == target else "holds"
@@ -127,7 +144,10 @@ def _check_replaceable(out: Path) -> None:
     if target == cwd or target in cwd.parents:
         raise UserError(f"{out}: is the current directory or one above it; --overwrite never replaces it; "
                         "choose another --out")
-    problem = foreign(out)
+    try:
+        problem = foreign(out)
+    except RecursionError:  # runs nested in runs beyond reason: not something bigmodel writes
+        problem = "is nested too deeply to be one bigmodel wrote"
     if problem:
         raise UserError(f"{out}: {problem}; --overwrite replaces only a directory bigmodel wrote, so remove it "
                         "yourself or choose another --out")
@@ -139,7 +159,7 @@ def foreign(path: Path) -> str | None:
         names = sorted(os.listdir(path))
     except OSError as exc:
         return f"cannot be read ({exc.strerror})"
-    visible = [n for n in names if not is_bookkeeping(n)]
+    visible = [n for n in names if not is_bookkeeping(path, n)]
     if not visible:
         return None  # empty (or only bigmodel's own leftovers): nothing can be lost
     if MANIFEST_FILE in visible:
@@ -180,10 +200,12 @@ def _foreign_listed(path: Path, record_file: Path, record_name: str) -> str | No
         return f"its {record_name} cannot be read, so what it holds is unknown"
     extra = []
     for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = [d for d in dirnames if not is_bookkeeping(d)]
+        dirnames[:] = [d for d in dirnames if not is_bookkeeping(dirpath, d)]
+        # os.walk lists a link to a folder among the folders (and does not enter it): bigmodel writes none
+        extra += [Path(dirpath, d).relative_to(path).as_posix() for d in dirnames if Path(dirpath, d).is_symlink()]
         for name in filenames:
             relative = Path(dirpath, name).relative_to(path).as_posix()
-            if relative != record_name and relative not in files and not is_bookkeeping(name):
+            if relative != record_name and relative not in files and not is_bookkeeping(dirpath, name):
                 extra.append(relative)
     if extra:
         return f"holds files its {record_name} does not list ({_sample(sorted(extra))})"
@@ -209,7 +231,7 @@ def _foreign_run(path: Path, visible: list[str]) -> str | None:
         if not checkpoints.is_dir():
             return "checkpoints is not a directory"
         for name in sorted(os.listdir(checkpoints)):
-            if is_bookkeeping(name):
+            if is_bookkeeping(checkpoints, name):
                 continue
             step = checkpoints / name
             problem = (_foreign_listed(step, step / CHECKPOINT_STATE_FILE, CHECKPOINT_STATE_FILE)

@@ -252,7 +252,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     cfg.validate()
     train_cfg = train_cfg or TrainConfig()
     train_cfg.validate()
-    out = art.check_output(cfg.out, cfg.overwrite, [artifact.path])
+    out = art.check_output(cfg.out, cfg.overwrite, [artifact.path, artifact.data_spec.get("path")])
     spec = copy.deepcopy(artifact.model_spec)
     finetune = cfg.finetune_epochs > 0 or bool(train_cfg.max_steps)
     _check_request(artifact, cfg, spec, finetune)

@@ -158,7 +158,8 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
     say = progress or (lambda *_a, **_k: None)
     mode = validate(options, source)
     with outputs.hold(out):  # one writer per output, from the checks to the rename
-        art.check_output(out, overwrite, [source.path, _calibration_path(options.calib_data)])
+        inputs = [source.path, source.data_spec.get("path"), _calibration_path(options.calib_data)]
+        art.check_output(out, overwrite, inputs)
         if mode != "weight-only" and source.has_onnx:
             from .onnx_files import check_external_data
 

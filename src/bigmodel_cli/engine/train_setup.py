@@ -164,7 +164,7 @@ def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob
     from ..data import load_dataset, parse_data_arg
 
     if not cfg.resume and launcher.env_rank() == 0:  # other ranks would race rank 0 creating it
-        art.check_output(cfg.out, cfg.overwrite, input_paths(cfg, data_arg))
+        art.check_output(cfg.out, cfg.overwrite, input_paths(cfg, data_arg), lock_probe=lock is not None)
     data = load_dataset(parse_data_arg(data_arg, cfg.target, **_synthetic_shape(overrides)))
     spec = resolve_model(cfg, data, overrides)
     block_size = None
