@@ -320,7 +320,8 @@ def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
                 run_dir.rename(aside)
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"{run_dir}: cannot create the run directory ({exc.strerror}); choose another --out") from None
+            raise UserError(f"{run_dir}: cannot create the run directory ({exc.strerror}); "
+                            "choose another --out") from None
         try:
             outcomes = _run_steps(recipe, run_dir, announce)
         except BaseException:
