@@ -287,6 +287,31 @@ def test_two_trainings_into_one_output_the_second_is_refused(tmp_path):
     open_artifact(out / "last")
 
 
+def test_a_killed_overwrite_leaves_the_old_run_and_its_staging_is_cleaned_next_time(cli, tmp_path):
+    out = tmp_path / "c"
+    assert cli("train", *QUICK, "--out", out).exit_code == 0
+    old = _tree(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.Popen([PY, "-c", _FIRST_WRITER, str(tmp_path), "train", *QUICK, "--seed", "7",
+                               "--out", str(out), "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=env)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "waiting").exists():  # mid-run: the first checkpoint is being written
+            assert killed.poll() is None and time.time() < deadline, killed.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+    finally:
+        killed.kill()
+        killed.wait()
+    assert _tree(out) == old, "a killed --overwrite changed the old run"
+    assert [name.split("-")[1] for name in _hidden_beside(out) if ".tmp-" in name] == [str(killed.pid)]
+    # The next command that writes beside it (a later process: the staging is older than it) cleans up.
+    later = subprocess.run([PY, "-m", "bigmodel_cli", "train", *QUICK, "--out", str(tmp_path / "other")],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert later.returncode == 0, later.stderr
+    assert [n for n in _hidden_beside(out) if ".tmp-" in n] == [] and _tree(out) == old
+
+
 # --------------------------------------------------------------------------- leftovers of killed runs
 
 
