@@ -20,12 +20,12 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
+from . import outputs
 from .errors import UserError
 
 FORMAT = "bigmodel"
@@ -248,20 +248,11 @@ def new_config(task: str, model: dict, data: dict, **extra: Any) -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "task": task, "model": model, "data": data, **extra}
 
 
-def check_output(out: Path | str, overwrite: bool) -> Path:
-    """Fail before any work if the output exists and may not be replaced."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; choose another --out or pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is a file; choose another --out")
-    parent = out.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"{parent}: is not writable; choose another --out")
-    return out
+def check_output(out: Path | str, overwrite: bool, inputs: Iterable[Path | str | None] = (),
+                 lock_probe: bool = True) -> Path:
+    """Fail before any work if the output exists and may not be replaced, or would destroy an input
+    (the policy is outputs.check_output's)."""
+    return outputs.check_output(out, overwrite, inputs, lock_probe)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -269,51 +260,40 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as handle:
                 os.fsync(handle.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        outputs.fsync_dir(Path(dirpath))
 
 
 @contextlib.contextmanager
-def atomic_directory(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out: Path | str, overwrite: bool = False,
+                     inputs: Iterable[Path | str | None] = ()) -> Iterator[Path]:
     """Yield an empty staging directory that becomes ``out`` only if the block succeeds.
 
-    The staging directory sits next to ``out`` (same filesystem, so the rename is atomic) and has a
-    hidden name, so a crash leaves at worst a ``.name.tmp-*`` directory that nothing loads.
+    The output is locked for the whole block (one writer at a time). The staging directory sits
+    next to ``out`` (same filesystem, so the rename is atomic) and has a hidden name with this
+    process's id, so a crash leaves at worst a ``.name.tmp-PID-*`` directory that nothing loads and
+    the next write beside it removes.
     """
     out = Path(out)
-    check_output(out, overwrite)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-    except OSError as exc:
-        raise UserError(f"{out}: cannot create the output ({exc.strerror}); choose another --out") from None
-    try:
-        yield staging
-        _fsync_tree(staging)
-        if out.exists():
-            if not overwrite:  # appeared while we worked
-                raise UserError(f"{out}: appeared while this command ran; pass --overwrite or choose another --out")
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-        fd = os.open(out.parent, os.O_RDONLY)
+    with outputs.hold(out):
+        check_output(out, overwrite, inputs)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        problem = storage_problem(exc)
-        if problem:
-            raise UserError(f"{out}: {problem}; choose another --out (nothing was written)") from None
-        raise
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = outputs.staging_path(out)
+            staging.mkdir()
+        except OSError as exc:
+            raise UserError(f"{out}: cannot create the output ({exc.strerror}); choose another --out") from None
+        try:
+            yield staging
+            _fsync_tree(staging)
+            if out.exists() and not overwrite:  # appeared while we worked
+                raise UserError(f"{out}: appeared while this command ran; pass --overwrite or choose another --out")
+            outputs.swap_into_place(staging, out)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            problem = storage_problem(exc)
+            if problem:
+                raise UserError(f"{out}: {problem}; choose another --out (nothing was written)") from None
+            raise
 
 
 def storage_problem(exc: BaseException) -> str | None:

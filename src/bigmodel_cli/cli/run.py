@@ -14,7 +14,7 @@ from .options import JsonOpt
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe file (TOML): [[steps]] with name, command, from and options.", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: the recipe's [run] out, else runs/RECIPE-NAME).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start from scratch: delete the run directory first.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start from scratch: replace the run directory (only one bigmodel wrote; the old run is kept until the new one has finished).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a step option: STEP.OPTION=VALUE (repeatable).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Validate the recipe and print the commands; run nothing.")] = False,
     compare_rounds: Annotated[int, typer.Option("--compare-rounds", help="Timed latency calls per artifact in the final comparison.")] = 30,

@@ -125,7 +125,10 @@ def train(
     job.strategy = strategy
     if nproc is not None and nproc > 1:
         # The workers run this same command without --nproc; rank 0 prints the results.
-        launcher.launch(job, nproc, _forwarded_argv(ctx, drop=("nproc",)))
+        try:
+            launcher.launch(job, nproc, _forwarded_argv(ctx, drop=("nproc",)))
+        finally:
+            job.release_output()  # held for the workers while they ran
         return
     unit = "tokens/s" if job.task.name == "language-modeling" else "samples/s"
     result = run_job(job, _progress(unit, not json_out))

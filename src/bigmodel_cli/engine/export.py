@@ -286,7 +286,7 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
     options = options or ExportOptions()
     say = progress or (lambda *_a, **_k: None)
     validate_options(options, artifact)
-    art.check_output(out, overwrite)
+    art.check_output(out, overwrite, [artifact.path])
     device = hardware.resolve_device(options.device)
     layout = io_layout(artifact, options.dynamic)
     atol = options.atol if options.atol is not None else DEFAULT_ATOL[options.dtype]
@@ -296,7 +296,7 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
     example_np = reference_inputs(layout, [layout.trace_shape()], seed=1)[0]
     example = torch.from_numpy(example_np).to(device)
 
-    with art.atomic_directory(out, overwrite) as staging:
+    with art.atomic_directory(out, overwrite, [artifact.path]) as staging:
         path = staging / art.ONNX_FILE
         say("stage", name="export")
         exporter, fallback = run_exporters(module, example, layout, options, path)

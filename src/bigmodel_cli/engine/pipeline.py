@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,18 +415,42 @@ class StepOutcome:
 
 def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
                announce: Callable[[int, int, Step, str, list[str]], None] | None = None) -> list[StepOutcome]:
-    """Run the steps in order; skip the complete and unchanged; resume a crashed training step."""
-    from ..artifact import check_output
+    """Run the steps in order; skip the complete and unchanged; resume a crashed training step.
+
+    The run directory is locked for the whole run. With --overwrite an existing run is set aside
+    (``.NAME.old-*``), not deleted: it is removed when the new run has finished and put back if the
+    new run fails. It cannot be built elsewhere and renamed, as the steps record the paths they read."""
+    from .. import outputs
 
     run_dir = Path(run_dir)
     check_model_code_trust(recipe)  # before anything is touched
-    if run_dir.exists() and not overwrite and not (run_dir / STATE_FILE).exists():
-        check_output(run_dir, overwrite=False)  # a directory that is not a run of ours: refuse
-    if overwrite and run_dir.exists():
-        import shutil
+    with outputs.hold(run_dir):
+        if run_dir.exists() and not overwrite and (run_dir / STATE_FILE).exists():
+            return _run_steps(recipe, run_dir, announce)  # a rerun continues the run
+        outputs.check_output(run_dir, overwrite, [recipe.path])  # refuses what bigmodel did not write
+        aside = outputs.aside_path(run_dir) if run_dir.exists() else None
+        try:
+            if aside is not None:
+                run_dir.rename(aside)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{run_dir}: cannot create the run directory ({exc.strerror}); "
+                            "choose another --out") from None
+        try:
+            outcomes = _run_steps(recipe, run_dir, announce)
+        except BaseException:
+            if aside is not None:  # the new run failed: the old one comes back as it was
+                shutil.rmtree(run_dir, ignore_errors=True)
+                aside.rename(run_dir)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return outcomes
 
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+def _run_steps(recipe: Recipe, run_dir: Path,
+               announce: Callable[[int, int, Step, str, list[str]], None] | None) -> list[StepOutcome]:
+    """run_recipe's loop, in a locked run directory."""
     state = _load_state(run_dir)
     group = _command_group()
     outcomes: list[StepOutcome] = []

@@ -252,7 +252,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     cfg.validate()
     train_cfg = train_cfg or TrainConfig()
     train_cfg.validate()
-    out = art.check_output(cfg.out, cfg.overwrite)
+    out = art.check_output(cfg.out, cfg.overwrite, [artifact.path, artifact.data_spec.get("path")])
     spec = copy.deepcopy(artifact.model_spec)
     finetune = cfg.finetune_epochs > 0 or bool(train_cfg.max_steps)
     _check_request(artifact, cfg, spec, finetune)
@@ -280,7 +280,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     before = measure.task_metrics(task, dense, cfg.split)
 
     schedule: list[dict] = []
-    with art.atomic_directory(out, cfg.overwrite) as staging:
+    with art.atomic_directory(out, cfg.overwrite, [artifact.path]) as staging:
         for k in range(cfg.steps):
             record = {"step": k + 1, "sparsity": targets[k], **({"head_sparsity": head_targets[k]} if cfg.head_sparsity else {})}
             progress("prune", **record, steps=cfg.steps, method=cfg.method)
