@@ -273,6 +273,19 @@ def test_external_data_offset_that_is_not_a_number(cli, mlp_onnx, tmp_path):
     assert_one_error_line(cli("eval", artifact, "--backend", "onnx", "--limit", "8"), "offset 'abc'")
 
 
+def test_a_data_path_in_config_json_is_read_only_if_it_holds_the_training_data(cli, tiny_gpt, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the training corpus\n" * 200)
+    pointed = _edit_config(_copy(tiny_gpt / "best", tmp_path / "pointed"), lambda c: c["data"].update(path=str(secret)))
+    assert_one_error_line(cli("eval", pointed, "--limit", "2"), "not the text data this artifact was trained on",
+                          "--data")
+    unrecorded = _edit_config(_copy(tiny_gpt / "best", tmp_path / "old"), lambda c: c["data"].pop("fingerprint"))
+    assert_one_error_line(cli("eval", unrecorded, "--limit", "2"), "no matching fingerprint")
+    # The user naming the file is another matter: it is read.
+    assert cli("eval", pointed, "--data", f"text:{secret}", "--limit", "2").exit_code == 0
+    assert cli("eval", tiny_gpt, "--limit", "2").exit_code == 0  # the recorded corpus itself
+
+
 # ------------------------------------------------------------------ section 7: malformed metadata
 
 
