@@ -132,10 +132,11 @@ def test_hostile_sizes_are_refused_before_memory_is_spent(digits_mlp, tiny_gpt, 
         ["estimate", "--model-args", '{"n_layer":10000,"n_embd":100000}'],
         ["train", "--data", f"npz:{labels}", "--epochs", "1", "--out", tmp_path / "labels-run"],
         ["train", "--data", f"npz:{bomb}", "--epochs", "1", "--out", tmp_path / "bomb-run"],
+        ["distill", "--teacher", digits_mlp, "--student", wide, "--epochs", "1", "--out", tmp_path / "distilled"],
     ])
     wide_eval, wide_predict, wide_export, deep_eval, deep_gen, deep_info, deeper_eval, deeper_gen, shape, \
-        est_layers, est_params, label_run, bomb_run = results
-    for result in (wide_eval, wide_predict, wide_export):
+        est_layers, est_params, label_run, bomb_run, wide_student = results
+    for result in (wide_eval, wide_predict, wide_export, wide_student):
         _one_error_line(result, "do not belong together")
     for result in (deep_eval, deep_gen):
         _one_error_line(result, "n_layer", "100,000 layers", "10,000")
