@@ -249,14 +249,17 @@ def test_external_data_only_from_the_listed_data_file(cli, mlp_onnx, tmp_path):
 def test_external_data_outside_the_folder_is_not_looked_up(tmp_path, mlp_onnx):
     """A bare model.onnx (not an artifact) pointing at another file: refused without a word about it."""
     from bigmodel_cli.engine.onnx_files import check_external_data
+    from bigmodel_cli.engine.runtime import open_session
     from bigmodel_cli.errors import UserError
 
     outside = tmp_path / "secret"
     outside.write_bytes(b"s" * 12345)
     leak = _externalize(mlp_onnx, tmp_path / "leak", str(outside))
-    with pytest.raises(UserError, match="points outside") as info:
-        check_external_data(leak / "model.onnx")
-    assert "12345" not in str(info.value) and "12,345" not in str(info.value)
+    (leak / "model.onnx.data").unlink()  # nothing beside it: ONNX Runtime would read the outside file
+    for load in (check_external_data, open_session):
+        with pytest.raises(UserError, match="points outside") as info:
+            load(leak / "model.onnx")
+        assert "12345" not in str(info.value) and "12,345" not in str(info.value)
 
 
 def test_external_data_offset_that_is_not_a_number(cli, mlp_onnx, tmp_path):

@@ -223,10 +223,10 @@ class Artifact:
             if packed is None or not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
                 raise UserError(f"{source}: quantized tensor {name} is missing or its shape {shape!r} is not "
                                 "a list of sizes; re-create the artifact")
-            # int8 keeps the shape; int4 packs two per byte (plus group padding): never more than twice
-            if not packed or shape[0] != packed[0] or math.prod(shape) > 2 * math.prod(packed):
-                raise UserError(f"{source}: quantized tensor {name} is stored as {packed} but config.json says "
-                                f"{tuple(shape)}; config.json and the weights do not belong together")
+            if not _quantized_layout_ok(shape, packed, shapes.get(name + SCALE_SUFFIX), quantization.get("bits")):
+                raise UserError(f"{source}: quantized tensor {name} is stored as {packed} (scale "
+                                f"{shapes.get(name + SCALE_SUFFIX)}) but config.json says {tuple(shape)} at "
+                                f"{quantization.get('bits')!r} bits; config.json and the weights do not belong together")
             shapes[name] = tuple(shape)
             shapes.pop(name + SCALE_SUFFIX, None)
         return shapes
@@ -261,6 +261,20 @@ class Artifact:
         return model
 
 
+def _quantized_layout_ok(shape: list[int], packed: tuple, scale: tuple | None, bits: Any) -> bool:
+    """Whether a weight-only quantized tensor's stored and scale shapes fit its float ``shape``
+    (engine/quantization/weight_only.py): int8 keeps the shape with one scale per row; int4 packs
+    two per byte, rows padded to whole groups, one scale per group."""
+    if scale is None or not packed or packed[0] != shape[0] or len(scale) not in (1, 2) or scale[0] != shape[0]:
+        return False
+    if bits == 8:
+        return tuple(packed) == tuple(shape) and len(scale) == 1
+    if bits != 4 or len(packed) != 2 or len(scale) != 2 or scale[1] < 1:
+        return False
+    padded, columns = 2 * packed[1], math.prod(shape[1:])
+    return padded % scale[1] == 0 and columns <= padded < columns + padded // scale[1]
+
+
 def resolve_artifact_dir(path: Path | str) -> Path:
     """Accept an artifact directory, or a training run directory (then its best/ or last/)."""
     path = Path(path)
@@ -293,8 +307,9 @@ def validate_config(config: dict, where: Path) -> None:
         problems += data_spec_problems(data)
     else:
         problems.append('"data" must be an object')
-    if "quantization" in config and not isinstance(config["quantization"], (dict, type(None))):
-        problems.append('"quantization" must be an object')
+    for key in ("quantization", "onnx"):
+        if key in config and not isinstance(config[key], (dict, type(None))):
+            problems.append(f'"{key}" must be an object')
     if problems:
         raise UserError(f"{where / CONFIG_FILE}: " + "; ".join(problems) + "; re-create the artifact")
 
@@ -461,15 +476,9 @@ def verify_files(path: Path, manifest: dict) -> None:
 def check_onnx_locations(path: Path) -> None:
     """model.onnx may keep its weights only in model.onnx.data, at valid offsets: no other file,
     inside or outside the artifact, is read as weights. Nothing about any other file is reported."""
-    import mmap
-
     onnx_path = path / ONNX_FILE
-    with open(onnx_path, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:
-            return
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            if mapped.find(b"location") < 0:  # no external data entry at all: skip parsing the graph
-                return
+    if not may_have_external_data(onnx_path):
+        return
     import onnx
 
     try:
@@ -491,6 +500,19 @@ def check_onnx_locations(path: Path) -> None:
         if data_size is None or int(offset) + int(length) > data_size:
             raise UserError(f"{onnx_path}: tensor {tensor.name!r} reads past the end of {ONNX_DATA_FILE}; "
                             "re-export the model")
+
+
+def may_have_external_data(path: Path) -> bool:
+    """False when an ONNX file certainly has no external data: the key "location" that every
+    external-data entry carries is nowhere in its bytes. A scan at memory speed, where parsing
+    the graph would decode every weight of a one-file model."""
+    import mmap
+
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return mapped.find(b"location") >= 0
 
 
 def onnx_tensors(graph):

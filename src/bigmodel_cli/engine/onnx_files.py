@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..artifact import onnx_tensors
+from ..artifact import may_have_external_data, onnx_tensors
 
 
 def data_path(path: Path) -> Path:
@@ -79,11 +79,12 @@ def check_external_data(path: Path) -> None:
 
 
 def check_data_beside(path: Path) -> None:
-    """``check_external_data`` when ``model.onnx.data`` sits beside ``path``. Parsing the graph
-    reads the whole file, which for a one-file model means all its weights (~0.5 s per 256 MiB
-    here), so one-file models skip it; a data file that is missing altogether makes the load fail,
-    and the caller then runs ``check_external_data`` to say why."""
-    if data_path(path).exists():
+    """``check_external_data`` when ``path`` may keep weights outside itself (``model.onnx.data``
+    beside it, or the external-data key anywhere in its bytes). Parsing the graph reads the whole
+    file, which for a one-file model means all its weights (~0.5 s per 256 MiB here), so one-file
+    models skip it; and a location outside the model's folder is refused before ONNX Runtime
+    would read it."""
+    if data_path(path).exists() or may_have_external_data(path):
         check_external_data(path)
 
 
