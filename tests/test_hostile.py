@@ -358,3 +358,12 @@ def test_all_manifest_problems_in_one_line(cli, digits_mlp, tmp_path):
     manifest.update(stage=7, parent=5, metrics=[])
     (artifact / MANIFEST_FILE).write_text(json.dumps(manifest))
     assert_one_error_line(cli("info", artifact), '"stage"', '"parent"', '"metrics"')
+
+
+def test_weight_only_layout_that_does_not_fit_is_one_line(cli, digits_mlp, tmp_path):
+    out = tmp_path / "q"
+    assert cli("quantize", digits_mlp, "--out", out, "--mode", "weight-only").exit_code == 0
+    for name, shape in (("net.0.weight", [20_000_000, 64]), ("net.0.weight", [128, 65])):
+        artifact = _copy(out, tmp_path / f"q-{shape[0]}-{shape[1]}")
+        _edit_config(artifact, lambda c: c["quantization"]["tensors"].update({name: shape}))
+        assert_one_error_line(cli("eval", artifact, "--limit", "8"), f"quantized tensor {name}", str(tuple(shape)))

@@ -212,7 +212,7 @@ class Artifact:
         quantization = self.config.get("quantization") or {}
         if quantization.get("mode") != "weight-only":
             return shapes
-        from .engine.quantization.weight_only import SCALE_SUFFIX
+        from .weights import SCALE_SUFFIX
 
         source = self.path / WEIGHTS_FILE
         listed = quantization.get("tensors")

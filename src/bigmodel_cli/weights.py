@@ -10,6 +10,10 @@ from pathlib import Path
 
 from .errors import UserError
 
+# A weight-only quantized tensor NAME keeps its scales in NAME + this (engine/quantization/weight_only.py);
+# here, in the storage layer, because reading an artifact's weight shapes needs it too.
+SCALE_SUFFIX = ".scale"
+
 
 def _deduplicated_state(model) -> tuple[dict, dict]:
     """state_dict with each storage once; returns (tensors, {dropped_name: kept_name})."""
