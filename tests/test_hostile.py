@@ -367,3 +367,16 @@ def test_weight_only_layout_that_does_not_fit_is_one_line(cli, digits_mlp, tmp_p
         artifact = _copy(out, tmp_path / f"q-{shape[0]}-{shape[1]}")
         _edit_config(artifact, lambda c: c["quantization"]["tensors"].update({name: shape}))
         assert_one_error_line(cli("eval", artifact, "--limit", "8"), f"quantized tensor {name}", str(tuple(shape)))
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("mlp", {}), ("mlp", {"hidden_sizes": [5, 7], "input_size": 3}), ("cnn", {}),
+    ("cnn", {"channels": [3, 5, 7], "height": 9, "width": 5, "hidden_sizes": []}), ("gpt", {}),
+    ("gpt", {"n_head": 3, "head_dim": 8, "mlp_hidden": 100, "bias": False, "tie_weights": False}),
+])
+def test_parameter_formula_matches_the_built_model(arch, overrides):
+    """The size check trusts the formula: it must count exactly what the model builds."""
+    from bigmodel_cli.models import meta_parameter_count, parameter_count, resolve_spec
+
+    spec = resolve_spec(arch, None, overrides)
+    assert parameter_count(spec) == meta_parameter_count(spec)

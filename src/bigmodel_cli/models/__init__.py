@@ -122,8 +122,9 @@ def validate_spec(spec: dict) -> None:
         else:
             _check_value(key, value, problems)
     if arch.name == "gpt" and not problems:
-        if spec["n_embd"] % spec["n_head"] and spec.get("head_dim") is None:
-            problems.append(f"gpt n_embd {spec['n_embd']} must be divisible by n_head {spec['n_head']}")
+        n_embd, n_head = (spec.get(k, fields[k].default) for k in ("n_embd", "n_head"))  # a missing size: its default
+        if n_embd % n_head and spec.get("head_dim") is None:
+            problems.append(f"gpt n_embd {n_embd} must be divisible by n_head {n_head}")
     if not problems:
         problems += _size_problems(spec)
     if problems:
@@ -138,7 +139,8 @@ MAX_PARAMETERS = 10**15
 
 
 def _size_problems(spec: dict) -> list[str]:
-    depth = {"gpt": ("n_layer", spec.get("n_layer")), "mlp": ("hidden_sizes", len(spec.get("hidden_sizes") or ())),
+    """Depth first (cheap to count), then parameters by formula; a missing size takes its default."""
+    depth = {"gpt": ("n_layer", spec.get("n_layer") or 0), "mlp": ("hidden_sizes", len(spec.get("hidden_sizes") or ())),
              "cnn": ("channels", len(spec.get("channels") or ()) + len(spec.get("hidden_sizes") or ()))}
     name, layers = depth[spec["arch"]]
     if layers > MAX_LAYERS:
@@ -153,31 +155,26 @@ def _size_problems(spec: dict) -> list[str]:
 def parameter_count(spec: dict) -> int:
     """Unique parameters of a built-in architecture's (validated) spec, by formula: nothing is
     built, so it is instant whatever the sizes (tied weights counted once, as count_parameters)."""
-    arch = spec["arch"]
-    if arch == "mlp":
-        widths = [spec["input_size"], *spec["hidden_sizes"], spec["num_classes"]]
+    arch = get_arch(spec["arch"])
+    c = arch.config_type()(**{k: v for k, v in spec.items() if k not in ("arch", "preset")})  # with defaults
+    if arch.name == "mlp":
+        widths = [c.input_size, *c.hidden_sizes, c.num_classes]
         return sum(a * b + b for a, b in zip(widths, widths[1:]))
-    if arch == "cnn":
-        from .cnn import CNNConfig, feature_size
+    if arch.name == "cnn":
+        from .cnn import feature_size
 
-        config = CNNConfig(**{k: v for k, v in spec.items() if k not in ("arch", "preset")})
-        channels = [spec["in_channels"], *spec["channels"]]
+        channels = [c.in_channels, *c.channels]
         convs = sum(9 * a * b + b for a, b in zip(channels, channels[1:]))
-        h, w = feature_size(config)
-        widths = [channels[-1] * h * w, *spec["hidden_sizes"], spec["num_classes"]]
+        h, w = feature_size(c)
+        widths = [channels[-1] * h * w, *c.hidden_sizes, c.num_classes]
         return convs + sum(a * b + b for a, b in zip(widths, widths[1:]))
-    if arch == "gpt":
-        from .gpt import GPTConfig
-
-        c = GPTConfig(**{k: v for k, v in spec.items() if k not in ("arch", "preset")})
-        bias = 1 if c.bias else 0
-        inner, e = c.n_head * c.head_dim, c.n_embd
-        norm = e * (1 + bias)
-        attention = e * 3 * inner + 3 * inner * bias + inner * e + e * bias
-        mlp = e * c.mlp_hidden + c.mlp_hidden * bias + c.mlp_hidden * e + e * bias
-        head = 0 if c.tie_weights else e * c.vocab_size
-        return (c.vocab_size + c.block_size) * e + c.n_layer * (2 * norm + attention + mlp) + norm + head
-    raise ValueError(f"no parameter formula for {arch!r}")
+    bias = 1 if c.bias else 0  # gpt
+    inner, e = c.n_head * c.head_dim, c.n_embd
+    norm = e * (1 + bias)
+    attention = e * 3 * inner + 3 * inner * bias + inner * e + e * bias
+    mlp = e * c.mlp_hidden + c.mlp_hidden * bias + c.mlp_hidden * e + e * bias
+    head = 0 if c.tie_weights else e * c.vocab_size
+    return (c.vocab_size + c.block_size) * e + c.n_layer * (2 * norm + attention + mlp) + norm + head
 
 
 def build_model(spec: dict, base_dir: Path | None = None):
