@@ -301,11 +301,12 @@ def _nested(depth: int) -> str:
     (lambda c: c["data"].update(normalization="abc"), ('"data.normalization"',)),
     (lambda c: c["data"].update(normalization={"mean": 0.0, "std": 0}), ('"data.normalization.std" must be greater than 0',)),
     (lambda c: c["data"].update(normalization={"mean": [0.0], "std": [1.0, 0.0]}), ("std", "greater than 0")),
+    (lambda c: c["data"].update(normalization={"mean": [0.0] * 3, "std": [1.0] * 3}), ("3 per-feature values",)),
     (lambda c: c["data"]["split"].update(seed="x"), ('"data.split.seed"',)),
     (lambda c: c["data"].update(split=[1]), ('"data.split"',)),
     (lambda c: c["data"].update(input_shape="64"), ('"data.input_shape"',)),
     (lambda c: c.update(deep=json.loads(_nested(500))), ()),  # deep but readable: only unknown keys
-], ids=["normalization-string", "std-zero", "std-list-zero", "seed-string", "split-list", "input-shape", "deep-ok"])
+], ids=["normalization-string", "std-zero", "std-list-zero", "features", "seed-string", "split-list", "input-shape", "deep-ok"])
 def test_malformed_config_is_one_line(cli, digits_mlp, tmp_path, edit, fragments):
     artifact = _edit_config(_copy(digits_mlp / "best", tmp_path / "a"), edit)
     result = cli("eval", artifact, "--limit", "8")

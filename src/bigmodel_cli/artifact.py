@@ -368,6 +368,12 @@ def data_spec_problems(data: dict) -> list[str]:
             problems.append(f'"data.{key}" must be a string')
     if "normalization" in data:
         problems += _normalization_problems(data["normalization"])
+        norm, shape = data["normalization"], data.get("input_shape")
+        features = math.prod(shape) if isinstance(shape, list) and all(_is_int(v) for v in shape) else None
+        if not problems and isinstance(norm["mean"], list) and features is not None and len(norm["mean"]) != features:
+            # per-feature statistics are broadcast against the input's features
+            problems.append(f'"data.normalization" has {len(norm["mean"])} per-feature values but the input has '
+                            f'{features} features')
     if "split" in data:
         problems += _split_problems(data["split"])
     if "input_shape" in data and not (isinstance(data["input_shape"], list)
