@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from .errors import UserError
 
@@ -50,7 +50,7 @@ PRIVATE_PREFIX = ".bigmodel"
 MAX_JSON_BYTES = 16 << 20
 
 
-def open_regular(path: Path):
+def open_regular(path: Path) -> BinaryIO | None:
     """``path`` opened for binary reading if it is a regular file, else None (OSError as open's).
 
     Opened non-blocking, so a FIFO cannot make the open wait forever, and checked with fstat on
@@ -67,7 +67,7 @@ def read_regular_file(path: Path, limit: int) -> bytes:
     ``open_regular``). Raises FileNotFoundError when there is nothing there; UserError for anything else."""
     try:
         handle = open_regular(path)
-    except FileNotFoundError:
+    except FileNotFoundError:  # the caller knows what a missing file means ("not an artifact")
         raise
     except OSError as exc:
         raise UserError(f"{path}: cannot be read ({exc.strerror}); re-create the artifact") from None
