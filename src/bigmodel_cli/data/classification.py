@@ -12,6 +12,9 @@ import numpy as np
 
 from ..errors import UserError
 
+# Labels are class indices, so the largest one sizes the output layer: a label of 300,000,000 in a
+# two-class file would make a head of 300M rows. Real label sets are far smaller.
+MAX_CLASSES = 100_000
 
 def preprocess(x: np.ndarray, data_spec: dict) -> np.ndarray:
     """Raw features → what the model eats: float32, normalized with the stored statistics."""
@@ -48,6 +51,16 @@ def rows_for_one(fraction: float) -> int:
     return n
 
 
+def check_labels(y: np.ndarray) -> None:
+    """Class indices: not negative, and not so large that the output layer (one row per value up
+    to the largest) would be absurd. Call it before anything is sized by the labels."""
+    if y.min() < 0:
+        raise UserError("labels must be non-negative integers (found a negative label)")
+    if int(y.max()) >= MAX_CLASSES:
+        raise UserError(f"label {int(y.max()):,} would make a {int(y.max()) + 1:,}-class output layer "
+                        f"(bigmodel allows {MAX_CLASSES:,}); number the classes 0, 1, 2, …")
+
+
 @dataclass
 class ClassificationData:
     task = "classification"
@@ -60,8 +73,7 @@ class ClassificationData:
     def __post_init__(self):
         if len(self.y) == 0:
             raise UserError(f"dataset {self.spec.get('path', self.spec['name'])} is empty; give it at least one row per class")
-        if self.y.min() < 0:
-            raise UserError("labels must be non-negative integers (found a negative label)")
+        check_labels(self.y)
         split = self.spec.get("split") or {}
         self.splits = stratified_split(self.y, split.get("val", 0.1), split.get("test", 0.1), split.get("seed", 0))
         if len(self.splits["train"]) == 0:

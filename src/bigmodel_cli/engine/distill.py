@@ -277,6 +277,10 @@ def _prepare_distill(cfg: DistillConfig) -> DistillPlan:
     task = make_task(data, tc.batch_size, tc.seed, block_size, tc.eval_windows)
     torch.manual_seed(tc.seed)
     base_dir = source_artifact.path if source_artifact is not None else None
+    if source_artifact is not None:  # its config.json against its weights, before building (a hostile size)
+        from ..weights import check_fits_weights
+
+        check_fits_weights(spec, source_artifact.weight_shapes(), source_artifact.path / art.WEIGHTS_FILE, base_dir)
     student = build_model(spec, base_dir=base_dir)
     source: dict = {"from": "artifact" if source_artifact else ("preset" if cfg.student_preset else "config")}
     if source_artifact is not None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 
 from ...errors import UserError
+from ...weights import SCALE_SUFFIX
 
 BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 64
-SCALE_SUFFIX = ".scale"
 
 
 def _quantizable(name: str, tensor) -> bool:
