@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_error_line
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "examples" / "recipes"
@@ -134,6 +135,140 @@ def test_a_failing_step_stops_the_run_with_its_exit_code(cli, tmp_path):
     assert result.exit_code == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "step 'train' (train)" in errors[0] and "missing.csv" in errors[0]
+
+
+def _errors(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_step_that_failed_is_run_again_not_skipped(cli, tmp_path):
+    """Issue 20 §2: a failed attempt must not leave a record that the rerun mistakes for success."""
+    import numpy as np
+
+    sample = tmp_path / "sample.npy"
+    np.save(sample, np.zeros((3, 64), dtype=np.float32))
+    recipe, run = tmp_path / "ex.toml", tmp_path / "r"
+    recipe.write_text(f"""
+[[steps]]
+name = "t"
+command = "train"
+max-steps = 2
+
+[[steps]]
+name = "ex"
+command = "export"
+from = "t"
+
+[[steps]]
+name = "chk"
+command = "eval"
+from = "t"
+
+[[steps]]
+name = "p"
+command = "predict"
+from = "t"
+input = {str(sample)!r}
+""")
+    first = _json(cli("run", recipe, "--out", run, "--json", "--compare-rounds", "2"))
+    assert [s["status"] for s in first["steps"]] == ["ran"] * 4
+    assert len(json.loads((run / "p.json").read_text())["predictions"]) == 3  # predict got its INPUT
+    old_export = (run / "ex" / "manifest.json").read_bytes()
+
+    missing_data = ["--set", f"chk.data=csv:{tmp_path / 'gone.csv'}", "--set", "chk.target=y"]
+    for _ in range(2):  # the second time too: the failed step is not "complete and unchanged"
+        failed = cli("run", recipe, "--out", run, *missing_data)
+        assert failed.exit_code == 2 and len(_errors(failed)) == 1 and "step 'chk' (eval)" in _errors(failed)[0]
+
+    bad_export = ["--set", "ex.dtype=fp16", "--set", "ex.atol=0.0"]
+    for _ in range(2):
+        failed = cli("run", recipe, "--out", run, *bad_export)
+        assert failed.exit_code == 2  # skipped, it would exit 0 with the old fp32 export
+        assert len(_errors(failed)) == 1 and "step 'ex' (export)" in _errors(failed)[0]
+    assert (run / "ex" / "manifest.json").read_bytes() == old_export  # the old output, never reported as new
+    state = json.loads((run / "run-state.json").read_text())
+    assert state["ex"]["complete"] is False and state["chk"]["complete"] is False  # so the next run reruns both
+
+
+def test_a_training_step_that_failed_before_writing_is_run_again_not_resumed(cli, tmp_path, monkeypatch):
+    """After a failed attempt with new options, RUN_DIR/t still holds the previous run: resuming it
+    with the new options would be refused, so the step starts again."""
+    import bigmodel_cli.engine.training.job as train_setup
+
+    recipe, run = tmp_path / "t.toml", tmp_path / "r"
+    recipe.write_text('[[steps]]\nname = "t"\ncommand = "train"\nmax-steps = 2\n')
+    assert cli("run", recipe, "--out", run, "--compare-rounds", "2").exit_code == 0
+
+    def interrupted(cfg):
+        raise OSError(28, "No space left on device", str(run / "t"))  # before anything was written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_setup, "prepare_training", interrupted)
+        assert cli("run", recipe, "--out", run, "--set", "t.lr=0.002").exit_code == 2
+    again = _json(cli("run", recipe, "--out", run, "--set", "t.lr=0.002", "--json", "--compare-rounds", "2"))
+    assert [s["status"] for s in again["steps"]] == ["ran"]
+    assert json.loads((run / "t" / "run.json").read_text())["options"]["lr"] == 0.002
+
+
+def test_recipe_refuses_steps_that_cannot_run_before_anything_runs(cli, tmp_path):
+    recipe = tmp_path / "clash.toml"
+    recipe.write_text("""
+[[steps]]
+name = "t"
+command = "train"
+
+[[steps]]
+name = "p"
+command = "predict"
+from = "t"
+
+[[steps]]
+name = "x"
+command = "eval"
+from = "t"
+
+[[steps]]
+name = "x.json"
+command = "export"
+from = "t"
+
+[[steps]]
+name = "T"
+command = "export"
+from = "t"
+
+[[steps]]
+name = "run-state"
+command = "info"
+from = "t"
+""")
+    for extra in (["--check"], []):  # run --check finds what run would refuse
+        result = cli("run", recipe, "--out", tmp_path / "run", *extra)
+        assert_one_error_line(result, 'predict needs input = "PATH"', "RUN_DIR/x.json is also the output of step 'x'",
+                              "RUN_DIR/T is also the output of step 't'", "RUN_DIR/run-state.json is a file the run keeps")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_that_is_a_directory_or_nested_too_deeply_is_one_error_line(cli, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    assert_one_error_line(cli("run", tmp_path), "is a directory")
+    fifo = tmp_path / "recipe.toml"
+    os.mkfifo(fifo)  # opening it to read would wait forever for a writer: a subprocess with a timeout
+    proc = subprocess.run([sys.executable, "-m", "bigmodel_cli", "run", str(fifo)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "is not a regular file" in proc.stderr
+    fifo.unlink()
+    deep = tmp_path / "deep.toml"
+    deep.write_text("[[steps]]\nname = 't'\ncommand = 'train'\nx = " + "[" * 3000 + "]" * 3000 + "\n")
+    assert_one_error_line(cli("run", deep, "--check"), "nested too deeply")
+    assert_one_error_line(cli("train", "--config", deep, "--out", tmp_path / "o"), "nested too deeply")
+    shallow = tmp_path / "ok.toml"
+    shallow.write_text("[[steps]]\nname = 't'\ncommand = 'train'\n")
+    assert_one_error_line(cli("run", shallow, "--check", "--set", "t.epochs=" + "[" * 3000), "nested too deeply")
+    assert not (tmp_path / "o").exists()
 
 
 def test_compare_measures_side_by_side_and_writes_reports(cli, digits_mlp, tmp_path):

@@ -186,6 +186,42 @@ def test_a_user_model_file_runs_only_when_named(cli, tmp_path, monkeypatch):
     user.set_trust_model_code(False)
 
 
+def test_a_model_file_named_in_a_toml_file_runs_only_with_trust(cli, tmp_path, monkeypatch):
+    """Issue 20 §6: a recipe step's or a --config file's model = "file.py:Name" is chosen by the
+    file's author, not the user: like model.py in an artifact, it needs --trust-model-code."""
+    from conftest import assert_one_error_line
+
+    from bigmodel_cli.models import user
+
+    monkeypatch.delenv("BIGMODEL_TRUST_MODEL_CODE", raising=False)
+    monkeypatch.setattr(user, "_TRUST_ALL", False)  # restored afterwards: the trusted run below sets it
+    marker = tmp_path / "executed"
+    file = tmp_path / "evil.py"
+    file.write_text(
+        f"import pathlib, torch\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "def make():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))\n")
+    reference = f"{file}:make"
+    recipe = tmp_path / "user.toml"
+    recipe.write_text(f'[[steps]]\nname = "t"\ncommand = "train"\nmodel = {reference!r}\nmax-steps = 2\n\n'
+                      '[[steps]]\nname = "ex"\ncommand = "export"\nfrom = "t"\n')
+    config = tmp_path / "train.toml"
+    config.write_text(f"[train]\nmodel = {reference!r}\nmax-steps = 2\n")
+
+    for args in (["run", recipe, "--out", tmp_path / "r"], ["run", recipe, "--check"],
+                 ["train", "--config", config, "--out", tmp_path / "o"]):
+        assert_one_error_line(cli(*args), "Python code named in a TOML file", "--trust-model-code")
+    assert not marker.exists(), "a model file named in a TOML file ran without trust"
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
+    # Named on the command line by the user, it is theirs: --set for a recipe.
+    assert cli("run", recipe, "--check", "--set", f"t.model={reference}").exit_code == 0
+
+    # With --trust-model-code the whole run keeps it: the export step loads the trained model's code.
+    trusted = cli("--trust-model-code", "run", recipe, "--out", tmp_path / "r", "--json", "--compare-rounds", "2")
+    assert trusted.exit_code == 0, trusted.stderr
+    assert [s["status"] for s in json.loads(trusted.stdout)["steps"]] == ["ran", "ran"]
+    assert marker.exists() and (tmp_path / "r" / "ex" / "model.onnx").is_file()
+
+
 def test_huge_corpus_is_not_read_into_memory(tmp_path):
     """A 2 GB (sparse) corpus trains a few steps in far less resident memory than its size."""
     corpus = tmp_path / "huge.txt"

@@ -7,6 +7,8 @@ Every option has one name, used on the command line (``--grad-accum``) and in re
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,36 @@ SCHEDULES = ("cosine", "linear", "constant")
 # The choices of --precision and --device; engine/core/hardware.py decides what each one means.
 PRECISIONS = ("fp32", "bf16-mixed", "auto")
 DEVICES = ("auto", "cpu", "cuda")
+
+# torch.manual_seed takes seeds up to 2**64 - 1 and numpy's generators refuse negative ones; beyond
+# either, the run died deep in the work with an internal error.
+SEED_MAX = 2**64 - 1
+
+
+def thread_limit() -> int:
+    """The most --threads any command accepts: this machine's logical cores. Asked for tens of
+    thousands, torch's OpenMP pool crashes the process (a segfault), and more threads than cores
+    only wait on each other."""
+    return os.cpu_count() or 1
+
+
+def threads_problem(threads: int | None) -> str | None:
+    """What is wrong with a --threads value (None: not given, the default), or None."""
+    if threads is None or 1 <= threads <= thread_limit():
+        return None
+    return f"--threads must be between 1 and {thread_limit()} (the cores of this machine), got {threads}"
+
+
+def seed_problem(seed: int) -> str | None:
+    """What is wrong with a --seed value, or None."""
+    if 0 <= seed <= SEED_MAX:
+        return None
+    return f"--seed must be between 0 and 2**64-1 ({SEED_MAX}), got {seed}"
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for a real, finite number: options parsed as floats accept 'nan' and 'inf'."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -86,16 +118,21 @@ class TrainConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 p.append(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("epochs", "max_steps", "eval_every", "checkpoint_every", "patience", "block_size", "threads",
+        for name in ("epochs", "max_steps", "eval_every", "checkpoint_every", "patience", "block_size",
                      "input_size", "hidden_size", "output_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 p.append(f"{_flag(name)} must be at least 1, got {value}")
-        if not self.lr > 0:
-            p.append(f"--lr must be positive, got {self.lr}")
+        for problem in (threads_problem(self.threads), seed_problem(self.seed)):
+            if problem:
+                p.append(problem)
+        if not (is_finite_number(self.lr) and self.lr > 0):
+            p.append(f"--lr must be a finite positive number, got {self.lr}")
+        # NaN passes every `< 0` test, and an infinite clip or min-delta silently disables the feature.
         for name in ("weight_decay", "grad_clip", "min_delta", "momentum"):
-            if getattr(self, name) < 0:
-                p.append(f"{_flag(name)} must not be negative, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (is_finite_number(value) and value >= 0):
+                p.append(f"{_flag(name)} must be a finite number, 0 or more, got {value}")
         if self.warmup_steps < 0 or self.skip_nonfinite < 0:
             p.append("--warmup-steps and --skip-nonfinite must not be negative")
         if self.optimizer not in OPTIMIZERS:
@@ -175,15 +212,34 @@ def build_config(cls, file_values: dict | None = None, flags: dict | None = None
     return cls(**values)
 
 
+# An options file or recipe is a few kilobytes; a bigger one is not what the user meant to give.
+MAX_TOML_BYTES = 4 * 1024 * 1024
+
+
 def read_toml(path: Path | str, table: str | None = None) -> dict:
     """A TOML options file; ``table`` picks e.g. [train] when present."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a regular file; give the path of a TOML file")
+    if path.exists() and not path.is_file():
+        # A FIFO or device would block or never end: refuse it up front.
+        raise UserError(f"{path}: is not a regular file; give the path of a TOML file")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            raw = file.read(MAX_TOML_BYTES + 1)  # bounded: the size on disk may not tell the truth
+        if len(raw) > MAX_TOML_BYTES:
+            raise UserError(f"{path}: is larger than {MAX_TOML_BYTES // (1024 * 1024)} MiB; "
+                            "a recipe or options file is a few kilobytes: give the right file")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; give the path of a TOML file") from None
+    except OSError as exc:  # unreadable: permissions
+        raise UserError(f"{path}: cannot be read ({exc.strerror}); give the path of a readable TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid TOML ({exc}); fix the file") from None
+    except RecursionError:
+        # tomllib parses nested arrays and tables recursively: a few hundred levels exhaust the stack.
+        raise UserError(f"{path}: arrays or tables are nested too deeply to read; fix the file") from None
     if table and isinstance(data.get(table), dict):
         return data[table]
     return data

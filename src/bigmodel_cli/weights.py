@@ -11,6 +11,10 @@ from pathlib import Path
 
 from .errors import UserError
 
+# A weight-only quantized tensor NAME keeps its scales in NAME + this (engine/quantization/weight_only.py);
+# here, in the storage layer, because reading an artifact's weight shapes needs it too.
+SCALE_SUFFIX = ".scale"
+
 
 def _deduplicated_state(model) -> tuple[dict, dict]:
     """state_dict with each storage once; returns (tensors, {dropped_name: kept_name})."""
@@ -65,7 +69,6 @@ def load_into(model, state: dict, source: Path | str = "weights") -> None:
 # The stored layout is described in engine/compress/quantize/weight_only.py, which encodes it.
 
 BITS = (8, 4)
-SCALE_SUFFIX = ".scale"
 
 
 def dequantize_tensor(stored, scale, shape: list[int], bits: int):
@@ -95,3 +98,66 @@ def dequantize_state(state: dict, section: dict, source: str = "weights") -> dic
             raise UserError(f"{source}: quantized tensor {name} or its scale is missing; re-create the artifact")
         out[name] = dequantize_tensor(out[name], out.pop(name + SCALE_SUFFIX), list(shape), bits)
     return out
+
+
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor in a safetensors file, from its header alone (no tensor is
+    read; safetensors caps the header's size and checks its offsets against the file's)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read weights ({exc}); re-create the artifact") from None
+
+
+def check_fits_weights(spec: dict, shapes: dict[str, tuple[int, ...]], source: Path | str, base_dir: Path | None = None) -> None:
+    """Refuse (one line) a model spec that does not match the weights' shapes, before the model is
+    built: a config.json that asks for a 20M-wide layer or 100,000 layers next to small weights
+    would otherwise allocate gigabytes first. Built-in models are sized by formula, then built on
+    the meta device (no memory) and compared tensor by tensor."""
+    import math
+
+    import torch
+
+    from .models import USER_ARCH, build_model, parameter_count, validate_spec
+
+    stored = sum(math.prod(shape) for shape in shapes.values())
+    if spec.get("arch") != USER_ARCH:
+        validate_spec(spec)
+        wanted = parameter_count(spec)
+        if wanted > stored:
+            raise UserError(f"{source}: holds {stored:,} weights but the model in config.json has {wanted:,} "
+                            "parameters; config.json and the weights do not belong together")
+    try:
+        with torch.device("meta"):
+            model = build_model(spec, base_dir=base_dir)
+    except UserError:
+        raise
+    except Exception:  # user code that cannot run on the meta device: the real build checks the shapes
+        if spec.get("arch") == USER_ARCH:
+            return
+        raise
+    _compare_shapes(model, shapes, source)
+
+
+def _compare_shapes(model, shapes: dict[str, tuple[int, ...]], source: Path | str) -> None:
+    """Every tensor of the (meta) model present in ``shapes`` with the same shape, except tied
+    names, which the model restores itself (meta tensors share no storage to compare, so ties are
+    found by parameter identity)."""
+    expected = model.state_dict()
+    unique = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    unexpected = sorted(set(shapes) - set(expected))
+    if unexpected:
+        raise UserError(f"{source}: has tensors the model in config.json does not ({', '.join(unexpected[:3])}); "
+                        "config.json and the weights do not belong together")
+    missing = [name for name in expected if name in unique and name not in shapes]
+    if missing:
+        raise UserError(f"{source}: is missing tensors ({', '.join(missing[:3])}); re-create the artifact")
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(expected[name].shape):
+            raise UserError(
+                f"{source}: tensor {name} has shape {tuple(shape)} but the model in config.json expects "
+                f"{tuple(expected[name].shape)}; config.json and the weights do not belong together"
+            )

@@ -25,25 +25,41 @@ def print_comparison(result) -> None:
         console.note(note)
 
 
+def check_reports(plot: Path | None, markdown: Path | None, html_file: Path | None, overwrite: bool) -> None:
+    """Before the measurement: each report file named (and the plot a Markdown report writes beside
+    itself) has the right suffix and may be written — a refusal after minutes of timing helps no one."""
+    from ..output_file import check_output_file
+
+    if plot:
+        check_output_file(plot, overwrite, (".png",), "--plot", "the trade-off plot")
+    if markdown:
+        check_output_file(markdown, overwrite, (".md", ".markdown"), "--markdown", "the report")
+        if not plot:
+            check_output_file(markdown.with_suffix(".png"), overwrite, (".png",), f"--markdown {markdown} writes its plot to")
+    if html_file:
+        check_output_file(html_file, overwrite, (".html", ".htm"), "--html", "the report")
+
+
 def write_reports(result, plot: Path | None, markdown: Path | None, html_file: Path | None) -> list[Path]:
-    """The PNG, Markdown and HTML reports asked for; a report gets a plot even if none was named."""
-    import tempfile
+    """The PNG, Markdown and HTML reports asked for, each written atomically; a report gets a plot
+    even if none was named."""
+    from ..engine.compare import html_report, markdown_report, tradeoff_png
+    from ..output_file import atomic_write_bytes
 
-    from ..engine.compare import html_report, markdown_report, plot_tradeoff, write_text_atomic
-
+    if not (plot or markdown or html_file):
+        return []
+    png = tradeoff_png(result)
     written = []
     if plot:
-        written.append(plot_tradeoff(result, plot))
+        written.append(atomic_write_bytes(plot, png, "--plot"))
     if markdown:
         picture = plot or markdown.with_suffix(".png")
         if not plot:
-            written.append(plot_tradeoff(result, picture))
+            written.append(atomic_write_bytes(picture, png, "--markdown"))
         rel = picture.name if picture.parent.resolve() == markdown.parent.resolve() else str(picture.resolve())
-        written.append(write_text_atomic(markdown, markdown_report(result, rel)))
+        written.append(atomic_write_bytes(markdown, markdown_report(result, rel).encode("utf-8"), "--markdown"))
     if html_file:
-        with tempfile.TemporaryDirectory() as tmp:
-            picture = plot or plot_tradeoff(result, Path(tmp) / "plot.png")
-            written.append(write_text_atomic(html_file, html_report(result, picture)))
+        written.append(atomic_write_bytes(html_file, html_report(result, png).encode("utf-8"), "--html"))
     return written
 
 
@@ -59,11 +75,13 @@ def compare(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the trade-off plot (PNG).")] = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write a Markdown report (with the plot).")] = None,
     html_file: Annotated[Optional[Path], typer.Option("--html", help="Write an HTML report with the plot embedded.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --plot, --markdown and --html files if they exist.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure artifacts side by side: size, metric, latency p50/p95 and ratios to the first row."""
     from ..engine.compare import compare_artifacts
 
+    check_reports(plot, markdown, html_file, overwrite)
     result = compare_artifacts(artifacts, backend=backend, threads=threads, split=split, bench_batch=bench_batch,
                                rounds=rounds, limit=limit, explain_samples=explain)
     written = write_reports(result, plot, markdown, html_file)
@@ -80,9 +98,10 @@ def compare(
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="A training run directory (with metrics.jsonl).", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: RUN_DIR/curves.png).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the PNG if it exists.")] = False,
 ) -> None:
     """Draw the training curves (loss, validation metric, learning rate) to a PNG."""
     from ..engine.compare import plot_training
 
-    path = plot_training(run_dir, out or Path(run_dir) / "curves.png")
+    path = plot_training(run_dir, out or Path(run_dir) / "curves.png", overwrite)
     console.out.print(f"wrote {path}")

@@ -5,10 +5,16 @@ parameters (names and types) before anything runs, so a recipe and the CLI canno
 there is no second list of options to keep in sync. Each step then runs through the same entry
 point as the command line.
 
-Reruns are cheap: a step is skipped when its output is complete and valid (manifest hashes match)
-and its fingerprint — its command line plus the manifests of the artifacts it reads — is unchanged.
-A training step that crashed is continued with ``--resume``. Changing a step reruns it and, through
-the fingerprints, everything downstream of it.
+Reruns are cheap: a step is skipped only when it completed, with exactly this fingerprint — its
+command line plus the manifests of the artifacts it reads — and its output is complete and valid
+(manifest hashes match). A step that failed is recorded as incomplete, so a rerun runs it again
+rather than passing off the previous output as its result. A training step that crashed is
+continued with ``--resume``. Changing a step reruns it and, through the fingerprints, everything
+downstream of it.
+
+A model file named in the recipe (``model = "net.py:Net"``) is code chosen by whoever wrote the
+recipe, so the run refuses it unless ``--trust-model-code`` is given (or the user names it on the
+command line with ``--set``); that trust then holds for every step of the run.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +31,7 @@ from typing import Any, Callable
 
 from ..engine.core.recipe_state import STATE_FILE, load_state, save_state
 from ..errors import ConfigErrors, UserError
+from ..models.user import names_model_file
 
 # Commands that write an artifact (or a training run) directory: the runner gives them --out.
 ARTIFACT_COMMANDS = ("train", "prune", "distill", "export", "quantize")
@@ -34,6 +42,8 @@ MANAGED = {"out", "overwrite", "json_out", "resume", "help"}
 # Step keys that name another step's output.
 REFERENCES = {"from": None, "teacher": "--teacher", "student": "--student", "compare": "--compare"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Files the run itself keeps in RUN_DIR: no step's output may take one of these names.
+RUN_FILES = (STATE_FILE, STATE_FILE + ".tmp", "compare.png", "compare.md")
 
 
 @dataclass
@@ -42,10 +52,19 @@ class Step:
     command: str
     options: dict[str, Any]
     refs: dict[str, str] = field(default_factory=dict)  # key -> earlier step name
+    # The command's arguments after the artifact (predict's INPUT), parameter name -> value.
+    arguments: dict[str, Any] = field(default_factory=dict)
+    # Model files (path.py:Name) that the recipe file names, rather than the user's --set.
+    code_named_in_toml: list[str] = field(default_factory=list)
 
     @property
     def writes_artifact(self) -> bool:
         return self.command in ARTIFACT_COMMANDS
+
+    @property
+    def output_name(self) -> str:
+        """Its output in RUN_DIR: a directory for an artifact step, NAME.json for a report step."""
+        return self.name if self.writes_artifact else f"{self.name}.json"
 
 
 @dataclass
@@ -84,6 +103,11 @@ def command_params(command) -> dict[str, Any]:
         p.kind = hints.get(p.name, str)
         params[p.name] = p
     return params
+
+
+def _argument_key(param) -> str:
+    """The recipe key for a command argument after the artifact: its metavar (INPUT → input)."""
+    return (param.metavar or param.name).strip("[].").lower()
 
 
 def _flag(param) -> str:
@@ -127,11 +151,12 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
     raw_steps = data.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps or not all(isinstance(s, dict) for s in raw_steps):
         raise ConfigErrors(problems + ["a recipe needs at least one [[steps]] table"], f"recipe {path}")
-    _apply_overrides(raw_steps, overrides or [], problems)
+    from_command_line = _apply_overrides(raw_steps, overrides or [], problems)
 
     group = command_group()
     steps: list[Step] = []
     seen: list[str] = []
+    outputs: dict[str, str] = {name.casefold(): "the run itself" for name in RUN_FILES}
     for index, raw in enumerate(raw_steps, start=1):
         raw = dict(raw)
         name = raw.pop("name", None)
@@ -142,6 +167,8 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
             name = f"#{index}"
         elif name in seen:
             problems.append(f"{where}: the name {name!r} is used twice")
+        elif command in ARTIFACT_COMMANDS + REPORT_COMMANDS:
+            _claim_output(Step(name, command, {}), outputs, where, problems)
         if command not in ARTIFACT_COMMANDS + REPORT_COMMANDS or command not in group.commands:
             known = [c for c in ARTIFACT_COMMANDS + REPORT_COMMANDS if c in group.commands]
             problems.append(f"{where}: unknown command {command!r} (a step runs one of: {', '.join(known)})")
@@ -163,7 +190,9 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
                                 + (" (it comes later: steps run in order, so this would be a cycle)" if later else ""))
             else:
                 refs[key] = target
-        reads_artifact = any(p.param_type_name == "argument" for p in params.values())
+        positional = [p for p in params.values() if p.param_type_name == "argument"]
+        reads_artifact = bool(positional)
+        arguments = _take_arguments(raw, positional[1:], where, command, problems)
         if reads_artifact and "from" not in refs:
             problems.append(f"{where}: {command} needs from = \"STEP\" (the step whose output it reads)")
         if command == "distill" and "teacher" not in refs and "from" in refs:
@@ -183,7 +212,11 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
                 problems.append(f"{where}: {key} must be {expected}, got {value!r}")
                 continue
             options[param.name] = value
-        steps.append(Step(name=name, command=command, options=options, refs=refs))
+        code = [value for key, value in options.items()
+                if key == "model" and isinstance(value, str) and names_model_file(value)
+                and (name, key) not in from_command_line]
+        steps.append(Step(name=name, command=command, options=options, refs=refs, arguments=arguments,
+                          code_named_in_toml=code))
         seen.append(name)
     if problems:
         raise ConfigErrors(problems, f"recipe {path}")
@@ -192,9 +225,44 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
                   description=str(data.get("description", "")))
 
 
-def _apply_overrides(raw_steps: list[dict], overrides: list[str], problems: list[str]) -> None:
-    """--set STEP.OPTION=VALUE (VALUE in TOML syntax, bare words as strings)."""
+def _claim_output(step: Step, outputs: dict[str, str], where: str, problems: list[str]) -> None:
+    """Two steps must not write the same file or directory (report step x writes x.json, so an
+    artifact step named x.json would take it), nor one of the run's own files. Compared without case:
+    on a case-insensitive disk, Train and train are one directory."""
+    key = step.output_name.casefold()
+    owner = outputs.get(key)
+    if owner == "the run itself":
+        problems.append(f"{where}: its output RUN_DIR/{step.output_name} is a file the run keeps itself; rename the step")
+    elif owner is not None:
+        problems.append(f"{where}: its output RUN_DIR/{step.output_name} is also the output of step {owner!r} "
+                        "(a report step NAME writes NAME.json); rename one of them")
+    else:
+        outputs[key] = step.name
+
+
+def _take_arguments(raw: dict, params: list, where: str, command: str, problems: list[str]) -> dict[str, Any]:
+    """The command's arguments after the artifact (predict's INPUT), given as e.g. input = "x.npy";
+    a required one that is missing is a problem now, not a failure when the step runs."""
+    arguments: dict[str, Any] = {}
+    for param in params:
+        key = _argument_key(param)
+        if key not in raw:
+            if param.required:
+                problems.append(f"{where}: {command} needs {key} = \"PATH\" (its {key.upper()} argument)")
+            continue
+        value = raw.pop(key)
+        if not isinstance(value, str) or not value:
+            problems.append(f"{where}: {key} must be a non-empty string, got {value!r}")
+            continue
+        arguments[param.name] = value
+    return arguments
+
+
+def _apply_overrides(raw_steps: list[dict], overrides: list[str], problems: list[str]) -> set[tuple[str, str]]:
+    """--set STEP.OPTION=VALUE (VALUE in TOML syntax, bare words as strings). Returns the
+    (step, option) pairs set, which the user named on the command line."""
     by_name = {s.get("name"): s for s in raw_steps}
+    given: set[tuple[str, str]] = set()
     for item in overrides:
         target, eq, value = item.partition("=")
         step, dot, key = target.partition(".")
@@ -208,7 +276,12 @@ def _apply_overrides(raw_steps: list[dict], overrides: list[str], problems: list
             parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             parsed = value
+        except RecursionError:  # tomllib recurses per level of nesting
+            problems.append(f"--set {target}=...: the value is nested too deeply")
+            continue
         by_name[step][key] = parsed
+        given.add((step, key.replace("-", "_")))
+    return given
 
 
 def _to_argv_value(value: Any) -> list[str]:
@@ -244,6 +317,9 @@ def step_argv(step: Step, run_dir: Path, params: dict) -> list[str]:
         argv += ["--out", str(run_dir / step.name)]
     elif "json_out" in params:
         argv.append("--json")
+    if step.arguments:
+        # After "--", so an input whose name starts with "-" is still read as the input.
+        argv += ["--", *(str(step.arguments[p.name]) for p in params.values() if p.name in step.arguments)]
     return argv
 
 
@@ -277,6 +353,44 @@ def _fingerprint(step: Step, argv: list[str], run_dir: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _run_file_digest(output: Path) -> str | None:
+    """sha256 of a training run's run.json (None without one): tells whose run the directory holds."""
+    from ..artifact import sha256_file
+
+    try:
+        return sha256_file(output / "run.json") if (output / "run.json").is_file() else None
+    except OSError:
+        return None
+
+
+def _decide(step: Step, previous: dict, fingerprint: str, output: Path, can_resume: bool) -> str:
+    """skipped, resumed or ran. Skipped only when the step completed with exactly this fingerprint
+    and its output is still whole: an attempt that failed was recorded as incomplete."""
+    same = previous.get("fingerprint") == fingerprint
+    done = same and previous.get("complete") is True
+    if not step.writes_artifact:
+        return "skipped" if done and output.is_file() else "ran"
+    if done and _output_complete(output):
+        return "skipped"
+    # Resume only a run this fingerprint started: after a failed attempt that never got to write,
+    # the directory still holds the previous run (other options), which --resume would refuse.
+    run_file = _run_file_digest(output)
+    if same and can_resume and run_file is not None and (done or run_file != previous.get("replaces")):
+        return "resumed"
+    return "ran"
+
+
+def check_model_code_trust(recipe: Recipe) -> None:
+    """A model file the recipe names runs only with --trust-model-code (or when --set named it)."""
+    from ..models.user import require_trust_for_file_reference
+
+    for step in recipe.steps:
+        for reference in step.code_named_in_toml:
+            require_trust_for_file_reference(
+                reference, f"recipe {recipe.path}, step {step.name!r}",
+                f"name it on the command line yourself (--set {step.name}.model={reference})")
+
+
 @dataclass
 class StepOutcome:
     name: str
@@ -288,17 +402,42 @@ class StepOutcome:
 
 def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
                announce: Callable[[int, int, Step, str, list[str]], None] | None = None) -> list[StepOutcome]:
-    """Run the steps in order; skip the complete and unchanged; resume a crashed training step."""
-    from ..artifact import check_output
+    """Run the steps in order; skip the complete and unchanged; resume a crashed training step.
+
+    The run directory is locked for the whole run. With --overwrite an existing run is set aside
+    (``.NAME.old-*``), not deleted: it is removed when the new run has finished and put back if the
+    new run fails. It cannot be built elsewhere and renamed, as the steps record the paths they read."""
+    from .. import outputs
 
     run_dir = Path(run_dir)
-    if run_dir.exists() and not overwrite and not (run_dir / STATE_FILE).exists():
-        check_output(run_dir, overwrite=False)  # a directory that is not a run of ours: refuse
-    if overwrite and run_dir.exists():
-        import shutil
+    check_model_code_trust(recipe)  # before anything is touched
+    with outputs.hold(run_dir):
+        if run_dir.exists() and not overwrite and (run_dir / STATE_FILE).exists():
+            return _run_steps(recipe, run_dir, announce)  # a rerun continues the run
+        outputs.check_output(run_dir, overwrite, [recipe.path])  # refuses what bigmodel did not write
+        aside = outputs.aside_path(run_dir) if run_dir.exists() else None
+        try:
+            if aside is not None:
+                run_dir.rename(aside)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{run_dir}: cannot create the run directory ({exc.strerror}); "
+                            "choose another --out") from None
+        try:
+            outcomes = _run_steps(recipe, run_dir, announce)
+        except BaseException:
+            if aside is not None:  # the new run failed: the old one comes back as it was
+                shutil.rmtree(run_dir, ignore_errors=True)
+                aside.rename(run_dir)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return outcomes
 
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+def _run_steps(recipe: Recipe, run_dir: Path,
+               announce: Callable[[int, int, Step, str, list[str]], None] | None) -> list[StepOutcome]:
+    """run_recipe's loop, in a locked run directory."""
     state = load_state(run_dir)
     group = command_group()
     outcomes: list[StepOutcome] = []
@@ -306,21 +445,18 @@ def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
         command = group.commands[step.command]
         argv = step_argv(step, run_dir, command_params(command))
         fingerprint = _fingerprint(step, argv, run_dir)
-        output = run_dir / (step.name if step.writes_artifact else f"{step.name}.json")
+        output = run_dir / step.output_name
         previous = state.get(step.name, {})
-        same = previous.get("fingerprint") == fingerprint
-        if step.writes_artifact and same and _output_complete(output):
-            status, extra = "skipped", []
-        elif step.writes_artifact and same and (output / "run.json").exists() and "resume" in command_params(command):
-            status, extra = "resumed", ["--resume"]
-        elif not step.writes_artifact and same and output.exists():
-            status, extra = "skipped", []
-        else:
-            status, extra = "ran", (["--overwrite"] if output.exists() and step.writes_artifact else [])
+        status = _decide(step, previous, fingerprint, output, "resume" in command_params(command))
+        extra = {"resumed": ["--resume"], "skipped": []}.get(
+            status, ["--overwrite"] if output.exists() and step.writes_artifact else [])
         if announce:
             announce(index, len(recipe.steps), step, status, argv + extra)
         if status != "skipped":
-            state[step.name] = {"fingerprint": fingerprint, "argv": argv, "complete": False}
+            # Recorded before running: if this attempt fails, the step is incomplete with this
+            # fingerprint, so the rerun runs it again (a training run it started is resumed).
+            replaces = _run_file_digest(output) if status == "ran" else previous.get("replaces")
+            state[step.name] = {"fingerprint": fingerprint, "argv": argv, "complete": False, "replaces": replaces}
             save_state(run_dir, state)
             _invoke(group, argv + extra, output if not step.writes_artifact else None, step)
             # Inputs may have been rewritten by this very run: fingerprint what was actually read.
@@ -338,12 +474,17 @@ def _invoke(group, argv: list[str], report_file: Path | None, step: Step) -> Non
 
     from . import BigModelGroup, describe_failure
     from ..errors import BigModelError
+    from ..models.user import trust_model_code_enabled
 
     import sys
 
     # A report step's stdout is its result (saved); an artifact step's tables are progress for the
     # person watching, so they go to stderr and stdout stays the run's own result (or JSON).
     buffer = io.StringIO()
+    # Each step starts a new invocation, which resets trust: `bigmodel --trust-model-code run`
+    # keeps it for every step (the export after a user-model train loads that model's code).
+    if trust_model_code_enabled():
+        argv = ["--trust-model-code", *argv]
     BigModelGroup.pass_through = True
     try:
         with contextlib.redirect_stdout(buffer if report_file else sys.stderr):
@@ -362,7 +503,8 @@ def _invoke(group, argv: list[str], report_file: Path | None, step: Step) -> Non
         error.exit_code = code
         raise error
     if report_file is not None:
-        tmp = report_file.with_suffix(".tmp")
+        # Dot-first: no step's output can have this name (step names start with a letter or digit).
+        tmp = report_file.parent / f".{report_file.name}.tmp"
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
         os.replace(tmp, report_file)
 

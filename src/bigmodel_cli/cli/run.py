@@ -14,7 +14,7 @@ from .options import JsonOpt
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe file (TOML): [[steps]] with name, command, from and options.", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: the recipe's [run] out, else runs/RECIPE-NAME).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start from scratch: delete the run directory first.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start from scratch: replace the run directory (only one bigmodel wrote; the old run is kept until the new one has finished).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a step option: STEP.OPTION=VALUE (repeatable).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Validate the recipe and print the commands; run nothing.")] = False,
     compare_rounds: Annotated[int, typer.Option("--compare-rounds", help="Timed latency calls per artifact in the final comparison.")] = 30,
@@ -22,6 +22,7 @@ def run(
 ) -> None:
     """Run a recipe (train → prune → distill → quantize → export …); finished steps are skipped on a rerun."""
     from .recipe import command_group, command_params, artifact_outputs, parse_recipe, run_recipe, step_argv
+    from .recipe import check_model_code_trust
     from ..engine.compare import compare_artifacts
     from .compare import print_comparison, write_reports
 
@@ -32,6 +33,7 @@ def run(
         for step in parsed.steps:
             argv = step_argv(step, run_dir, command_params(group.commands[step.command]))
             console.out.print(f"[bold]{step.name}[/]: bigmodel " + " ".join(argv), highlight=False)
+        check_model_code_trust(parsed)  # after the commands: they show what the code would be run by
         return
 
     def announce(index, total, step, status, argv):

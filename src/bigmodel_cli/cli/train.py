@@ -113,15 +113,22 @@ def train(
     from ..engine.training import launcher
     from ..engine.training.loop import run_job
     from ..engine.training.job import prepare_training
+    from ..models.user import names_model_file, require_trust_for_file_reference
 
     file_values = read_toml(config, "train") if config else {}
     cfg = build_config(TrainConfig, file_values, train_flags, source=str(config or "config"))
+    if config is not None and (train_flags or {}).get("model") is None and names_model_file(cfg.model):
+        # The model file came from the TOML file, not from the user's command line.
+        require_trust_for_file_reference(cfg.model, str(config), f"give it on the command line (--model {cfg.model})")
     launcher.check_options(nproc, strategy, cfg.device)
     job = prepare_training(cfg)
     job.strategy = strategy
     if nproc is not None and nproc > 1:
         # The workers run this same command without --nproc; rank 0 prints the results.
-        launcher.launch(job, nproc, _forwarded_argv(ctx, drop=("nproc",)))
+        try:
+            launcher.launch(job, nproc, _forwarded_argv(ctx, drop=("nproc",)))
+        finally:
+            job.release_output()  # held for the workers while they ran
         return
     unit = "tokens/s" if job.task.name == "language-modeling" else "samples/s"
     result = run_job(job, _progress(unit, not json_out))

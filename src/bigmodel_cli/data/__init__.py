@@ -54,14 +54,61 @@ def parse_data_arg(value: str, target: str | None = None, **shape_hints) -> dict
     if name == "text":
         spec["path"] = arg if arg == "stdlib" else str(Path(arg).resolve())
         spec["split"] = {"val": 0.05, "test": 0.05}
+    if _reads_user_path(spec):
+        spec["fingerprint"] = data_fingerprint(spec)
     if name == "synthetic":
         spec.update({"input_shape": list(shape_hints.get("input_shape") or [16]),
                      "num_classes": int(shape_hints.get("num_classes") or 4), "samples": 2048})
     return spec
 
 
+# A data path in config.json is the path of the data the model was trained on, and
+# ``bigmodel eval ARTIFACT`` re-opens it with no flags. config.json could name any file, though,
+# so the path is read only if it still holds the data recorded at training: each file's name,
+# size, and first and last MiB (cheap for a corpus of any size). Anything else needs --data.
+_FINGERPRINT_EDGE = 1 << 20
+
+
+def _reads_user_path(spec: dict) -> bool:
+    return spec.get("name") in ("csv", "npz", "text") and spec.get("path") not in (None, "stdlib")
+
+
+def data_fingerprint(spec: dict) -> str:
+    """sha256 over the data a spec's path holds (see _FINGERPRINT_EDGE); "" when nothing is there."""
+    import hashlib
+
+    root = Path(spec["path"])
+    if spec["name"] == "text" and root.is_dir():
+        from .text import corpus_files
+
+        files = corpus_files(str(root))
+    else:
+        files = [root] if root.is_file() else []
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root).as_posix() if file != root else ''}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(_FINGERPRINT_EDGE))
+            if size > 2 * _FINGERPRINT_EDGE:
+                handle.seek(size - _FINGERPRINT_EDGE)
+                digest.update(handle.read(_FINGERPRINT_EDGE))
+    return digest.hexdigest() if files else ""
+
+
+def check_recorded_path(spec: dict) -> None:
+    """Refuse to read a data path that config.json names unless it holds the data recorded there."""
+    if not _reads_user_path(spec) or not Path(spec["path"]).exists():
+        return  # no path to read, or the loader says it is missing
+    recorded = spec.get("fingerprint")
+    if not isinstance(recorded, str) or recorded != data_fingerprint(spec):
+        raise UserError(f"{spec['path']}: is not the {spec['name']} data this artifact was trained on (no matching "
+                        f"fingerprint in config.json), so it is not read; pass --data {spec['name']}:PATH to use it")
+
+
 def load_dataset(spec: dict):
     """A dataset spec (from the CLI or config.json) → ClassificationData or TextData."""
+    check_recorded_path(spec)
     name = spec.get("name")
     if name == "digits":
         from .digits import load_digits

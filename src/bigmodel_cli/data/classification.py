@@ -12,6 +12,9 @@ import numpy as np
 
 from ..errors import UserError
 
+# Labels are class indices, so the largest one sizes the output layer: a label of 300,000,000 in a
+# two-class file would make a head of 300M rows. Real label sets are far smaller.
+MAX_CLASSES = 100_000
 
 def preprocess(x: np.ndarray, data_spec: dict) -> np.ndarray:
     """Raw features → what the model eats: float32, normalized with the stored statistics."""
@@ -38,6 +41,26 @@ def stratified_split(y: np.ndarray, val: float, test: float, seed: int) -> dict[
     return {k: np.sort(np.concatenate(v)) if v else np.array([], dtype=np.int64) for k, v in parts.items()}
 
 
+def rows_for_one(fraction: float) -> int:
+    """The fewest rows of a class for which the split gives ``fraction`` of them at least one row."""
+    if not fraction > 0:
+        return 0
+    n = 1
+    while int(round(n * fraction)) < 1:
+        n += 1
+    return n
+
+
+def check_labels(y: np.ndarray) -> None:
+    """Class indices: not negative, and not so large that the output layer (one row per value up
+    to the largest) would be absurd. Call it before anything is sized by the labels."""
+    if y.min() < 0:
+        raise UserError("labels must be non-negative integers (found a negative label)")
+    if int(y.max()) >= MAX_CLASSES:
+        raise UserError(f"label {int(y.max()):,} would make a {int(y.max()) + 1:,}-class output layer "
+                        f"(bigmodel allows {MAX_CLASSES:,}); number the classes 0, 1, 2, …")
+
+
 @dataclass
 class ClassificationData:
     task = "classification"
@@ -50,8 +73,7 @@ class ClassificationData:
     def __post_init__(self):
         if len(self.y) == 0:
             raise UserError(f"dataset {self.spec.get('path', self.spec['name'])} is empty; give it at least one row per class")
-        if self.y.min() < 0:
-            raise UserError("labels must be non-negative integers (found a negative label)")
+        check_labels(self.y)
         split = self.spec.get("split") or {}
         self.splits = stratified_split(self.y, split.get("val", 0.1), split.get("test", 0.1), split.get("seed", 0))
         if len(self.splits["train"]) == 0:
@@ -69,6 +91,20 @@ class ClassificationData:
             "num_classes": int(max(len(self.class_names), int(self.y.max()) + 1)),
             "class_names": list(self.class_names),
         })
+
+    def check_trainable(self) -> None:
+        """A classifier needs two classes to tell apart and a validation split to pick its best
+        step by; without them training "succeeded" with a constant model, or failed after the
+        first epoch on an empty evaluation."""
+        where = self.spec.get("path", self.spec["name"])
+        present = np.unique(self.y)
+        if len(present) < 2:
+            only = self.class_names[int(present[0])] if int(present[0]) < len(self.class_names) else str(int(present[0]))
+            raise UserError(f"{where}: every row has the label {only!r}; a classifier needs at least 2 classes")
+        if len(self.splits["val"]) == 0:
+            val = (self.spec.get("split") or {}).get("val", 0.1)
+            raise UserError(f"{where}: {len(self.y)} rows leave the validation split empty (it takes a fraction {val:g} "
+                            f"of each class, rounded); give at least {rows_for_one(val)} rows of some class")
 
     @property
     def input_shape(self) -> tuple[int, ...]:

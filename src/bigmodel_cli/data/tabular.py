@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .classification import ClassificationData
+from .classification import ClassificationData, check_labels
 
 
 def _class_index(values: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -73,9 +73,49 @@ def load_csv(spec: dict) -> ClassificationData:
     return ClassificationData(spec=spec, x=np.asarray(x_rows, dtype=np.float32), y=y, class_names=class_names)
 
 
+def memory_budget() -> int:
+    """Bytes one in-memory dataset may take: a quarter of the memory this process can have (the
+    arrays are copied while being converted and split, and the model needs room too)."""
+    import os
+    import resource
+
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)
+    return limit // 4
+
+
+def _declared_npz_bytes(path: Path) -> int:
+    """What arrays x and y will take once loaded, from their .npy headers alone: a compressed npz
+    of a few MB can inflate to gigabytes, and np.load allocates before it reads."""
+    import math
+    import zipfile
+
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        for member in ("x.npy", "y.npy"):
+            if member not in names:
+                continue
+            with archive.open(member) as handle:
+                try:
+                    version = np.lib.format.read_magic(handle)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _fortran, dtype = read(handle)
+                except ValueError as exc:
+                    raise UserError(f"{path}: {member} is not a NumPy array ({exc}); save the file with numpy.savez") from None
+            total += math.prod(shape) * dtype.itemsize
+    return total
+
+
 def load_npz(spec: dict) -> ClassificationData:
     path = Path(spec["path"])
     try:
+        declared, budget = _declared_npz_bytes(path), memory_budget()
+        if declared > budget:
+            raise UserError(f"{path}: its arrays x and y take {declared:,} bytes once loaded, more than the {budget:,} "
+                            "bigmodel loads into memory here; use a smaller file (or a text corpus, which is memory-mapped)")
         with np.load(path, allow_pickle=False) as arrays:
             if "x" not in arrays or "y" not in arrays:
                 raise UserError(f"{path}: an npz dataset needs arrays named 'x' and 'y' (found: {', '.join(arrays.files)})")
@@ -94,6 +134,8 @@ def load_npz(spec: dict) -> ClassificationData:
         raise UserError(f"{path}: x must be numeric and y integer class labels (got {x.dtype} and {y.dtype})")
     if len(x) and not np.isfinite(x).all():
         raise UserError(f"{path}: x contains NaN or Inf; clean the data")
+    if len(y):
+        check_labels(y)  # before one class name is made per label value
     classes = int(y.max()) + 1 if len(y) else 0
     return ClassificationData(spec=spec, x=x.astype(np.float32), y=y.astype(np.int64),
                               class_names=[str(i) for i in range(classes)])

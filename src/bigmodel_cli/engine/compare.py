@@ -17,6 +17,7 @@ from typing import Callable
 
 from ..artifact import Artifact, open_artifact
 from ..errors import UserError
+from ..output_file import atomic_write_bytes, check_output_file
 from .core.timing import latency_stats, take_turns
 
 METRIC_FOR_TASK = {"classification": "accuracy", "language-modeling": "perplexity"}
@@ -94,11 +95,14 @@ def _runner(artifact: Artifact, backend: str, threads: int | None, workdir: Path
 def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int | None = None, split: str = "val",
                       bench_batch: int | None = None, rounds: int = 30, warmup: int = 3, limit: int | None = None,
                       explain_samples: int = 0, progress: Callable | None = None) -> CompareResult:
-    from .evaluate import BenchConfig, bench_input, open_data, size_stats
+    from .evaluate import BenchConfig, bench_input, check_limit, open_data, size_stats
     from .core.tasks import make_task
 
     if rounds < 1 or warmup < 0:
         raise UserError("--rounds must be at least 1 and --warmup not negative")
+    if bench_batch is not None and bench_batch < 1:
+        raise UserError(f"--bench-batch must be at least 1, got {bench_batch}")
+    check_limit(limit)
     say = progress or (lambda *a, **k: None)
     opened = _open_all(expand_run_dirs(paths))
     backend = _choose_backend(backend, [a for _, a in opened])
@@ -161,10 +165,23 @@ def _pyplot():
     return plt
 
 
-def plot_tradeoff(result: CompareResult, path: Path | str) -> Path:
+def figure_png(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes (and closed): rendered in memory, so that the file
+    is written in one atomic step (``output_file.atomic_write_bytes``)."""
+    import io
+
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png")
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
+
+
+def tradeoff_png(result: CompareResult) -> bytes:
     """Metric against latency; marker area by file size; every point labelled."""
     plt = _pyplot()
-    path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     sizes = [r["file_bytes"] for r in result.rows]
     biggest = max(sizes) or 1
@@ -179,10 +196,12 @@ def plot_tradeoff(result: CompareResult, path: Path | str) -> Path:
     ax.margins(x=0.18, y=0.15)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return figure_png(fig)
+
+
+def plot_tradeoff(result: CompareResult, path: Path | str, flag: str = "--plot") -> Path:
+    """The trade-off plot written to ``path`` atomically; ``flag`` names the path in an error."""
+    return atomic_write_bytes(path, tradeoff_png(result), flag)
 
 
 COLUMNS = [("name", "artifact"), ("stage", "stage"), ("params", "params"), ("nonzero_params", "non-zero"),
@@ -224,13 +243,13 @@ def markdown_report(result: CompareResult, plot_name: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def html_report(result: CompareResult, plot_png: Path | None) -> str:
+def html_report(result: CompareResult, plot_png: bytes | None) -> str:
     columns = columns_for(result)
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(table_cell(r, k))}</td>" for k, _ in columns) + "</tr>" for r in result.rows)
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t in columns)
     image = ""
     if plot_png is not None:
-        data = base64.b64encode(Path(plot_png).read_bytes()).decode()
+        data = base64.b64encode(plot_png).decode()
         image = f'<p><img alt="trade-off" src="data:image/png;base64,{data}"></p>'
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in result.notes)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>bigmodel compare</title>"
@@ -242,15 +261,8 @@ def html_report(result: CompareResult, plot_png: Path | None) -> str:
             f"<table><tr>{head}</tr>{rows}</table>{image}<ul>{notes}</ul></body></html>\n")
 
 
-def write_text_atomic(path: Path | str, text: str) -> Path:
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+def write_text_atomic(path: Path | str, text: str, flag: str = "--out") -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), flag)
 
 
 # ------------------------------------------------------------------ training curves
@@ -269,8 +281,9 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
     return records
 
 
-def plot_training(run_dir: Path | str, out: Path | str) -> Path:
+def plot_training(run_dir: Path | str, out: Path | str, overwrite: bool = False) -> Path:
     """Loss, validation metric and learning rate against the step, one panel each."""
+    check_output_file(out, overwrite, (".png",), what="the training curves")
     records = read_metrics(run_dir)
     steps = [r for r in records if "loss" in r and "event" not in r]
     evals = [r for r in records if r.get("event") == "eval"]
@@ -294,8 +307,4 @@ def plot_training(run_dir: Path | str, out: Path | str) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(str(run_dir))
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return atomic_write_bytes(out, figure_png(fig))

@@ -29,6 +29,13 @@ class BenchConfig:
     seq_len: int | None = None  # language models; default: the artifact's training window
 
 
+def check_limit(limit: int | None) -> None:
+    """--limit N evaluates the first N samples (or windows); 0 or a negative N used to mean
+    'everything' or 'all but the last N' without a word."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 (samples or windows to evaluate), got {limit}")
+
+
 def size_stats(artifact: Artifact, backend: str | None = None) -> dict:
     """Parameters, non-zero parameters and file size, from the weights on disk.
 
@@ -92,16 +99,32 @@ def benchmark(predict: Callable, example: np.ndarray, cfg: BenchConfig, progress
     }
 
 
+# The timed input is built in memory before the first call; a batch beyond this is a typo (and the
+# model's activations would be many times larger still), not a benchmark.
+MAX_BENCH_INPUT_BYTES = 1 << 30
+
+
+def check_bench_size(batch: int, values_per_sample: int, bytes_per_value: int) -> None:
+    if batch < 1:
+        raise UserError(f"--bench-batch must be at least 1, got {batch}")
+    need = batch * values_per_sample * bytes_per_value
+    if need > MAX_BENCH_INPUT_BYTES:
+        raise UserError(f"--bench-batch {batch} makes a timed input of {need / 2**30:,.1f} GiB "
+                        f"(at most {MAX_BENCH_INPUT_BYTES / 2**30:g} GiB); lower --bench-batch (or --seq-len)")
+
+
 def bench_input(artifact: Artifact, task, cfg: BenchConfig) -> np.ndarray:
     if artifact.task == "language-modeling":
         batch = cfg.batch_size or 1
         seq = cfg.seq_len or artifact.data_spec.get("block_size", 128)
+        check_bench_size(batch, seq, 8)
         rng = np.random.default_rng(0)
         return rng.integers(0, artifact.data_spec.get("vocab_size", 256), size=(batch, seq)).astype(np.int64)
     x = task.data.arrays("val")[0]
     if len(x) == 0:
         x = task.data.arrays("train")[0]
     batch = cfg.batch_size or 64
+    check_bench_size(batch, int(np.prod(x.shape[1:])), 4)
     return np.resize(x, (batch, *x.shape[1:])).astype(np.float32)
 
 
@@ -122,6 +145,7 @@ def evaluate_artifact(
     """One dict with the metric, the size and (with ``bench``) latency, plus where it ran."""
     if split not in SPLITS:
         raise UserError(f"unknown --split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_limit(limit)
     data = open_data(artifact, data_arg, target)
     runner = runner or open_backend(artifact, backend, device, threads)
     task = make_task(data, batch_size=64, block_size=artifact.data_spec.get("block_size"))
@@ -174,6 +198,7 @@ def evaluate_backends(
 ) -> dict:
     """The same report for several backends of one artifact, side by side: each is evaluated on the
     same data, and (with ``bench``) timed side by side on the same input with the same threads."""
+    check_limit(kwargs.get("limit"))
     runners = {}
     for name in backends:
         runners[name] = open_backend(artifact, name, device, threads)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..artifact import Artifact
+from ..config import is_finite_number, seed_problem, threads_problem
 from ..errors import ConfigErrors, UserError
 
 BYTE_VOCAB = 256
@@ -39,10 +40,11 @@ def validate(cfg: GenerateConfig) -> None:
         problems.append("--prompt must not be empty (the model needs at least one byte to continue)")
     if cfg.max_new_tokens < 1:
         problems.append(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
-    if not cfg.temperature >= 0:
-        problems.append(f"--temperature must be 0 (greedy) or positive, got {cfg.temperature}")
+    if not (is_finite_number(cfg.temperature) and cfg.temperature >= 0):
+        problems.append(f"--temperature must be 0 (greedy) or a finite positive number, got {cfg.temperature}")
     if cfg.top_k is not None and cfg.top_k < 0:
         problems.append(f"--top-k must be 0 (all) or positive, got {cfg.top_k}")
+    problems += [p for p in (seed_problem(cfg.seed), threads_problem(cfg.threads)) if p]
     if problems:
         raise ConfigErrors(problems, "generation options")
 

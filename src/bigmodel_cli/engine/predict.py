@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact
+from ..config import is_finite_number
 from ..errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".pgm", ".pnm")
@@ -207,8 +208,8 @@ def predict_file(artifact: Artifact, input_path: Path | str, options: PredictOpt
         raise UserError(f"{artifact.path}: is a language model; use bigmodel generate {artifact.path} --prompt TEXT")
     if options.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {options.top_k}")
-    if not options.image_scale > 0:
-        raise UserError(f"--image-scale must be positive, got {options.image_scale}")
+    if not (is_finite_number(options.image_scale) and options.image_scale > 0):
+        raise UserError(f"--image-scale must be a finite positive number, got {options.image_scale}")
     raw = read_inputs(input_path, artifact.data_spec, options.image_scale)
     runner = open_backend(artifact, options.backend, options.device, options.threads)
     probs = softmax(runner.predict(preprocess(raw, artifact.data_spec)))

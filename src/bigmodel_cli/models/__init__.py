@@ -122,10 +122,59 @@ def validate_spec(spec: dict) -> None:
         else:
             _check_value(key, value, problems)
     if arch.name == "gpt" and not problems:
-        if spec["n_embd"] % spec["n_head"] and spec.get("head_dim") is None:
-            problems.append(f"gpt n_embd {spec['n_embd']} must be divisible by n_head {spec['n_head']}")
+        n_embd, n_head = (spec.get(k, fields[k].default) for k in ("n_embd", "n_head"))  # a missing size: its default
+        if n_embd % n_head and spec.get("head_dim") is None:
+            problems.append(f"gpt n_embd {n_embd} must be divisible by n_head {n_head}")
+    if not problems:
+        problems += _size_problems(spec)
     if problems:
         raise ConfigErrors(problems, "model configuration")
+
+
+# Sane maxima, far above any real model (Llama-2-70B has 80 layers and 7e10 parameters): a config
+# beyond them is a mistake or an attack, and building even its empty (meta) modules would take
+# the machine's memory — one Python object per layer.
+MAX_LAYERS = 10_000
+MAX_PARAMETERS = 10**15
+
+
+def _size_problems(spec: dict) -> list[str]:
+    """Depth first (cheap to count), then parameters by formula; a missing size takes its default."""
+    depth = {"gpt": ("n_layer", spec.get("n_layer") or 0), "mlp": ("hidden_sizes", len(spec.get("hidden_sizes") or ())),
+             "cnn": ("channels", len(spec.get("channels") or ()) + len(spec.get("hidden_sizes") or ()))}
+    name, layers = depth[spec["arch"]]
+    if layers > MAX_LAYERS:
+        return [f"{spec['arch']} {name} asks for {layers:,} layers, more than the {MAX_LAYERS:,} bigmodel builds"]
+    params = parameter_count(spec)
+    if params > MAX_PARAMETERS:
+        return [f"{spec['arch']} has {params:.3g} parameters, more than the {MAX_PARAMETERS:.0e} bigmodel builds; "
+                "lower its sizes"]
+    return []
+
+
+def parameter_count(spec: dict) -> int:
+    """Unique parameters of a built-in architecture's (validated) spec, by formula: nothing is
+    built, so it is instant whatever the sizes (tied weights counted once, as count_parameters)."""
+    arch = get_arch(spec["arch"])
+    c = arch.config_type()(**{k: v for k, v in spec.items() if k not in ("arch", "preset")})  # with defaults
+    if arch.name == "mlp":
+        widths = [c.input_size, *c.hidden_sizes, c.num_classes]
+        return sum(a * b + b for a, b in zip(widths, widths[1:]))
+    if arch.name == "cnn":
+        from .cnn import feature_size
+
+        channels = [c.in_channels, *c.channels]
+        convs = sum(9 * a * b + b for a, b in zip(channels, channels[1:]))
+        h, w = feature_size(c)
+        widths = [channels[-1] * h * w, *c.hidden_sizes, c.num_classes]
+        return convs + sum(a * b + b for a, b in zip(widths, widths[1:]))
+    bias = 1 if c.bias else 0  # gpt
+    inner, e = c.n_head * c.head_dim, c.n_embd
+    norm = e * (1 + bias)
+    attention = e * 3 * inner + 3 * inner * bias + inner * e + e * bias
+    mlp = e * c.mlp_hidden + c.mlp_hidden * bias + c.mlp_hidden * e + e * bias
+    head = 0 if c.tie_weights else e * c.vocab_size
+    return (c.vocab_size + c.block_size) * e + c.n_layer * (2 * norm + attention + mlp) + norm + head
 
 
 def build_model(spec: dict, base_dir: Path | None = None):

@@ -2,7 +2,9 @@
 
 The file is copied into the artifact (``model.py``) so the artifact reloads anywhere. A Python file
 is code, so it is executed only when the user names it: on the command line that trains it, or when
-loading an artifact, through ``--trust-model-code`` (or BIGMODEL_TRUST_MODEL_CODE=1).
+loading an artifact, through ``--trust-model-code`` (or BIGMODEL_TRUST_MODEL_CODE=1). A model file
+named in a TOML file (a recipe step, a ``--config`` file) is treated like one inside an artifact:
+whoever wrote the file chose it, not the user, so it too needs ``--trust-model-code``.
 """
 
 from __future__ import annotations
@@ -25,12 +27,37 @@ def trust_file(path: Path | str) -> None:
 
 
 def set_trust_model_code(value: bool) -> None:
+    """Start one invocation's trust: ``--trust-model-code`` or not, and no file named yet (a file
+    named by an earlier command in the same process must not stay trusted)."""
     global _TRUST_ALL
     _TRUST_ALL = value
+    _TRUSTED.clear()
+
+
+def trust_model_code_enabled() -> bool:
+    """--trust-model-code (or BIGMODEL_TRUST_MODEL_CODE=1) is in effect for this invocation."""
+    return _TRUST_ALL or os.environ.get("BIGMODEL_TRUST_MODEL_CODE") == "1"
 
 
 def _trusted(path: Path) -> bool:
-    return _TRUST_ALL or os.environ.get("BIGMODEL_TRUST_MODEL_CODE") == "1" or str(path.resolve()) in _TRUSTED
+    return trust_model_code_enabled() or str(path.resolve()) in _TRUSTED
+
+
+def names_model_file(reference: str) -> bool:
+    """'path/to/file.py:Name' (user code) rather than a built-in architecture's name."""
+    file, sep, _ = reference.rpartition(":")
+    return bool(sep) and file.endswith(".py")
+
+
+def require_trust_for_file_reference(reference: str, named_in: str, command_line_fix: str) -> None:
+    """A model file named in a TOML file runs only with --trust-model-code, or when the user named
+    the same file on the command line (``command_line_fix`` says how)."""
+    path, _ = parse_reference(reference)
+    if not _trusted(path):
+        raise UserError(
+            f"{named_in}: model = {reference!r} is Python code named in a TOML file, so it runs only if you trust "
+            f"it: pass --trust-model-code (bigmodel --trust-model-code COMMAND ...) or {command_line_fix}"
+        )
 
 
 def parse_reference(reference: str) -> tuple[Path, str]:
@@ -66,7 +93,11 @@ def build_user_model(spec: dict, base_dir: Path | None):
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(loader_spec)
         try:
-            loader_spec.loader.exec_module(module)
+            # Compiled from the verified source itself: the import system would write a
+            # __pycache__ into the artifact, and would run a .pyc found there instead of the
+            # hashed model.py whenever its recorded size and mtime match.
+            source = path.read_bytes()
+            exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - the user trusted this file
         except Exception as exc:  # the user's code: any error is theirs to fix
             raise UserError(f"{path}: importing the model file failed: {type(exc).__name__}: {exc}") from None
         sys.modules[module_name] = module

@@ -12,6 +12,7 @@ import platform
 from functools import lru_cache
 
 from ...config import DEVICES, PRECISIONS  # noqa: F401  (the choices live with the option; re-exported)
+from ...config import threads_problem
 from ...errors import UserError
 
 # Below this many parameters a step is dominated by overheads, not matmuls, and bf16 does not pay.
@@ -95,7 +96,8 @@ def set_threads(threads: int | None) -> int:
     import torch
 
     if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1, got {threads}")
+        problem = threads_problem(threads)
+        if problem:
+            raise UserError(problem)
         torch.set_num_threads(threads)
     return torch.get_num_threads()

@@ -23,10 +23,11 @@ from pathlib import Path
 
 from ...artifact import Artifact
 from ...errors import UserError
+from ...output_file import atomic_file, check_output_file
 from . import report as explain_report
 from .inputs import dataset_inputs, read_input, read_prompt
 from .model import FD_MAX_INTERVALS, Explainer, as_artifact, input_kind
-from .report import atomic_file, check_output_file, output_suffixes
+from .report import output_suffixes
 from .summary import explain_split, explanation_agreement
 from .types import (
     BASELINES,
@@ -74,7 +75,7 @@ def explain(
         raise UserError("--row picks a sample of --data SPLIT; a prompt is one input, so drop --row")
     if prompt is not None and kind != "tokens":
         raise UserError("--prompt is for language models; this model takes " + kind + " inputs (give a file as INPUT)")
-    out_path = check_output_file(out, overwrite, output_suffixes(kind)) if out is not None else None
+    out_path = check_output_file(out, overwrite, output_suffixes(kind), what="this explanation") if out is not None else None
     b = as_artifact(compare) if compare is not None else None
     if opts.top_k is not None and b is None:
         raise UserError("--top-k is used with --compare ARTIFACT2; add it or drop --top-k")

@@ -119,6 +119,26 @@ def _read_image(path: Path, shape: tuple[int, ...], pixel_max: float) -> np.ndar
     return (img * pixel_max).reshape(shape)
 
 
+def _read_numpy(path: Path, suffix: str) -> np.ndarray:
+    """The inputs in a .npy file, or in a .npz file's 'x' (or only) array. An .npz member is read
+    only when it is accessed, so reading it is inside the same error handling as opening the file."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if suffix != ".npz":
+            return loaded
+        with loaded:
+            names = list(loaded.files)
+            if "x" not in names and len(names) != 1:
+                raise UserError(f"{path}: holds several arrays ({', '.join(names)}); name the inputs 'x'")
+            return loaded["x" if "x" in names else names[0]]
+    except UserError:
+        raise
+    except ValueError as exc:  # object arrays need pickle, which is refused
+        raise UserError(f"{path}: cannot read without pickle ({exc}); save plain numeric arrays") from None
+    except Exception as exc:  # truncated, not a zip, a damaged member
+        raise UserError(f"{path}: not a valid {suffix} file ({type(exc).__name__}); save it with numpy") from None
+
+
 def read_input(spec: dict, kind: str, source: str, row: int | None = None, pixel_max: float | None = None) -> np.ndarray:
     """A file named on the command line → one raw input (the units the training data was in) for a
     model of input ``kind`` (image or tabular) whose data spec is ``spec``."""
@@ -139,23 +159,7 @@ def read_input(spec: dict, kind: str, source: str, row: int | None = None, pixel
     if suffix == ".csv":
         arr = _read_csv(path, spec.get("feature_names"))
     else:
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise UserError(f"{path}: cannot read without pickle ({exc}); save plain numeric arrays") from None
-        except Exception as exc:
-            raise UserError(f"{path}: not a valid {suffix} file ({type(exc).__name__}); save it with numpy") from None
-        if suffix == ".npz":
-            with loaded:
-                names = list(loaded.files)
-                if "x" in names:
-                    arr = loaded["x"]
-                elif len(names) == 1:
-                    arr = loaded[names[0]]
-                else:
-                    raise UserError(f"{path}: holds several arrays ({', '.join(names)}); name the inputs 'x'")
-        else:
-            arr = loaded
+        arr = _read_numpy(path, suffix)
     return _fit_shape(_numeric(np.asarray(arr), str(path)), shape, row, str(path))
 
 

@@ -1,15 +1,12 @@
 """Pictures and pages of explanations: a PNG (matplotlib, Agg) for images and tabular rows, an HTML
 page of coloured tokens for language models. Called by ``explain`` with a temporary path that is
-renamed into place afterwards, so these functions only draw; ``check_output_file`` (before any work)
-and ``atomic_file`` (the temporary path and the rename) are that path's handling."""
+renamed into place afterwards, so these functions only draw; ``output_file.check_output_file`` (before
+any work) and ``output_file.atomic_file`` (the temporary path and the rename) are that path's handling."""
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -228,42 +225,6 @@ body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto;
 
 
 # --------------------------------------------------------------------------- output files
-
-
-def check_output_file(out: Path | str, overwrite: bool, allowed: tuple[str, ...]) -> Path:
-    """Fail before any work if ``out`` has the wrong type, exists without --overwrite, or cannot be written."""
-    out = Path(out)
-    if out.suffix.lower() not in allowed:
-        raise UserError(f"--out {out}: this explanation is written as {' or '.join(allowed)}; name the file accordingly")
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a directory; give a file name")
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {out}: already exists; choose another name or pass --overwrite to replace it")
-    probe = out.resolve().parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"--out {out}: {probe} is not writable; choose another place")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_file(out: Path):
-    """Yield a hidden temporary path beside ``out`` that is renamed onto it only if the block succeeds."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create its folder ({exc.strerror})") from None
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}{out.suffix}"
-    try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write ({exc.strerror}); nothing was written") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def output_suffixes(kind: str) -> tuple[str, ...]:

@@ -14,10 +14,10 @@ import numpy as np
 
 from ...artifact import Artifact
 from ...errors import UserError
+from ...output_file import atomic_file, check_output_file
 from . import report as explain_report
 from .inputs import dataset_inputs
 from .model import Explainer, as_artifact, input_kind
-from .report import atomic_file, check_output_file
 from .types import ExplainOptions, Progress, agreement
 
 
@@ -56,7 +56,7 @@ def explain_split(
         if kind == "tokens":
             raise UserError("--out with --samples writes mean attribution maps, which language models do not have; "
                             "drop --out (or explain one prompt to get HTML)")
-        out_path = check_output_file(out, overwrite, (".png",))
+        out_path = check_output_file(out, overwrite, (".png",), what="this summary")
     explainer = Explainer(a, opts.through, opts.threads)
     other = Explainer(b, opts.through, opts.threads) if b is not None else None
     if other is not None:

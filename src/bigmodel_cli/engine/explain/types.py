@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from ...config import is_finite_number, threads_problem
 from ...errors import ConfigErrors
 from . import attribution as attr
 
@@ -48,10 +49,10 @@ class ExplainOptions:
             problems.append(f"unknown --through {self.through!r}; choose one of {', '.join(THROUGH)}")
         if self.top_k is not None and self.top_k < 1:
             problems.append(f"--top-k must be at least 1, got {self.top_k}")
-        if self.pixel_max is not None and not self.pixel_max > 0:
-            problems.append(f"--pixel-max must be positive, got {self.pixel_max}")
-        if self.threads is not None and self.threads < 1:
-            problems.append(f"--threads must be at least 1, got {self.threads}")
+        if self.pixel_max is not None and not (is_finite_number(self.pixel_max) and self.pixel_max > 0):
+            problems.append(f"--pixel-max must be a finite positive number, got {self.pixel_max}")
+        if threads_problem(self.threads):
+            problems.append(threads_problem(self.threads))
         if problems:
             raise ConfigErrors(problems, "explain options")
 

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ... import artifact as art
+from ...config import is_finite_number
 from ...errors import ConfigErrors, UserError, WorkFailed
 from . import files as onnx_files
 from .exporters import TORCHSCRIPT_MAX_OPSET, export_module, run_exporters
@@ -135,8 +136,8 @@ def validate_options(options: ExportOptions, artifact: art.Artifact) -> None:
             problems.append(f"--dynamic {','.join(unknown)}: symbolic axes are batch and seq (or none)")
         elif "seq" in options.dynamic and artifact.task != "language-modeling":
             problems.append("--dynamic seq is for language models; a classifier's only symbolic axis is batch")
-    if options.atol is not None and not options.atol > 0:
-        problems.append(f"--atol must be positive, got {options.atol}")
+    if options.atol is not None and not (is_finite_number(options.atol) and options.atol > 0):
+        problems.append(f"--atol must be a finite positive number, got {options.atol}")
     if options.device not in ("cpu", "cuda"):
         problems.append(f"--device {options.device!r} is not cpu or cuda")
     if options.optimize == "extended" and options.dtype == "fp16" and options.device == "cpu":
@@ -236,7 +237,7 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
     options = options or ExportOptions()
     say = progress or (lambda *_a, **_k: None)
     validate_options(options, artifact)
-    art.check_output(out, overwrite)
+    art.check_output(out, overwrite, [artifact.path])
     device = hardware.resolve_device(options.device)
     layout = io_layout(artifact, options.dynamic)
     atol = options.atol if options.atol is not None else DEFAULT_ATOL[options.dtype]
@@ -246,7 +247,7 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
     example_np = reference_inputs(layout, [layout.trace_shape()], seed=1)[0]
     example = torch.from_numpy(example_np).to(device)
 
-    with art.atomic_directory(out, overwrite) as staging:
+    with art.atomic_directory(out, overwrite, [artifact.path]) as staging:
         path = staging / art.ONNX_FILE
         say("stage", name="export")
         exporter, fallback = run_exporters(module, example, layout, options, path)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ...artifact import may_have_external_data, onnx_tensors
+
 
 def data_path(path: Path) -> Path:
     """Where ``path``'s external data lives in the canonical layout: ``model.onnx.data``."""
@@ -23,16 +25,7 @@ def data_path(path: Path) -> Path:
 
 def _tensors(graph):
     """Every tensor stored in a graph: initializers, Constant nodes' values, and subgraphs' own."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _tensors(sub)
+    return onnx_tensors(graph)
 
 
 def external_locations(path: Path) -> set[str]:
@@ -65,11 +58,20 @@ def check_external_data(path: Path) -> None:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
-        target = path.parent / info.get("location", "")
+        location = info.get("location", "")
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+            # nothing is looked up outside the model's folder, so nothing about it is revealed
+            raise UserError(f"{path}: tensor {tensor.name!r} points outside {path.parent.name or 'its folder'} for "
+                            "its weights; re-export the model")
+        target = path.parent / location
         if not target.is_file():
             raise UserError(f"{target}: missing; {path.name} keeps its weights there — copy it beside {path.name}, "
                             "or re-export the model")
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        offset, length = info.get("offset", "0"), info.get("length", "0")
+        if not (offset.isdigit() and length.isdigit()):
+            raise UserError(f"{path}: tensor {tensor.name!r} has external-data offset {offset!r} and length "
+                            f"{length!r}, not byte counts; re-export the model")
+        end = int(offset) + int(length)
         size = target.stat().st_size
         if end > size:
             raise UserError(f"{target}: is {size:,} bytes, but {path.name} reads tensor {tensor.name!r} up to byte "
@@ -77,11 +79,12 @@ def check_external_data(path: Path) -> None:
 
 
 def check_data_beside(path: Path) -> None:
-    """``check_external_data`` when ``model.onnx.data`` sits beside ``path``. Parsing the graph
-    reads the whole file, which for a one-file model means all its weights (~0.5 s per 256 MiB
-    here), so one-file models skip it; a data file that is missing altogether makes the load fail,
-    and the caller then runs ``check_external_data`` to say why."""
-    if data_path(path).exists():
+    """``check_external_data`` when ``path`` may keep weights outside itself (``model.onnx.data``
+    beside it, or the external-data key anywhere in its bytes). Parsing the graph reads the whole
+    file, which for a one-file model means all its weights (~0.5 s per 256 MiB here), so one-file
+    models skip it; and a location outside the model's folder is refused before ONNX Runtime
+    would read it."""
+    if data_path(path).exists() or may_have_external_data(path):
         check_external_data(path)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ...artifact import ONNX_FILE, Artifact
+from ...config import threads_problem
 from ...errors import UserError
 from .files import check_data_beside, check_external_data
 
@@ -74,9 +75,10 @@ def open_session(path: Path | str, device: str = "cpu", threads: int | None = No
     """
     import onnxruntime as ort
 
+    problem = threads_problem(threads)
+    if problem:
+        raise UserError(problem)
     threads = default_threads() if threads is None else threads
-    if threads < 1:
-        raise UserError(f"--threads must be at least 1, got {threads}")
     levels = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -93,16 +93,42 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+# state.json's keys and the types save_checkpoint writes them with (None where a run has no best yet).
+_STATE_TYPES = {"step": (int,), "best": (int, float, type(None)), "best_step": (int,), "bad_evals": (int,),
+                "skipped": (int,), "files": (dict,), "optimizer": (dict,)}
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json, checked for the shape save_checkpoint writes (a damaged one is one
+    line that says how to go on, not a crash deep in the resume)."""
+    advice = f"delete {path} to resume from an earlier checkpoint"
+    try:
+        if (path / STATE_FILE).stat().st_size > 64 << 20:  # ours are a few KB (optimizer metadata)
+            raise ValueError("larger than 64 MB")
+        record = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: unreadable checkpoint state ({exc}); {advice}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path / STATE_FILE}: is not a JSON object; {advice}")
+    for key, types in _STATE_TYPES.items():
+        value = record.get(key)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise UserError(f"{path / STATE_FILE}: {key!r} is {value!r}, not what bigmodel writes; {advice}")
+    if record["step"] < 0 or not isinstance(record["optimizer"].get("param_groups"), list) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in record["files"].values()):
+        raise UserError(f"{path / STATE_FILE}: damaged (step, optimizer or file list); {advice}")
+    if not isinstance(record.get("best_metrics", {}), dict):
+        raise UserError(f"{path / STATE_FILE}: 'best_metrics' is not an object; {advice}")
+    return record
+
+
 def load_checkpoint(path: Path, model, optimizer, aux=None) -> dict:
     """Restore model, optimizer, aux modules and RNG from a checkpoint; return its state.json."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    try:
-        record = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable checkpoint state ({exc}); delete it to resume from an earlier one") from None
-    for name, entry in record.get("files", {}).items():
+    record = read_state(path)
+    for name, entry in record["files"].items():
         if not (path / name).is_file() or sha256_file(path / name) != entry["sha256"]:
             raise UserError(f"{path / name}: does not match its recorded hash; delete {path} to resume from an earlier checkpoint")
     try:
@@ -112,6 +138,10 @@ def load_checkpoint(path: Path, model, optimizer, aux=None) -> dict:
         tensors = load_file(path / OPTIMIZER_FILE)
     except SafetensorError as exc:
         raise UserError(f"{path}: corrupt checkpoint ({exc}); delete it to resume from an earlier one") from None
-    optimizer.load_state_dict(_optimizer_join(tensors, record["optimizer"]))
-    restore_rng(tensors)
+    try:
+        optimizer.load_state_dict(_optimizer_join(tensors, record["optimizer"]))
+        restore_rng(tensors)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # state.json is not hashed: it may be edited
+        raise UserError(f"{path}: the optimizer state does not fit this run ({type(exc).__name__}: {exc}); "
+                        f"delete {path} to resume from an earlier checkpoint") from None
     return record

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ... import artifact as art
+from ... import outputs
 from ...config import TrainConfig
 from ...errors import UserError
 from ...models import USER_ARCH, build_model, get_arch, resolve_spec
+from ...models.user import names_model_file
 from . import launcher
 from ..core.tasks import make_task
 
@@ -33,6 +35,13 @@ class TrainJob:
     extra_files: dict = field(default_factory=dict)  # name -> path copied into each artifact
     manifest_extra: dict = field(default_factory=dict)
     strategy: str | None = None  # under torchrun: "ddp" (default) or "fsdp"; one process ignores it
+    lock: Any = None  # outputs.OutputLock on cfg.out, held from the checks to the end of the run
+
+    def release_output(self) -> None:
+        """Let another process write cfg.out (run_job calls it when the run ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def default_data(cfg: TrainConfig, arch_task: str | None, overrides: dict) -> str:
@@ -58,7 +67,7 @@ def _synthetic_shape(overrides: dict) -> dict:
 
 def resolve_model(cfg: TrainConfig, data, overrides: dict) -> dict:
     """The config.json model dict for this run, checked against the data."""
-    if ":" in cfg.model and cfg.model.split(":")[0].endswith(".py"):
+    if names_model_file(cfg.model):
         from ...models.user import parse_reference, trust_file
 
         path, entry = parse_reference(cfg.model)
@@ -119,19 +128,47 @@ def _probe(model, task, spec: dict, data) -> None:
 
 
 def prepare_training(cfg: TrainConfig) -> TrainJob:
-    """Validate the whole configuration and build data, model and task. No training yet."""
+    """Validate the whole configuration and build data, model and task. No training yet.
+
+    The job holds the lock on ``cfg.out`` from here on (``run_job`` releases it), so a second
+    writer is refused before it does any work."""
+    cfg.validate()
+    overrides = cfg.model_overrides()
+    is_user = names_model_file(cfg.model)
+    arch_task = None if is_user else get_arch(cfg.model).task
+    data_arg = default_data(cfg, arch_task, overrides)
+    # Workers started by --nproc write into the output their launching process holds.
+    lock = None if launcher.under_torchrun() else outputs.hold(cfg.out)
+    try:
+        return _prepare(cfg, overrides, data_arg, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def input_paths(cfg: TrainConfig, data_arg: str | None) -> list[str]:
+    """The files a training run reads (its data, a user's model file): --out may not hold them."""
+    paths = []
+    name, _, arg = (data_arg or "").partition(":")
+    if name in ("csv", "npz", "text") and arg and arg != "stdlib":
+        paths.append(arg)
+    if ":" in cfg.model and cfg.model.split(":")[0].endswith(".py"):
+        paths.append(cfg.model.split(":")[0])
+    return paths
+
+
+def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob:
+    """prepare_training's work, once the output is locked."""
     import torch
 
     from ...data import load_dataset, parse_data_arg
 
-    cfg.validate()
-    overrides = cfg.model_overrides()
-    is_user = ":" in cfg.model and cfg.model.split(":")[0].endswith(".py")
-    arch_task = None if is_user else get_arch(cfg.model).task
     if not cfg.resume and launcher.env_rank() == 0:  # other ranks would race rank 0 creating it
-        art.check_output(cfg.out, cfg.overwrite)
-    data_arg = default_data(cfg, arch_task, overrides)
+        art.check_output(cfg.out, cfg.overwrite, input_paths(cfg, data_arg), lock_probe=lock is not None)
     data = load_dataset(parse_data_arg(data_arg, cfg.target, **_synthetic_shape(overrides)))
+    if data.task == "classification":
+        data.check_trainable()
     spec = resolve_model(cfg, data, overrides)
     block_size = None
     if data.task == "language-modeling":
@@ -151,4 +188,5 @@ def prepare_training(cfg: TrainConfig) -> TrainJob:
     if block_size:
         data_spec["block_size"] = block_size
     config = art.new_config(data.task, spec, data_spec)
-    return TrainJob(cfg=cfg, model=model, data=data, task=task, artifact_config=config, extra_files=extra_files)
+    return TrainJob(cfg=cfg, model=model, data=data, task=task, artifact_config=config, extra_files=extra_files,
+                    lock=lock)

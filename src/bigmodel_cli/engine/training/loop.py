@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ... import artifact as art
+from ... import outputs
 from ...config import TrainConfig, asdict
 from ...errors import NonFiniteLoss, UserError
 from ...models import count_parameters
@@ -110,16 +111,35 @@ def _total_steps(cfg: TrainConfig, task) -> int:
 
 
 def _prepare_run_dir(job: TrainJob) -> Path:
+    """The directory this run writes: ``--out`` itself, or with --overwrite of an existing run a
+    hidden staging directory beside it that replaces it when the run is complete (``_finish_run_dir``)."""
     cfg = job.cfg
     run_dir = Path(cfg.out)
-    record = run_fingerprint(job)
     if cfg.resume:
         return check_resume(job)
-    if run_dir.exists():  # check_output already required --overwrite
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if run_dir.exists():  # check_output already required --overwrite and that bigmodel wrote it
+        run_dir = outputs.staging_path(run_dir)
+    try:
+        run_dir.mkdir(parents=True)
+        outputs.write_json_atomic(run_dir / RUN_FILE, run_fingerprint(job))
+    except OSError as exc:
+        problem = art.storage_problem(exc) or exc.strerror or str(exc)
+        raise UserError(f"{cfg.out}: cannot create the run directory ({problem}); choose another --out") from None
     return run_dir
+
+
+def _finish_run_dir(job: TrainJob, run_dir: Path) -> Path:
+    """Move a staged run into place (the old run is removed only once the new one is there)."""
+    final = Path(job.cfg.out)
+    if run_dir != final:
+        outputs.swap_into_place(run_dir, final)
+    return final
+
+
+def _discard_staging(job: TrainJob, run_dir: Path | None) -> None:
+    """A failed --overwrite run leaves the old run as it was and nothing beside it."""
+    if run_dir is not None and run_dir != Path(job.cfg.out):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class _MetricsLog:
@@ -179,9 +199,10 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
     """Run a training job: in this process, or as one rank of a torchrun-launched run."""
     device = hardware.resolve_device(job.cfg.device)
     ranks = distributed.join(job, device)  # a single process unless launched by torchrun
-    ok = False
+    ok, run_dir = False, None
     try:
-        result = _run(job, ranks, device, (progress or _no_progress) if ranks.is_main else _no_progress)
+        run_dir = Path(ranks.on_main(lambda: str(_prepare_run_dir(job))))  # rank 0 creates it; all learn of errors
+        result = _run(job, ranks, device, (progress or _no_progress) if ranks.is_main else _no_progress, run_dir)
         ok = True
         return result
     except Exception as exc:
@@ -190,10 +211,13 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
             raise
         raise converted from exc
     finally:
+        if not ok and ranks.is_main:
+            _discard_staging(job, run_dir)
         ranks.close(ok)
+        job.release_output()
 
 
-def _run(job: TrainJob, ranks, device: str, progress: Progress) -> TrainResult:
+def _run(job: TrainJob, ranks, device: str, progress: Progress, run_dir: Path) -> TrainResult:
     import torch
 
     cfg, task, model = job.cfg, job.task, job.model
@@ -211,7 +235,6 @@ def _run(job: TrainJob, ranks, device: str, progress: Progress) -> TrainResult:
     steps_per_epoch = max(1, task.micro_batches_per_epoch // cfg.grad_accum)
     eval_every = cfg.eval_every or (steps_per_epoch if task.name == "classification" else max(1, total // 10))
     checkpoint_every = cfg.checkpoint_every or eval_every
-    run_dir = Path(ranks.on_main(lambda: str(_prepare_run_dir(job))))  # rank 0 creates it; all learn of errors
 
     step, best, best_step, bad_evals, skipped, resumed_from = 0, None, 0, 0, 0, None
     best_metrics: dict = {}
@@ -229,7 +252,9 @@ def _run(job: TrainJob, ranks, device: str, progress: Progress) -> TrainResult:
     log = _MetricsLog(run_dir / METRICS_FILE, resumed_from if cfg.resume else None) if ranks.is_main else _NoLog()
     loss_fn = job.loss_fn or (lambda m, x, y: task.loss(m(x), y))
     tokens_per_sample = getattr(task, "block_size", 1)
-    progress("start", total=total, step=step, runtime=runtime, run_dir=str(run_dir), resumed_from=resumed_from)
+    # run_dir is where the run will be; writing_to is where it is built (a staging directory with --overwrite)
+    progress("start", total=total, step=step, runtime=runtime, run_dir=str(cfg.out), writing_to=str(run_dir),
+             resumed_from=resumed_from)
 
     def state_record() -> dict:
         return {"best": best, "best_step": best_step, "bad_evals": bad_evals, "skipped": skipped,
@@ -280,7 +305,8 @@ def _run(job: TrainJob, ranks, device: str, progress: Progress) -> TrainResult:
                     log.write({"step": step, "event": "skipped_nonfinite", "what": what})
                     step += 1
                     continue
-                last_good = latest_checkpoint(run_dir)
+                # A failed --overwrite run's staging directory is removed, and its checkpoints with it.
+                last_good = latest_checkpoint(run_dir) if run_dir == Path(cfg.out) else None
                 raise NonFiniteLoss(
                     f"step {step}: the {what} is not finite; training stopped"
                     + (f" (last good checkpoint: {last_good})" if last_good else "")
@@ -326,6 +352,7 @@ def _run(job: TrainJob, ranks, device: str, progress: Progress) -> TrainResult:
         best_metrics = last_metrics
         save_artifact("best", best_metrics)
     save_artifact("last", last_metrics)
+    run_dir = Path(ranks.on_main(lambda: str(_finish_run_dir(job, run_dir))))
     result = TrainResult(
         run_dir=run_dir, best_dir=run_dir / "best", last_dir=run_dir / "last", steps=step, best_step=best_step,
         best_metrics=best_metrics, last_metrics=last_metrics, stopped_early=stopped_early,

@@ -14,8 +14,9 @@ from ...config import asdict
 from ...errors import UserError
 
 RUN_FILE = "run.json"
-# Options that may change between a run and its --resume without changing the result.
-RESUME_MAY_CHANGE = {"resume", "overwrite", "threads", "keep_checkpoints", "device"}
+# Options that may change between a run and its --resume without changing the result. The output
+# path is where the run is, not what it is: a run may be resumed under another spelling or after a move.
+RESUME_MAY_CHANGE = {"resume", "overwrite", "threads", "keep_checkpoints", "device", "out"}
 
 
 def run_fingerprint(job) -> dict:
@@ -27,10 +28,7 @@ def check_resume(job) -> Path:
     """--resume: the run directory exists and was started with the same options (reads only)."""
     run_dir = Path(job.cfg.out)
     record = run_fingerprint(job)
-    previous_file = run_dir / RUN_FILE
-    if not previous_file.is_file():
-        raise UserError(f"--resume: {run_dir} has no {RUN_FILE}; it is not a training run directory (drop --resume to start one)")
-    previous = json.loads(previous_file.read_text(encoding="utf-8"))
+    previous = read_run_file(run_dir)
     changed = sorted(
         k for k in set(previous["options"]) | set(record["options"])
         if previous["options"].get(k) != record["options"].get(k)
@@ -39,3 +37,22 @@ def check_resume(job) -> Path:
         detail = ", ".join(f"{k} ({previous['options'].get(k)!r} → {record['options'].get(k)!r})" for k in changed)
         raise UserError(f"--resume: options differ from the run being resumed: {detail}; resume with the same options")
     return run_dir
+
+
+def read_run_file(run_dir: Path) -> dict:
+    """run.json of a run to resume, checked for the shape this module writes."""
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise UserError(f"--resume: {run_dir} has no {RUN_FILE}; it is not a training run directory (drop --resume to start one)")
+    try:
+        if path.stat().st_size > 1 << 20:  # ours are a few KB
+            raise ValueError("larger than 1 MB")
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"--resume: {path} is damaged ({exc}); start the run again with --overwrite") from None
+    if not isinstance(previous, dict) or not isinstance(previous.get("options"), dict):
+        raise UserError(f"--resume: {path} has no options object (damaged or not written by bigmodel); "
+                        "start the run again with --overwrite")
+    # Runs written before the output path stopped counting recorded it; it may differ now.
+    previous["options"] = {k: v for k, v in previous["options"].items() if k not in RESUME_MAY_CHANGE}
+    return previous

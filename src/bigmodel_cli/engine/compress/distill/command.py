@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bigmodel_cli import artifact as art
+from bigmodel_cli import outputs
 from bigmodel_cli.config import TrainConfig
 from bigmodel_cli.errors import ConfigErrors, UserError
 from bigmodel_cli.models import USER_ARCH, build_model, count_parameters
@@ -186,6 +187,7 @@ class DistillPlan:
     record: dict  # what the manifest says about the distillation
     fingerprint: dict  # the options --resume must not change (distill.json)
     base_dir: Path | None = None  # where a user-model student's model.py lives
+    lock: Any = None  # outputs.OutputLock on the run directory, held until run_distill ends
 
 
 @dataclass
@@ -210,7 +212,12 @@ def _check_distill_resume(out: str, fingerprint: dict) -> None:
     path = Path(out) / DISTILL_FILE
     if not path.is_file():
         raise UserError(f"--resume: {out} has no {DISTILL_FILE}; it is not a distillation run (drop --resume to start one)")
-    previous = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size <= 1 << 20 else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        previous = None
+    if not isinstance(previous, dict):
+        raise UserError(f"--resume: {path} is damaged; start the run again with --overwrite")
     now = json.loads(json.dumps(fingerprint))
     changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
     if changed:
@@ -219,11 +226,27 @@ def _check_distill_resume(out: str, fingerprint: dict) -> None:
 
 
 def prepare_distill(cfg: DistillConfig) -> DistillPlan:
-    """Check everything (options, teacher, student, data, layer map) and build the job; no writes."""
+    """Check everything (options, teacher, student, data, layer map) and build the job; no writes.
+
+    The plan holds the lock on the output from here on; ``run_distill`` releases it."""
     cfg.validate()  # before the heavy imports: a mistyped option costs nothing
+    lock = outputs.hold(cfg.train.out)
+    try:
+        plan = _prepare_distill(cfg)
+    except BaseException:
+        lock.release()
+        raise
+    plan.lock = lock
+    return plan
+
+
+def _prepare_distill(cfg: DistillConfig) -> DistillPlan:
+    """prepare_distill's work, once the output is locked."""
     tc = cfg.train
     if not tc.resume:
-        art.check_output(tc.out, tc.overwrite)
+        from ...training.job import input_paths
+
+        art.check_output(tc.out, tc.overwrite, [cfg.teacher, cfg.student, *input_paths(tc, tc.data)])
 
     import torch
 
@@ -254,6 +277,10 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
     task = make_task(data, tc.batch_size, tc.seed, block_size, tc.eval_windows)
     torch.manual_seed(tc.seed)
     base_dir = source_artifact.path if source_artifact is not None else None
+    if source_artifact is not None:  # its config.json against its weights, before building (a hostile size)
+        from bigmodel_cli.weights import check_fits_weights
+
+        check_fits_weights(spec, source_artifact.weight_shapes(), source_artifact.path / art.WEIGHTS_FILE, base_dir)
     student = build_model(spec, base_dir=base_dir)
     source: dict = {"from": "artifact" if source_artifact else ("preset" if cfg.student_preset else "config")}
     if source_artifact is not None:
@@ -303,13 +330,14 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
     return DistillPlan(cfg, teacher, job, loss, spec, source, initial, record, fingerprint, base_dir)
 
 
-def _recording(progress: Progress, run_dir: Path, fingerprint: dict, fresh: bool) -> Progress:
+def _recording(progress: Progress, fingerprint: dict, fresh: bool) -> Progress:
     """Write distill.json into the run directory as soon as the trainer has created it (a fresh run
-    starts from an empty directory, so it cannot be written earlier)."""
+    starts from an empty directory, so it cannot be written earlier; with --overwrite it is built in
+    a staging directory, which the trainer names)."""
 
     def forward(event: str, **info: Any) -> None:
         if event == "start" and fresh:
-            (run_dir / DISTILL_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
+            outputs.write_json_atomic(Path(info["writing_to"]) / DISTILL_FILE, fingerprint)
         progress(event, **info)
 
     return forward
@@ -338,11 +366,20 @@ def _baseline_job(plan: DistillPlan):
 
 
 def run_distill(plan: DistillPlan, progress: Progress | None = None) -> DistillResult:
+    try:
+        return _run_distill(plan, progress or _no_progress)
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()
+            plan.lock = None
+
+
+def _run_distill(plan: DistillPlan, progress: Progress) -> DistillResult:
+    """run_distill's work: the distillation run, the baseline, the report."""
     import torch
 
     from ...training.loop import run_job
 
-    progress = progress or _no_progress
     cfg, tc = plan.cfg, plan.cfg.train
     try:
         if cfg.cache_teacher:
@@ -351,7 +388,7 @@ def run_distill(plan: DistillPlan, progress: Progress | None = None) -> DistillR
             plan.job.task = RowsTask(plan.job.task)
         progress("phase", name="distill")
         torch.manual_seed(tc.seed)  # dropout draws the same numbers in the distilled and the baseline run
-        run = run_job(plan.job, _recording(progress, Path(tc.out), plan.fingerprint, not tc.resume))
+        run = run_job(plan.job, _recording(progress, plan.fingerprint, not tc.resume))
     finally:
         plan.loss.close()
     baseline = None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from bigmodel_cli import artifact as art
-from bigmodel_cli.config import TrainConfig
+from bigmodel_cli.config import TrainConfig, is_finite_number
 from bigmodel_cli.errors import ConfigErrors, UserError
 from bigmodel_cli.models import USER_ARCH
 from . import report as measure
@@ -99,8 +99,8 @@ class PruneConfig:
         if self.distill:
             from ..distill.losses import KD_LOSSES  # plain constants, no torch
 
-            if self.temperature is not None and not self.temperature > 0:
-                p.append(f"--temperature must be positive, got {self.temperature}")
+            if self.temperature is not None and not (is_finite_number(self.temperature) and self.temperature > 0):
+                p.append(f"--temperature must be positive (and finite), got {self.temperature}")
             if self.alpha is not None and not 0 <= self.alpha <= 1:
                 p.append(f"--alpha must be between 0 and 1, got {self.alpha}")
             if self.kd_loss is not None and self.kd_loss not in KD_LOSSES:
@@ -252,7 +252,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     cfg.validate()
     train_cfg = train_cfg or TrainConfig()
     train_cfg.validate()
-    out = art.check_output(cfg.out, cfg.overwrite)
+    out = art.check_output(cfg.out, cfg.overwrite, [artifact.path, artifact.data_spec.get("path")])
     spec = copy.deepcopy(artifact.model_spec)
     finetune = cfg.finetune_epochs > 0 or bool(train_cfg.max_steps)
     _check_request(artifact, cfg, spec, finetune)
@@ -280,7 +280,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     before = measure.task_metrics(task, dense, cfg.split)
 
     schedule: list[dict] = []
-    with art.atomic_directory(out, cfg.overwrite) as staging:
+    with art.atomic_directory(out, cfg.overwrite, [artifact.path]) as staging:
         for k in range(cfg.steps):
             record = {"step": k + 1, "sparsity": targets[k], **({"head_sparsity": head_targets[k]} if cfg.head_sparsity else {})}
             progress("prune", **record, steps=cfg.steps, method=cfg.method)

@@ -20,6 +20,7 @@ failure (exit 1) or a user error (exit 2) leaves nothing behind.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bigmodel_cli import artifact as art
+from bigmodel_cli import outputs
+from bigmodel_cli.config import is_finite_number, threads_problem
 from bigmodel_cli.errors import ConfigErrors, UserError, WorkFailed
 from ...evaluate import SPLITS, BenchConfig
 from . import gate as gating
@@ -36,6 +39,7 @@ from .scheme import SCHEMES
 from .weight_only import BITS
 
 MODES = ("auto", "dynamic", "static", "weight-only")
+TEMP_PREFIX = "bigmodel-quantize-"  # + pid + "-": the work directory in the system's temp folder
 # The issue's defaults: convolutions calibrate well and run as QLinearConv; dense layers and
 # transformers quantize their weights ahead of time and their activations at run time.
 AUTO_MODE = {"cnn": "static"}
@@ -108,8 +112,8 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
     if options.calib_data is not None and (mode == "weight-only" or (mode == "dynamic" and options.max_metric_drop is None)):
         p.append("--calib-data feeds static calibration and the accuracy gate's error ranking; "
                  f"{mode} quantization without --max-metric-drop does not use it")
-    if options.max_metric_drop is not None and not options.max_metric_drop >= 0:
-        p.append(f"--max-metric-drop must be 0 or more (accuracy points, or perplexity percent), got {options.max_metric_drop}")
+    if options.max_metric_drop is not None and not (is_finite_number(options.max_metric_drop) and options.max_metric_drop >= 0):
+        p.append(f"--max-metric-drop must be a finite number, 0 or more (accuracy points, or perplexity percent), got {options.max_metric_drop}")
     if options.max_retries < 0:
         p.append(f"--max-retries must be 0 or more, got {options.max_retries}")
     if options.scheme not in SCHEMES:
@@ -120,8 +124,8 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
         p.append("--iterations and --bench-batch must be at least 1 and --warmup not negative")
     if options.limit is not None and options.limit < 1:
         p.append(f"--limit must be at least 1, got {options.limit}")
-    if options.threads is not None and options.threads < 1:
-        p.append(f"--threads must be at least 1, got {options.threads}")
+    if threads_problem(options.threads):
+        p.append(threads_problem(options.threads))
     if options.export and mode == "weight-only":
         p.append("--export is for the ONNX modes; weight-only quantizes model.safetensors")
     if p:
@@ -154,19 +158,34 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
     options = options or QuantizeOptions()
     say = progress or (lambda *_a, **_k: None)
     mode = validate(options, source)
-    art.check_output(out, overwrite)
-    if mode != "weight-only" and source.has_onnx:
-        from ...onnx.files import check_external_data
+    with outputs.hold(out):  # one writer per output, from the checks to the rename
+        inputs = [source.path, source.data_spec.get("path"), _calibration_path(options.calib_data)]
+        art.check_output(out, overwrite, inputs)
+        if mode != "weight-only" and source.has_onnx:
+            from ...onnx.files import check_external_data
 
-        check_external_data(source.path / art.ONNX_FILE)  # a short model.onnx.data is the user's to fix
-    with tempfile.TemporaryDirectory(prefix="bigmodel-quantize-") as tmp:
-        if mode == "weight-only":
-            from .weight_only import quantize_weights
+            check_external_data(source.path / art.ONNX_FILE)  # a short model.onnx.data is the user's to fix
+        # The work files of a quantize that was killed are removed by the next one (the pid in the
+        # name tells a dead owner from a live one).
+        outputs.clean_stale_temp(TEMP_PREFIX)
+        with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
+            if mode == "weight-only":
+                from .weight_only import quantize_weights
 
-            report, section, gate, manifest = quantize_weights(source, Path(out), options, overwrite, Path(tmp), say,
-                                                               _options_record(options, mode))
-            return QuantizeResult(Path(out), mode, report, section, gate, manifest)
-        return _onnx_int8(source, Path(out), options, mode, overwrite, Path(tmp), say)
+                report, section, gate, manifest = quantize_weights(source, Path(out), options, overwrite, Path(tmp),
+                                                                   say, _options_record(options, mode))
+                return QuantizeResult(Path(out), mode, report, section, gate, manifest)
+            return _onnx_int8(source, Path(out), options, mode, overwrite, Path(tmp), say)
+
+
+def _calibration_path(calib_data: str | None) -> str | None:
+    """The file behind --calib-data (DATA forms or a .npy file), which --out may not hold."""
+    if not calib_data:
+        return None
+    name, sep, arg = calib_data.partition(":")
+    if sep and name in ("csv", "npz", "text"):
+        return arg or None
+    return calib_data if not sep else None
 
 
 def _options_record(options: QuantizeOptions, mode: str) -> dict:
