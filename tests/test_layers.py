@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("outputs: where and how files are written", ("bigmodel_cli.outputs", "bigmodel_cli.output_file")),
     ("config, weights, data, models", ("bigmodel_cli.config", "bigmodel_cli.weights", "bigmodel_cli.data",
                                        "bigmodel_cli.models")),
-    ("artifact", ("bigmodel_cli.artifact",)),
+    ("artifact", ("bigmodel_cli.artifact", "bigmodel_cli.artifact_format", "bigmodel_cli.artifact_files")),
     ("engine.core", ("bigmodel_cli.engine.core",)),
     ("engine.onnx", ("bigmodel_cli.engine.onnx",)),
     ("engine commands", tuple(f"bigmodel_cli.engine.{m}" for m in

@@ -15,82 +15,27 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
 import shutil
-import stat
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from . import outputs
+# The format's names and checks, and the careful readers of its files, live in their own modules;
+# every command imports them from here, the artifact layer's one front door.
+from .artifact_format import (  # noqa: F401  (re-exported)
+    FORMAT, FORMAT_VERSION, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, ONNX_FILE, ONNX_DATA_FILE, MODEL_CODE_FILE,
+    TASKS, STAGES, PRIVATE_PREFIX, MAX_JSON_BYTES, validate_config, data_spec_problems, validate_manifest,
+)
+from .artifact_files import (  # noqa: F401  (re-exported)
+    open_regular, read_regular_file, sha256_file, verify_files, check_onnx_locations, may_have_external_data, onnx_tensors,
+)
 from .errors import UserError
-
-FORMAT = "bigmodel"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-MANIFEST_FILE = "manifest.json"
-WEIGHTS_FILE = "model.safetensors"
-ONNX_FILE = "model.onnx"
-# A model over protobuf's 2 GB limit keeps its weights here, beside model.onnx (engine/onnx/files.py).
-# It is hashed, verified and copied like every other file of the artifact.
-ONNX_DATA_FILE = ONNX_FILE + ".data"
-MODEL_CODE_FILE = "model.py"  # a copy of the user's model file, for --model FILE.py:Class
-TASKS = ("classification", "language-modeling")
-STAGES = ("train", "prune", "distill", "quantize", "export")
-# Entries bigmodel itself may keep in an artifact directory that are not part of the artifact
-# (the output lock, for one): hidden names starting with this are neither listed nor refused.
-PRIVATE_PREFIX = ".bigmodel"
-# config.json and manifest.json are a few KB; a cap keeps a hostile one (or /dev/zero) from
-# being read into memory. Generous: a manifest lists every file and metrics of long runs.
-MAX_JSON_BYTES = 16 << 20
-
-
-def open_regular(path: Path) -> BinaryIO | None:
-    """``path`` opened for binary reading if it is a regular file, else None (OSError as open's).
-
-    Opened non-blocking, so a FIFO cannot make the open wait forever, and checked with fstat on
-    the open descriptor, so a device (a symlink to /dev/zero) is never read without end."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return os.fdopen(fd, "rb")
-
-
-def read_regular_file(path: Path, limit: int) -> bytes:
-    """The bytes of ``path``, if it is a regular file of at most ``limit`` bytes (see
-    ``open_regular``). Raises FileNotFoundError when there is nothing there; UserError for anything else."""
-    try:
-        handle = open_regular(path)
-    except FileNotFoundError:  # the caller knows what a missing file means ("not an artifact")
-        raise
-    except OSError as exc:
-        raise UserError(f"{path}: cannot be read ({exc.strerror}); re-create the artifact") from None
-    if handle is None:
-        raise UserError(f"{path}: is not a regular file; re-create the artifact")
-    with handle:
-        info = os.fstat(handle.fileno())
-        if info.st_size > limit:
-            raise UserError(f"{path}: is {info.st_size:,} bytes, more than the {limit:,} bigmodel reads for it; "
-                            "re-create the artifact")
-        data = handle.read(limit + 1)
-    if len(data) > limit:  # it grew while being read
-        raise UserError(f"{path}: is more than the {limit:,} bytes bigmodel reads for it; re-create the artifact")
-    return data
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def library_versions() -> dict[str, str]:
     """Versions of what produced an artifact, read from package metadata (no heavy imports)."""
@@ -288,251 +233,6 @@ def resolve_artifact_dir(path: Path | str) -> Path:
         if (path / sub / MANIFEST_FILE).is_file():
             return path / sub
     raise UserError(f"{path}: no {MANIFEST_FILE} here; this is not a bigmodel artifact (or training run) directory")
-
-
-def validate_config(config: dict, where: Path) -> None:
-    """Every problem with config.json's layout, in one line (exit 2), before anything uses it."""
-    problems = []
-    if config.get("format") != FORMAT:
-        problems.append(f'"format" must be "{FORMAT}"')
-    if config.get("format_version") != FORMAT_VERSION:
-        problems.append(f'"format_version" {config.get("format_version")!r} is not supported (this bigmodel reads {FORMAT_VERSION})')
-    if config.get("task") not in TASKS:
-        problems.append(f'"task" must be one of {", ".join(TASKS)}')
-    model = config.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("arch"), str):
-        problems.append('"model" must be an object with an "arch" name')
-    data = config.get("data")
-    if isinstance(data, dict):
-        problems += data_spec_problems(data)
-    else:
-        problems.append('"data" must be an object')
-    for key in ("quantization", "onnx"):
-        if key in config and not isinstance(config[key], (dict, type(None))):
-            problems.append(f'"{key}" must be an object')
-    if problems:
-        raise UserError(f"{where / CONFIG_FILE}: " + "; ".join(problems) + "; re-create the artifact")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _numbers(value: Any) -> list | None:
-    """A number or a flat list of numbers as a list; None when it is anything else."""
-    values = value if isinstance(value, list) else [value]
-    return values if values and all(_is_number(v) for v in values) else None
-
-
-def _normalization_problems(norm: Any) -> list[str]:
-    if not isinstance(norm, dict):
-        return ['"data.normalization" must be an object with "mean" and "std"']
-    problems = []
-    mean, std = _numbers(norm.get("mean")), _numbers(norm.get("std"))
-    if mean is None:
-        problems.append('"data.normalization.mean" must be a finite number or a list of them')
-    if std is None:
-        problems.append('"data.normalization.std" must be a finite number or a list of them')
-    elif any(v <= 0 for v in std):  # inputs are divided by it
-        problems.append('"data.normalization.std" must be greater than 0')
-    if mean is not None and std is not None and isinstance(norm["mean"], list) != isinstance(norm["std"], list):
-        problems.append('"data.normalization" mean and std must both be numbers or both lists')
-    elif mean is not None and std is not None and len(mean) != len(std):
-        problems.append('"data.normalization" mean and std must have the same length')
-    return problems
-
-
-def _split_problems(split: Any) -> list[str]:
-    if not isinstance(split, dict):
-        return ['"data.split" must be an object']
-    problems = []
-    for key in ("val", "test"):
-        if key in split and not (_is_number(split[key]) and 0 <= split[key] < 1):
-            problems.append(f'"data.split.{key}" must be a fraction in [0, 1)')
-    if "seed" in split and not (_is_int(split["seed"]) and 0 <= split["seed"] < 2**63):
-        problems.append('"data.split.seed" must be a non-negative integer')
-    return problems
-
-
-def data_spec_problems(data: dict) -> list[str]:
-    """What is wrong with the types of config.json's "data" section (empty when nothing is)."""
-    problems = []
-    if not isinstance(data.get("name"), str):
-        problems.append('"data.name" must be a dataset name')
-    for key in ("path", "target"):
-        if key in data and not isinstance(data[key], str):
-            problems.append(f'"data.{key}" must be a string')
-    if "normalization" in data:
-        problems += _normalization_problems(data["normalization"])
-        norm, shape = data["normalization"], data.get("input_shape")
-        features = math.prod(shape) if isinstance(shape, list) and all(_is_int(v) for v in shape) else None
-        if not problems and isinstance(norm["mean"], list) and features is not None and len(norm["mean"]) != features:
-            # per-feature statistics are broadcast against the input's features
-            problems.append(f'"data.normalization" has {len(norm["mean"])} per-feature values but the input has '
-                            f'{features} features')
-    if "split" in data:
-        problems += _split_problems(data["split"])
-    if "input_shape" in data and not (isinstance(data["input_shape"], list)
-                                      and all(_is_int(v) and v > 0 for v in data["input_shape"])):
-        problems.append('"data.input_shape" must be a list of positive integers')
-    for key in ("num_classes", "block_size", "vocab_size", "samples"):
-        if key in data and not (_is_int(data[key]) and data[key] > 0):
-            problems.append(f'"data.{key}" must be a positive integer')
-    for key in ("class_names", "feature_names"):
-        if key in data and not (isinstance(data[key], list) and all(isinstance(v, str) for v in data[key])):
-            problems.append(f'"data.{key}" must be a list of strings')
-    return problems
-
-
-_SHA256_LENGTH = 64
-
-
-def _files_problems(files: Any) -> list[str]:
-    if not isinstance(files, dict) or not files:
-        return ['"files" must be an object naming every file of the artifact with its "bytes" and "sha256"']
-    problems = []
-    for name, entry in files.items():
-        if Path(name).is_absolute() or ".." in Path(name).parts or not name:
-            problems.append(f'file name {name!r} leaves the artifact directory')
-        elif not isinstance(entry, dict) or not (_is_int(entry.get("bytes")) and entry["bytes"] >= 0) \
-                or not (isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == _SHA256_LENGTH):
-            problems.append(f'"files.{name}" must be an object with integer "bytes" and a sha256 hex "sha256"')
-        if len(problems) >= 3:  # enough to show the pattern; the line must stay readable
-            break
-    return problems
-
-
-def validate_manifest(manifest: dict, where: Path) -> None:
-    """Every problem with manifest.json's layout, in one line (exit 2), before anything uses it."""
-    problems = _files_problems(manifest.get("files"))
-    if "stage" in manifest and manifest["stage"] not in STAGES:
-        problems.append(f'"stage" must be one of {", ".join(STAGES)}')
-    parent = manifest.get("parent")
-    if parent is not None and not (isinstance(parent, dict) and isinstance(parent.get("path"), str)
-                                   and isinstance(parent.get("sha256"), (str, type(None)))):
-        problems.append('"parent" must be null or an object with a "path" and a "sha256"')
-    for key in ("metrics", "options", "versions"):
-        if key in manifest and not isinstance(manifest[key], dict):
-            problems.append(f'"{key}" must be an object')
-    if problems:
-        raise UserError(f"{where / MANIFEST_FILE}: " + "; ".join(problems) + "; re-create the artifact")
-
-
-def _artifact_entries(path: Path) -> Iterator[str]:
-    """Every entry under ``path`` but directories, the manifest and bigmodel's own private
-    (``.bigmodel*``) entries, as posix names relative to ``path``. Symlinks are not followed."""
-    for dirpath, dirs, files in os.walk(path):  # symlinked directories are listed, not entered
-        root = Path(dirpath)
-        dirs[:] = [d for d in dirs if not d.startswith(PRIVATE_PREFIX)]
-        for name in files + [d for d in dirs if (root / d).is_symlink()]:
-            relative = (root / name).relative_to(path).as_posix()
-            if relative != MANIFEST_FILE and not name.startswith(PRIVATE_PREFIX):
-                yield relative
-
-
-def _hash_listed_file(target: Path, entry: dict) -> str | None:
-    """sha256 of a listed file, or None when it is not a regular file of the listed size (checked
-    on the open descriptor before anything is read)."""
-    try:
-        handle = open_regular(target)
-    except OSError:
-        return None
-    if handle is None:
-        return None
-    with handle:
-        if os.fstat(handle.fileno()).st_size != entry["bytes"]:
-            return None
-        digest = hashlib.sha256()
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_files(path: Path, manifest: dict) -> None:
-    """Every file of the artifact is listed in the manifest, is a regular file, and matches its
-    size and sha256; and ONNX weights come only from the listed model.onnx.data."""
-    validate_manifest(manifest, path)
-    files = manifest["files"]
-    if CONFIG_FILE not in files:
-        raise UserError(f"{path / MANIFEST_FILE}: does not list {CONFIG_FILE}, so it cannot be verified; "
-                        "re-create the artifact")
-    unlisted = sorted(name for name in _artifact_entries(path) if name not in files)
-    if unlisted:
-        # A file nobody hashed could be read in place of a verified one (swapped weights, a
-        # second external-data file, a cached .pyc beside model.py).
-        raise UserError(f"{path}: holds {', '.join(unlisted[:3])}{' …' if len(unlisted) > 3 else ''}, not listed in "
-                        f"the manifest ({MANIFEST_FILE}), so it cannot be verified; remove it or re-create the artifact")
-    for name, entry in files.items():
-        target = path / name
-        if not target.exists():
-            raise UserError(f"{path}: {name} is listed in the manifest but missing; re-create the artifact")
-        if _hash_listed_file(target, entry) != entry["sha256"]:
-            raise UserError(
-                f"{target}: does not match the sha256 in its manifest (corrupt, truncated or edited); "
-                "re-create the artifact from its parent"
-            )
-    if ONNX_FILE in files:
-        check_onnx_locations(path)
-
-
-def check_onnx_locations(path: Path) -> None:
-    """model.onnx may keep its weights only in model.onnx.data, at valid offsets: no other file,
-    inside or outside the artifact, is read as weights. Nothing about any other file is reported."""
-    onnx_path = path / ONNX_FILE
-    if not may_have_external_data(onnx_path):
-        return
-    import onnx
-
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception:  # not ONNX at all: the runtime that loads it next says so, in its words
-        return
-    data_size = (path / ONNX_DATA_FILE).stat().st_size if (path / ONNX_DATA_FILE).is_file() else None
-    for tensor in onnx_tensors(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        if info.get("location") != ONNX_DATA_FILE:
-            raise UserError(f"{onnx_path}: tensor {tensor.name!r} keeps its weights in {info.get('location')!r}, "
-                            f"not in {ONNX_DATA_FILE}; only {ONNX_DATA_FILE} is verified — re-export the model")
-        offset, length = info.get("offset", "0"), info.get("length", "0")
-        if not (offset.isdigit() and length.isdigit()):
-            raise UserError(f"{onnx_path}: tensor {tensor.name!r} has an external-data offset {offset!r} and "
-                            f"length {length!r}, not byte counts; re-export the model")
-        if data_size is None or int(offset) + int(length) > data_size:
-            raise UserError(f"{onnx_path}: tensor {tensor.name!r} reads past the end of {ONNX_DATA_FILE}; "
-                            "re-export the model")
-
-
-def may_have_external_data(path: Path) -> bool:
-    """False when an ONNX file certainly has no external data: the key "location" that every
-    external-data entry carries is nowhere in its bytes. A scan at memory speed, where parsing
-    the graph would decode every weight of a one-file model."""
-    import mmap
-
-    with open(path, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:
-            return False
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return mapped.find(b"location") >= 0
-
-
-def onnx_tensors(graph):
-    """Every tensor stored in an ONNX graph: initializers, Constant nodes' values, and subgraphs' own."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from onnx_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from onnx_tensors(sub)
 
 
 def open_artifact(path: Path | str, verify: bool = True) -> Artifact:
