@@ -117,11 +117,15 @@ def test_bad_files_are_one_error_line_in_both_commands(cli, tmp_path, digits_mlp
     (tmp_path / "latin1.csv").write_bytes("1,2,\xe9\n".encode("latin-1"))
     Image.fromarray(np.zeros((9, 8), dtype=np.uint8)).save(tmp_path / "tall.png")
     np.savez(tmp_path / "two.npz", a=np.zeros(64), b=np.zeros(64))
+    with zipfile.ZipFile(tmp_path / "none.npz", "w") as archive:
+        archive.writestr("readme.txt", "no arrays")
+    (tmp_path / "vast.png").write_bytes(_png_header(10_000, 10_000))  # Pillow warns, then our size check
     cases = {
         "short.npy": ("shape 63 does not fit", "1×8×8"), "wide.csv": ("shape 1×5 does not fit",),
         "ragged.txt": ("different numbers of values",), "empty.txt": ("is empty",),
         "noise.png": ("not a readable image",), "cut.npy": ("truncated",), "latin1.csv": ("UTF-8",),
         "tall.png": ("8×9 pixels", "8×8", "resize"), "two.npz": ("name the inputs 'x'",),
+        "none.npz": ("holds no arrays",), "vast.png": ("10000×10000 pixels", "resize"),
         "missing.npy": ("no such file",),
     }
     for name, fragments in cases.items():
@@ -136,6 +140,17 @@ def test_an_image_file_for_a_feature_model_is_refused(tmp_path, digit_files):
     (tmp_path / "named.csv").write_text("b,a,label\n2,1,cat\n")
     inputs = read_inputs(tmp_path / "named.csv", {"input_shape": [2], "feature_names": ["a", "b"]})
     np.testing.assert_array_equal(inputs.samples, [[1, 2]])  # the header chooses and orders the columns
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares a size and holds no pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
 def _npy_header(shape) -> bytes:

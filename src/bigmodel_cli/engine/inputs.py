@@ -174,8 +174,10 @@ def _read_numpy(path: Path, suffix: str) -> np.ndarray:
             return np.load(path, allow_pickle=False)
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith(".npy")]
+            if not names:
+                raise UserError(f"{path}: holds no arrays; save the inputs with numpy.savez(path, x=inputs)")
             if "x.npy" not in names and len(names) != 1:
-                raise UserError(f"{path}: holds several arrays ({', '.join(n[:-4] for n in names) or 'none'}); "
+                raise UserError(f"{path}: holds several arrays ({', '.join(n[:-4] for n in names)}); "
                                 "name the inputs 'x'")
             member = "x.npy" if "x.npy" in names else names[0]
             with archive.open(member) as handle:  # a compressed member may inflate far beyond the file
@@ -269,22 +271,32 @@ def _read_image(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
     """Pixels in [0, 1]: H×W (greyscale) or H×W×3."""
     if path.suffix.lower() in (".pgm", ".pnm"):
         return _read_pgm(path, input_shape)
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            _check_size(path, img.width, img.height, input_shape)
-            if img.mode.startswith("I;16") or img.mode == "I":
-                return np.asarray(img, dtype=np.float32) / 65535.0
-            if img.mode == "F":
-                return np.asarray(img, dtype=np.float32)
-            if img.mode in ("1", "L", "LA"):
-                return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-            return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0  # palette, alpha, CMYK → RGB
+        with warnings.catch_warnings():
+            # Pillow warns about huge headers on stderr; the size check refuses them anyway
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_size(path, img.width, img.height, input_shape)
+                return _pixels(img)
     except UserError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"{path}: not a readable image ({type(exc).__name__}: {exc}); save it as PNG") from None
+
+
+def _pixels(img) -> np.ndarray:
+    """A Pillow image → its pixels in [0, 1], H×W or H×W×3."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        return np.asarray(img, dtype=np.float32) / 65535.0
+    if img.mode == "F":
+        return np.asarray(img, dtype=np.float32)
+    if img.mode in ("1", "L", "LA"):
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0  # palette, alpha, CMYK → RGB
 
 
 def _read_pgm(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
