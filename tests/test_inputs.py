@@ -59,6 +59,8 @@ def test_every_format_gives_the_same_samples(digit_files):
     np.testing.assert_allclose(rgb.samples, expected, rtol=1e-6)
     assert read_inputs(root / "grey.png", {"name": "mine", "input_shape": [1, 8, 8]}).samples.max() > 16  # 255 scale
     np.testing.assert_array_equal(read_inputs(root / "grey.png", DIGITS, pixel_max=32).samples, expected * 2)
+    with pytest.raises(UserError, match="--pixel-max must be a finite positive number"):
+        read_inputs(root / "grey.png", DIGITS, pixel_max=float("inf"))
 
 
 @pytest.mark.parametrize("name", ["grey.png", "flat.npy", "row.csv", "rows.txt", "binary.pgm"])

@@ -71,7 +71,7 @@ def test_predict_images_png_and_pgm(cli, tmp_path, mlp_onnx, raw_digits):
         pgm = np.round(x[i] / 16 * 255).astype(np.uint8)
         (tmp_path / f"d{i}.pgm").write_bytes(b"P5\n# digit\n8 8\n255\n" + pgm.tobytes())
         for suffix in ("png", "pgm"):
-            r = _predict(cli, mlp_onnx, tmp_path / f"d{i}.{suffix}", "--image-scale", "16")
+            r = _predict(cli, mlp_onnx, tmp_path / f"d{i}.{suffix}", "--pixel-max", "16")
             assert r["predictions"][0]["class_index"] == expected[i], (i, suffix)
 
 
