@@ -43,7 +43,7 @@ SUFFIXES = (*ARRAY_SUFFIXES, *TEXT_SUFFIXES, *IMAGE_SUFFIXES)
 # Text and netpbm files are parsed into Python objects first (tens of bytes per number), so their
 # size is capped; larger batches belong in a .npy file, which is read straight into an array.
 MAX_TEXT_BYTES = 8 * 1024 * 1024
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's convert("L")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601: the weights of Pillow's convert("L")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,10 @@ def read_inputs(path: Path | str, spec: dict, pixel_max: float | None = None) ->
     if suffix in IMAGE_SUFFIXES:
         pixels = _read_image(path, input_shape)
         scale = pixel_max if pixel_max is not None else default_pixel_max(spec)
-        return Inputs(_image_sample(pixels, input_shape, path) * np.float32(scale), tuple(pixels.shape), str(path))
+        samples = _image_sample(pixels, input_shape, path) * np.float32(scale)
+        if not np.isfinite(samples).all():  # a finite --pixel-max beyond float32
+            raise UserError(f"--pixel-max {scale} is too large for float32 pixels; give the raw value of a white pixel")
+        return Inputs(samples, tuple(pixels.shape), str(path))
     if suffix in ARRAY_SUFFIXES:
         x = _numeric(_read_numpy(path, suffix), path)
     elif suffix in TEXT_SUFFIXES:
