@@ -83,8 +83,9 @@ def default_pixel_max(spec: dict) -> float:
 
 def pixel_max_problem(value: float | None, flag: str = "--pixel-max") -> str | None:
     """What is wrong with a --pixel-max value (given as ``flag``), or None."""
-    if value is not None and not (is_finite_number(value) and value > 0):
-        return f"{flag} must be a finite positive number, got {value}"
+    # pixels are float32: a larger value would turn white into inf
+    if value is not None and not (is_finite_number(value) and 0 < value <= float(np.finfo(np.float32).max)):
+        return f"{flag} must be a finite positive number (at most 3.4e38), got {value}"
     return None
 
 
@@ -104,10 +105,7 @@ def read_inputs(path: Path | str, spec: dict, pixel_max: float | None = None) ->
     if suffix in IMAGE_SUFFIXES:
         pixels = _read_image(path, input_shape)
         scale = pixel_max if pixel_max is not None else default_pixel_max(spec)
-        samples = _image_sample(pixels, input_shape, path) * np.float32(scale)
-        if not np.isfinite(samples).all():  # a finite --pixel-max beyond float32
-            raise UserError(f"--pixel-max {scale} is too large for float32 pixels; give the raw value of a white pixel")
-        return Inputs(samples, tuple(pixels.shape), str(path))
+        return Inputs(_image_sample(pixels, input_shape, path) * np.float32(scale), tuple(pixels.shape), str(path))
     if suffix in ARRAY_SUFFIXES:
         x = _numeric(_read_numpy(path, suffix), path)
     elif suffix in TEXT_SUFFIXES:
