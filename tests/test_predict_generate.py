@@ -71,7 +71,7 @@ def test_predict_images_png_and_pgm(cli, tmp_path, mlp_onnx, raw_digits):
         pgm = np.round(x[i] / 16 * 255).astype(np.uint8)
         (tmp_path / f"d{i}.pgm").write_bytes(b"P5\n# digit\n8 8\n255\n" + pgm.tobytes())
         for suffix in ("png", "pgm"):
-            r = _predict(cli, mlp_onnx, tmp_path / f"d{i}.{suffix}", "--image-scale", "16")
+            r = _predict(cli, mlp_onnx, tmp_path / f"d{i}.{suffix}", "--pixel-max", "16")
             assert r["predictions"][0]["class_index"] == expected[i], (i, suffix)
 
 
@@ -79,11 +79,13 @@ def test_predict_bad_inputs_exit_2(cli, tmp_path, mlp_onnx, gpt_onnx):
     np.save(tmp_path / "wrong.npy", np.zeros((3, 5), dtype=np.float32))
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "notes.txt").write_text("1,2,3")
+    (tmp_path / "notes.doc").write_text("1,2,3")
     (tmp_path / "big.pgm").write_bytes(b"P5 16 16 255\n" + bytes(256))
     (tmp_path / "bad.csv").write_text("1,2,3\n4,x,6\n")
     cases = {
-        "wrong.npy": "samples of 1×8×8", "objects.npy": "pickle", "notes.txt": "unsupported input",
-        "big.pgm": "resize the image", "bad.csv": "line 2: 'x' is not a finite number", "missing.npy": "no such file",
+        "wrong.npy": "samples of 1×8×8", "objects.npy": "pickle", "notes.doc": "unsupported input",
+        "notes.txt": "shape 1×3 does not fit", "big.pgm": "resize the image",
+        "bad.csv": "line 2, column 2: 'x' is not a finite number", "missing.npy": "no such file",
     }
     for name, message in cases.items():
         r = cli("predict", mlp_onnx, tmp_path / name)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import console
-from .options import ArtifactArg, JsonOpt, OverwriteOpt, ThreadsOpt
+from .options import ArtifactArg, JsonOpt, OverwriteOpt, PixelMaxOpt, ThreadsOpt
 
 _MAX_GRID_WIDTH = 40  # images wider than this are not drawn in the terminal (see --out)
 
@@ -18,7 +18,7 @@ def explain_command(
     artifact: ArtifactArg,
     source: Annotated[Optional[str], typer.Argument(
         metavar="[INPUT]", show_default=False,
-        help="A .npy/.npz/.csv row or a .png/.jpg image; for a language model, the prompt text (or a .txt file).")] = None,
+        help="A .npy/.npz array, a .csv/.txt of rows or a .png/.jpg/.pgm image (read as by predict); for a language model, the prompt text (or a .txt file).")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Language models: the prompt whose next token is explained.")] = None,
     data: Annotated[Optional[str], typer.Option("--data", metavar="SPLIT", help="Explain inputs from the artifact's own train, val or test split.")] = None,
     samples: Annotated[Optional[int], typer.Option("--samples", help="With --data: summarise over the first N inputs (with --compare: mean rank correlation).")] = None,
@@ -30,7 +30,7 @@ def explain_command(
     compare: Annotated[Optional[Path], typer.Option("--compare", metavar="ARTIFACT2", help="Explain the same input with a second artifact and report how far the explanation moved.")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="With --compare: how many top features the overlap counts (default 10, or a quarter of the features when fewer than 40).")] = None,
     through: Annotated[str, typer.Option("--through", help="ONNX-only artifacts: auto, torch (their PyTorch ancestor) or onnx (finite differences in ONNX Runtime).")] = "auto",
-    pixel_max: Annotated[Optional[float], typer.Option("--pixel-max", help="Image files: the raw value of a white pixel (default 16 for the bundled digits, else 255).")] = None,
+    pixel_max: PixelMaxOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write a picture (.png: images, tabular rows) or a page (.html: language models).")] = None,
     overwrite: OverwriteOpt = False,
     threads: ThreadsOpt = None,
@@ -143,6 +143,16 @@ def _label(e) -> str:
     return e.artifact if e.explained_with == e.artifact else f"{e.artifact} (via {e.via}: {e.explained_with})"
 
 
+def _read_as(result) -> list[tuple[str, str]]:
+    """How an input file was read: the shape it held → the model's sample shape."""
+    from ..engine.inputs import shape_text
+
+    if result.read_as is None:
+        return []
+    r = result.read_as
+    return [("input read as", f"{shape_text(r['read_as'])} → {shape_text(r['input_shape'])}")]
+
+
 def _facts(e) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = [("artifact", _label(e)), ("method", e.method)]
     if e.baseline:
@@ -163,10 +173,13 @@ def _print_result(result) -> None:
 
     e, o = result.explanation, result.other
     title = "bigmodel explain" + (f" · {e.kind}" if o is None else " · compare")
+    read = _read_as(result)
     if o is None:
-        console.out.print(console.key_value_table(title, _facts(e)))
+        console.out.print(console.key_value_table(title, read + _facts(e)))
     else:
         table = console.rows_table(title, ["", "A", "B"], [])
+        for key, value in read:  # both explain the same input
+            table.add_row(key, value, value)
         for (key, a), (_, b) in zip(_facts(e), _facts(o)):
             table.add_row(key, console.fmt(a), console.fmt(b))
         console.out.print(table)

@@ -17,6 +17,7 @@ DataOpt = Annotated[Optional[str], typer.Option("--data", help="digits | csv:PAT
 TargetOpt = Annotated[Optional[str], typer.Option("--target", help="Class column for --data csv:PATH.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (data order, initialisation, dropout).")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime when the artifact has model.onnx), torch or onnx.")]
+PixelMaxOpt = Annotated[Optional[float], typer.Option("--pixel-max", help="Image files: the raw value of a white pixel; pixels in [0, 1] are multiplied by it (default 16 for the bundled digits, else 255).")]
 
 
 def parse_json_object(value: str | None, flag: str) -> dict | None:

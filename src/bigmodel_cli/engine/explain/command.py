@@ -12,9 +12,10 @@ the ONNX model itself by finite differences) and compares two explanations.
 
 This module holds the single-input entry point ``explain`` and re-exports the rest, so everything
 is importable from here: options and result types live in ``explain_types``, the model side
-(``Explainer``) in ``explain_model``, inputs in ``explain_inputs``, pictures, pages and output files
-in ``explain_report``, and the summary over a split (``explain_split``, ``explanation_agreement``)
-in ``explain_summary``.
+(``Explainer``) in ``model``, prompts and dataset rows in ``inputs`` (files are read by
+``engine.inputs``, the reader ``bigmodel predict`` uses too), pictures, pages and output files in
+``report``, and the summary over a split (``explain_split``, ``explanation_agreement``) in
+``summary``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from ...artifact import Artifact
 from ...errors import UserError
 from ...output_file import atomic_file, check_output_file
 from . import report as explain_report
-from .inputs import dataset_inputs, read_input, read_prompt
+from ..inputs import read_inputs
+from .inputs import dataset_inputs, read_prompt
 from .model import FD_MAX_INTERVALS, Explainer, as_artifact, input_kind
 from .report import output_suffixes
 from .summary import explain_split, explanation_agreement
@@ -84,6 +86,7 @@ def explain(
     if other is not None:
         explainer.check_compatible(other)
     target = explainer.resolve_target(opts.target)
+    read_as = None
     if split is not None:
         raw = dataset_inputs(a, split, 1, row or 0)[0]
     elif kind == "tokens":
@@ -95,13 +98,14 @@ def explain(
         if other is not None:
             read_prompt(text, other.context)
     else:
-        raw = read_input(a.data_spec, kind, source, row, opts.pixel_max)
+        inputs = read_inputs(source, a.data_spec, opts.pixel_max)
+        raw, read_as = inputs.row(row), inputs.to_dict()
     first = explainer.explain(raw, target, opts)
     second = agree = None
     if other is not None:
         second = other.explain(raw, first.target, opts)  # the same question: the same target
         agree = agreement(first, second, opts.top_k)
-    result = ExplainResult(first, second, agree, str(out_path) if out_path else None)
+    result = ExplainResult(first, second, agree, str(out_path) if out_path else None, read_as)
     if out_path is not None:
         with atomic_file(out_path) as tmp:
             explain_report.write(tmp, result)

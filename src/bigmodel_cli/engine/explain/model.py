@@ -13,7 +13,8 @@ import numpy as np
 from ...artifact import MANIFEST_FILE, Artifact, open_artifact, sha256_file
 from ...errors import UserError
 from . import attribution as attr
-from .inputs import gaussian_blur, shape_text
+from ..inputs import shape_text
+from .inputs import gaussian_blur
 from .types import ExplainOptions, Explanation, token_text
 
 # Finite differences cost 2·d + 1 model runs per path point; refine less far than autograd does.

@@ -12,8 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from ...config import is_finite_number, threads_problem
+from ...config import threads_problem
 from ...errors import ConfigErrors
+from ..inputs import pixel_max_problem
 from . import attribution as attr
 
 BASELINES = ("zeros", "blur", "mean")
@@ -49,8 +50,8 @@ class ExplainOptions:
             problems.append(f"unknown --through {self.through!r}; choose one of {', '.join(THROUGH)}")
         if self.top_k is not None and self.top_k < 1:
             problems.append(f"--top-k must be at least 1, got {self.top_k}")
-        if self.pixel_max is not None and not (is_finite_number(self.pixel_max) and self.pixel_max > 0):
-            problems.append(f"--pixel-max must be a finite positive number, got {self.pixel_max}")
+        if pixel_max_problem(self.pixel_max):
+            problems.append(pixel_max_problem(self.pixel_max))
         if threads_problem(self.threads):
             problems.append(threads_problem(self.threads))
         if problems:
@@ -109,9 +110,12 @@ class ExplainResult:
     other: Explanation | None = None  # the --compare artifact's explanation of the same input
     agreement: dict | None = None
     out: str | None = None
+    read_as: dict | None = None  # an input file: engine.inputs.Inputs.to_dict (the shape the file held)
 
     def to_dict(self) -> dict:
         d = self.explanation.to_dict()
+        if self.read_as is not None:
+            d["read_as"], d["input_shape"] = self.read_as["read_as"], self.read_as["input_shape"]
         if self.other is not None:
             d["compare"] = {**self.other.to_dict(), **(self.agreement or {})}
         d["out"] = self.out
