@@ -6,6 +6,9 @@ step, and data-parallel ranks only slice the same batch. Under torchrun the same
 rank (engine/training/distributed.py: DDP or FSDP, the loss weighted so that N processes train like one, rank
 0 alone writing). The run directory it writes (metrics.jsonl; run.json and the --resume checks are
 in run_dir.py) is kept here too.
+
+The loop is ``_TrainingLoop.run``: ``start_or_resume``, then ``train_step``, ``maybe_evaluate`` and
+``maybe_checkpoint`` per step, then ``finish``; what changes from step to step is one ``LoopState``.
 """
 
 from __future__ import annotations
@@ -266,8 +269,9 @@ class _Throughput:
 class _TrainingLoop:
     """One run of the loop, read top to bottom in ``run``: ``start_or_resume``, then ``train_step``,
     ``maybe_evaluate`` and ``maybe_checkpoint`` until the last step or early stopping, then ``finish``.
-    The fixed setup (model on its device, optimizer, schedule) is made once here; what changes
-    from step to step is in ``self.state``."""
+    The fixed setup (model on its device, optimizer, schedule) is made once here, the wrapped
+    model, its parameters and the metrics log in ``start_or_resume`` (they depend on the
+    checkpoint); what changes from step to step is in ``self.state``."""
 
     def __init__(self, job: TrainJob, ranks, device: str, progress: Progress, run_dir: Path):
         cfg, task = job.cfg, job.task
