@@ -6,6 +6,9 @@ step, and data-parallel ranks only slice the same batch. Under torchrun the same
 rank (engine/training/distributed.py: DDP or FSDP, the loss weighted so that N processes train like one, rank
 0 alone writing). The run directory it writes (metrics.jsonl; run.json and the --resume checks are
 in run_dir.py) is kept here too.
+
+The loop is ``_TrainingLoop.run``: ``start_or_resume``, then ``train_step``, ``maybe_evaluate`` and
+``maybe_checkpoint`` per step, then ``finish``; what changes from step to step is one ``LoopState``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -202,7 +205,8 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
     ok, run_dir = False, None
     try:
         run_dir = Path(ranks.on_main(lambda: str(_prepare_run_dir(job))))  # rank 0 creates it; all learn of errors
-        result = _run(job, ranks, device, (progress or _no_progress) if ranks.is_main else _no_progress, run_dir)
+        progress = (progress or _no_progress) if ranks.is_main else _no_progress
+        result = _TrainingLoop(job, ranks, device, progress, run_dir).run()
         ok = True
         return result
     except Exception as exc:
@@ -217,149 +221,243 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
         job.release_output()
 
 
-def _run(job: TrainJob, ranks, device: str, progress: Progress, run_dir: Path) -> TrainResult:
-    import torch
+@dataclass
+class LoopState:
+    """What the loop changes as it runs. A checkpoint saves the first five fields (``saved``), and a
+    resume restores them: with the step, that is all a bit-exact resume needs, since every batch is
+    a pure function of (seed, step)."""
 
-    cfg, task, model = job.cfg, job.task, job.model
-    threads = hardware.set_threads(ranks.threads(cfg.threads))
-    n_params = count_parameters(model)
-    precision = hardware.resolve_precision(cfg.precision, device, n_params)
-    runtime = {"device": device, "precision": precision, "threads": threads, "params": n_params, **ranks.describe()}
-    if not ranks.shards:  # FSDP places each rank's shards on the device itself
-        model.to(device)
-    if job.aux is not None:
-        job.aux.to(device)
-    params = _trainable(job)
-    optimizer = make_optimizer(cfg, params)
-    total = _total_steps(cfg, task)
-    steps_per_epoch = max(1, task.micro_batches_per_epoch // cfg.grad_accum)
-    eval_every = cfg.eval_every or (steps_per_epoch if task.name == "classification" else max(1, total // 10))
-    checkpoint_every = cfg.checkpoint_every or eval_every
+    step: int = 0
+    best: float | None = None  # the best value of the task's metric so far
+    best_step: int = 0
+    bad_evals: int = 0  # evaluations in a row without improvement (--patience)
+    skipped: int = 0  # non-finite batches skipped so far (--skip-nonfinite)
+    best_metrics: dict = field(default_factory=dict)
+    last_metrics: dict = field(default_factory=dict)  # of the latest evaluation
+    resumed_from: int | None = None
+    stopped_early: bool = False
 
-    step, best, best_step, bad_evals, skipped, resumed_from = 0, None, 0, 0, 0, None
-    best_metrics: dict = {}
-    if cfg.resume:
-        found = ranks.on_main(lambda: str(latest_checkpoint(run_dir) or ""))
-        if found:
-            # Checkpoints are full and in the single-process layout, whatever the number of
-            # processes that wrote them: every rank loads the same one before wrapping the model.
-            state = load_checkpoint(Path(found), model, optimizer, job.aux)
-            step, best, best_step = state["step"], state["best"], state["best_step"]
-            bad_evals, skipped, best_metrics = state["bad_evals"], state["skipped"], state.get("best_metrics", {})
-            resumed_from = step
-    train_model, optimizer = ranks.wrap(model, optimizer, lambda ps: make_optimizer(cfg, ps))
-    params = _trainable(job)  # FSDP replaced the parameters with their shards
-    log = _MetricsLog(run_dir / METRICS_FILE, resumed_from if cfg.resume else None) if ranks.is_main else _NoLog()
-    loss_fn = job.loss_fn or (lambda m, x, y: task.loss(m(x), y))
-    tokens_per_sample = getattr(task, "block_size", 1)
-    # run_dir is where the run will be; writing_to is where it is built (a staging directory with --overwrite)
-    progress("start", total=total, step=step, runtime=runtime, run_dir=str(cfg.out), writing_to=str(run_dir),
-             resumed_from=resumed_from)
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "LoopState":
+        return cls(step=saved["step"], best=saved["best"], best_step=saved["best_step"], bad_evals=saved["bad_evals"],
+                   skipped=saved["skipped"], best_metrics=saved.get("best_metrics", {}), resumed_from=saved["step"])
 
-    def state_record() -> dict:
-        return {"best": best, "best_step": best_step, "bad_evals": bad_evals, "skipped": skipped,
-                "best_metrics": best_metrics, "epoch": task.epoch_of(step * cfg.grad_accum)}
+    def saved(self, epoch: float) -> dict:
+        """The record a checkpoint keeps (its state.json, beside the step)."""
+        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals, "skipped": self.skipped,
+                "best_metrics": self.best_metrics, "epoch": epoch}
 
-    def evaluate() -> dict:
+
+class _Throughput:
+    """Items (samples, or tokens for language models) per second since the last logged step; a
+    skipped batch's items count towards the next logged one."""
+
+    def __init__(self) -> None:
+        self.start, self.items = time.perf_counter(), 0
+
+    def add(self, items: int) -> None:
+        self.items += items
+
+    def take(self) -> float | None:
+        """The rate over the window, which then starts again; None when no time has passed."""
+        now = time.perf_counter()
+        rate = self.items / (now - self.start) if now - self.start > 0 else None
+        self.start, self.items = now, 0
+        return rate
+
+
+class _TrainingLoop:
+    """One run of the loop, read top to bottom in ``run``: ``start_or_resume``, then ``train_step``,
+    ``maybe_evaluate`` and ``maybe_checkpoint`` until the last step or early stopping, then ``finish``.
+    The fixed setup (model on its device, optimizer, schedule) is made once here, the wrapped
+    model, its parameters and the metrics log in ``start_or_resume`` (they depend on the
+    checkpoint); what changes from step to step is in ``self.state``."""
+
+    def __init__(self, job: TrainJob, ranks, device: str, progress: Progress, run_dir: Path):
+        cfg, task = job.cfg, job.task
+        self.job, self.cfg, self.task, self.model = job, cfg, task, job.model
+        self.ranks, self.device, self.progress, self.run_dir = ranks, device, progress, run_dir
+        threads = hardware.set_threads(ranks.threads(cfg.threads))
+        n_params = count_parameters(self.model)
+        self.precision = hardware.resolve_precision(cfg.precision, device, n_params)
+        self.runtime = {"device": device, "precision": self.precision, "threads": threads, "params": n_params,
+                        **ranks.describe()}
+        if not ranks.shards:  # FSDP places each rank's shards on the device itself
+            self.model.to(device)
+        if job.aux is not None:
+            job.aux.to(device)
+        self.optimizer = make_optimizer(cfg, _trainable(job))
+        self.total = _total_steps(cfg, task)
+        steps_per_epoch = max(1, task.micro_batches_per_epoch // cfg.grad_accum)
+        self.eval_every = cfg.eval_every or (steps_per_epoch if task.name == "classification" else max(1, self.total // 10))
+        self.checkpoint_every = cfg.checkpoint_every or self.eval_every
+        self.loss_fn = job.loss_fn or (lambda m, x, y: task.loss(m(x), y))
+        self.tokens_per_sample = getattr(task, "block_size", 1)
+        self.state = LoopState()
+
+    def run(self) -> TrainResult:
+        self.start_or_resume()
+        started, self.throughput = time.perf_counter(), _Throughput()
+        self.model.train()
+        try:
+            while self.state.step < self.total:
+                if not self.train_step():
+                    continue  # a skipped non-finite batch: no evaluation or checkpoint for it
+                self.maybe_evaluate()
+                self.maybe_checkpoint()
+                if self.state.stopped_early:
+                    self.log.write({"step": self.state.step, "event": "early_stop", "patience": self.cfg.patience})
+                    break
+        finally:
+            self.log.close()
+        return self.finish(started)
+
+    # --- the steps, in the order ``run`` takes them
+
+    def start_or_resume(self) -> None:
+        """Restore the latest checkpoint with --resume, wrap the model for DDP/FSDP, open metrics.jsonl."""
+        cfg, ranks = self.cfg, self.ranks
+        if cfg.resume:
+            found = ranks.on_main(lambda: str(latest_checkpoint(self.run_dir) or ""))
+            if found:
+                # Checkpoints are full and in the single-process layout, whatever the number of
+                # processes that wrote them: every rank loads the same one before wrapping the model.
+                self.state = LoopState.from_checkpoint(load_checkpoint(Path(found), self.model, self.optimizer, self.job.aux))
+        self.train_model, self.optimizer = ranks.wrap(self.model, self.optimizer, lambda ps: make_optimizer(cfg, ps))
+        self.params = _trainable(self.job)  # FSDP replaced the parameters with their shards
+        resume_step = self.state.resumed_from if cfg.resume else None
+        self.log = _MetricsLog(self.run_dir / METRICS_FILE, resume_step) if ranks.is_main else _NoLog()
+        # run_dir is where the run will be; writing_to is where it is built (a staging directory with --overwrite)
+        self.progress("start", total=self.total, step=self.state.step, runtime=self.runtime, run_dir=str(cfg.out),
+                      writing_to=str(self.run_dir), resumed_from=self.state.resumed_from)
+
+    def train_step(self) -> bool:
+        """One optimizer step over --grad-accum micro-batches, logged; False when the batch was
+        skipped as non-finite (``skip_nonfinite`` raises once the skips are used up)."""
+        import torch
+
+        cfg, state = self.cfg, self.state
+        lr = lr_at(state.step, cfg, self.total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = self.accumulate_gradients()
+        grad_norm = self.ranks.scalar(
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self.skip_nonfinite("loss" if not math.isfinite(loss_value) else "gradient norm")
+            return False
+        self.optimizer.step()
+        state.step += 1
+        record = {"step": state.step, "epoch": self.task.epoch_of(state.step * cfg.grad_accum), "loss": loss_value,
+                  "lr": lr, "grad_norm": grad_norm}
+        rate = self.throughput.take()
+        if rate is not None:
+            record["items_per_s"] = rate
+        self.log.write(record)
+        self.progress("step", **record, total=self.total)
+        return True
+
+    def accumulate_gradients(self) -> float:
+        """Forward and backward over this step's micro-batches; the global batch's mean loss (the
+        same on every rank)."""
+        cfg, ranks = self.cfg, self.ranks
+        loss_value = 0.0
+        micro = [ranks.batch(self.task, self.state.step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+        sizes = ranks.global_sizes([n for _x, _y, n in micro])
+        for k, (x, y, n) in enumerate(micro):
+            x, y = x.to(self.device), y.to(self.device)
+            weight = ranks.loss_weight(n, sizes[k])  # 1.0 in one process
+            with ranks.sync_gradients(self.train_model, k == cfg.grad_accum - 1):
+                with hardware.autocast(self.device, self.precision):
+                    loss = self.loss_fn(self.train_model, x, y)
+                ((loss * weight if weight != 1.0 else loss) / cfg.grad_accum).backward()
+            loss_value += loss.item() * (n / sizes[k]) / cfg.grad_accum
+            self.throughput.add(sizes[k] * self.tokens_per_sample)
+        return ranks.sum(loss_value)
+
+    def skip_nonfinite(self, what: str) -> None:
+        """Skip this step's batch while --skip-nonfinite allows it; otherwise stop the run."""
+        cfg, state = self.cfg, self.state
+        if state.skipped < cfg.skip_nonfinite:
+            state.skipped += 1
+            self.log.write({"step": state.step, "event": "skipped_nonfinite", "what": what})
+            state.step += 1
+            return
+        # A failed --overwrite run's staging directory is removed, and its checkpoints with it.
+        last_good = latest_checkpoint(self.run_dir) if self.run_dir == Path(cfg.out) else None
+        raise NonFiniteLoss(
+            f"step {state.step}: the {what} is not finite; training stopped"
+            + (f" (last good checkpoint: {last_good})" if last_good else "")
+            + "; lower --lr, keep --grad-clip on, or pass --skip-nonfinite N to skip bad batches"
+        )
+
+    def maybe_evaluate(self) -> None:
+        """Every --eval-every steps and at the last: evaluate, keep the best artifact, count
+        evaluations without improvement for --patience."""
+        cfg, state = self.cfg, self.state
+        if not (state.step % self.eval_every == 0 or state.step == self.total):
+            return
+        metrics = self.evaluate()
+        state.last_metrics = {"step": state.step, **{f"val_{k}": v for k, v in metrics.items()}}
+        self.log.write({"step": state.step, "event": "eval", **state.last_metrics})
+        value = metrics[self.task.metric]
+        if _is_better(self.task, value, state.best, cfg.min_delta):
+            state.best, state.best_step, state.bad_evals, state.best_metrics = value, state.step, 0, state.last_metrics
+            self.save_artifact("best", state.best_metrics)
+        else:
+            state.bad_evals += 1
+        self.progress("eval", **state.last_metrics, best=state.best, best_step=state.best_step)
+        if cfg.patience and state.bad_evals >= cfg.patience:
+            state.stopped_early = True
+
+    def maybe_checkpoint(self) -> None:
+        """Every --checkpoint-every steps, at the last and when stopping early (what --resume starts from)."""
+        state = self.state
+        if not (state.step % self.checkpoint_every == 0 or state.step == self.total or state.stopped_early):
+            return
+        # Under FSDP every rank takes part in gathering the full model and optimizer state.
+        full_model, full_optimizer = self.ranks.full_model(self.model), self.ranks.full_optimizer(self.model, self.optimizer)
+        if self.ranks.is_main:
+            save_checkpoint(self.run_dir, state.step, full_model, full_optimizer,
+                            state.saved(self.task.epoch_of(state.step * self.cfg.grad_accum)), self.job.aux,
+                            self.cfg.keep_checkpoints)
+
+    def finish(self, started: float) -> TrainResult:
+        """Evaluate the final weights unless the last step just did, write best/ (if no evaluation
+        improved) and last/, and move a staged run into place."""
+        state, ranks = self.state, self.ranks
+        if not state.last_metrics or state.last_metrics.get("step") != state.step:
+            state.last_metrics = {"step": state.step, **{f"val_{k}": v for k, v in self.evaluate().items()}}
+        if ranks.on_main(lambda: not (self.run_dir / "best").exists()):
+            state.best_metrics = state.last_metrics
+            self.save_artifact("best", state.best_metrics)
+        self.save_artifact("last", state.last_metrics)
+        run_dir = Path(ranks.on_main(lambda: str(_finish_run_dir(self.job, self.run_dir))))
+        result = TrainResult(
+            run_dir=run_dir, best_dir=run_dir / "best", last_dir=run_dir / "last", steps=state.step,
+            best_step=state.best_step, best_metrics=state.best_metrics, last_metrics=state.last_metrics,
+            stopped_early=state.stopped_early, resumed_from=state.resumed_from, seconds=time.perf_counter() - started,
+            runtime=self.runtime, is_main=ranks.is_main,
+        )
+        self.progress("done", result=result)
+        return result
+
+    # --- helpers of the steps
+
+    def evaluate(self) -> dict:
         def run() -> dict:
-            model.eval()
-            metrics = task.evaluate(torch_predict(model, device), "val")
-            model.train()
+            self.model.eval()
+            metrics = self.task.evaluate(torch_predict(self.model, self.device), "val")
+            self.model.train()
             return metrics
 
-        return ranks.evaluate(run)
+        return self.ranks.evaluate(run)
 
-    def save_artifact(name: str, metrics: dict) -> None:
-        full = ranks.full_model(model)  # under FSDP every rank takes part in gathering the weights
-        if ranks.is_main:
-            _save_artifact(job, run_dir / name, metrics, runtime, full)
-
-    started, stopped_early, last_metrics = time.perf_counter(), False, {}
-    window_start, window_items = time.perf_counter(), 0
-    model.train()
-    try:
-        while step < total:
-            lr = lr_at(step, cfg, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = 0.0
-            micro = [ranks.batch(task, step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-            sizes = ranks.global_sizes([n for _x, _y, n in micro])
-            for k, (x, y, n) in enumerate(micro):
-                x, y = x.to(device), y.to(device)
-                weight = ranks.loss_weight(n, sizes[k])  # 1.0 in one process
-                with ranks.sync_gradients(train_model, k == cfg.grad_accum - 1):
-                    with hardware.autocast(device, precision):
-                        loss = loss_fn(train_model, x, y)
-                    ((loss * weight if weight != 1.0 else loss) / cfg.grad_accum).backward()
-                loss_value += loss.item() * (n / sizes[k]) / cfg.grad_accum
-                window_items += sizes[k] * tokens_per_sample
-            loss_value = ranks.sum(loss_value)  # the global batch's loss, the same on every rank
-            grad_norm = ranks.scalar(
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                if skipped < cfg.skip_nonfinite:
-                    skipped += 1
-                    log.write({"step": step, "event": "skipped_nonfinite", "what": what})
-                    step += 1
-                    continue
-                # A failed --overwrite run's staging directory is removed, and its checkpoints with it.
-                last_good = latest_checkpoint(run_dir) if run_dir == Path(cfg.out) else None
-                raise NonFiniteLoss(
-                    f"step {step}: the {what} is not finite; training stopped"
-                    + (f" (last good checkpoint: {last_good})" if last_good else "")
-                    + "; lower --lr, keep --grad-clip on, or pass --skip-nonfinite N to skip bad batches"
-                )
-            optimizer.step()
-            step += 1
-            now = time.perf_counter()
-            record = {"step": step, "epoch": task.epoch_of(step * cfg.grad_accum), "loss": loss_value, "lr": lr,
-                      "grad_norm": grad_norm}
-            if now - window_start > 0:
-                record["items_per_s"] = window_items / (now - window_start)
-            window_start, window_items = now, 0
-            log.write(record)
-            progress("step", **record, total=total)
-
-            if step % eval_every == 0 or step == total:
-                metrics = evaluate()
-                last_metrics = {"step": step, **{f"val_{k}": v for k, v in metrics.items()}}
-                log.write({"step": step, "event": "eval", **last_metrics})
-                value = metrics[task.metric]
-                if _is_better(task, value, best, cfg.min_delta):
-                    best, best_step, bad_evals, best_metrics = value, step, 0, last_metrics
-                    save_artifact("best", best_metrics)
-                else:
-                    bad_evals += 1
-                progress("eval", **last_metrics, best=best, best_step=best_step)
-                if cfg.patience and bad_evals >= cfg.patience:
-                    stopped_early = True
-            if step % checkpoint_every == 0 or step == total or stopped_early:
-                full_model, full_optimizer = ranks.full_model(model), ranks.full_optimizer(model, optimizer)
-                if ranks.is_main:
-                    save_checkpoint(run_dir, step, full_model, full_optimizer, state_record(), job.aux,
-                                    cfg.keep_checkpoints)
-            if stopped_early:
-                log.write({"step": step, "event": "early_stop", "patience": cfg.patience})
-                break
-    finally:
-        log.close()
-    if not last_metrics or last_metrics.get("step") != step:
-        last_metrics = {"step": step, **{f"val_{k}": v for k, v in evaluate().items()}}
-    if ranks.on_main(lambda: not (run_dir / "best").exists()):
-        best_metrics = last_metrics
-        save_artifact("best", best_metrics)
-    save_artifact("last", last_metrics)
-    run_dir = Path(ranks.on_main(lambda: str(_finish_run_dir(job, run_dir))))
-    result = TrainResult(
-        run_dir=run_dir, best_dir=run_dir / "best", last_dir=run_dir / "last", steps=step, best_step=best_step,
-        best_metrics=best_metrics, last_metrics=last_metrics, stopped_early=stopped_early,
-        resumed_from=resumed_from, seconds=time.perf_counter() - started, runtime=runtime, is_main=ranks.is_main,
-    )
-    progress("done", result=result)
-    return result
+    def save_artifact(self, name: str, metrics: dict) -> None:
+        full = self.ranks.full_model(self.model)  # under FSDP every rank takes part in gathering the weights
+        if self.ranks.is_main:
+            _save_artifact(self.job, self.run_dir / name, metrics, self.runtime, full)
 
 
 def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:

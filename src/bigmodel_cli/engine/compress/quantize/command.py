@@ -241,135 +241,240 @@ def _user_exclusions(names: list[str], graph) -> list[str]:
     return resolved
 
 
-def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: str, overwrite: bool, tmp: Path,
-               say: Callable) -> QuantizeResult:
+@dataclass
+class _Int8Plan:
+    """What every quantization attempt shares, fixed before the first: the float model the
+    quantizer, the ranking and the exclusions all see, and the choices made for it."""
+
+    fp32: Path  # the fp32 model.onnx that is measured as "before" (the artifact's, or exported here)
+    work: Path  # its pre-processed copy, which is what gets quantized
+    preprocess_info: dict
+    graph: Any  # work's graph (node names, for exclusions and the report)
+    input_name: str
+    settings: Any  # onnx_int8.Int8Settings
+    scheme: Any  # scheme.Scheme
+    transformer: bool
+    sensitive: list[dict]  # static transformers: nodes kept in float by kind (LayerNorm, Softmax, …)
+    user: list[str]  # --exclude, resolved to node names
+
+    @property
+    def excluded(self) -> list[str]:
+        """The nodes every attempt keeps in float (the gate may add more)."""
+        return list(dict.fromkeys([s["node"] for s in self.sensitive] + self.user))
+
+
+def _plan_int8(fp32: Path, tmp: Path, options: QuantizeOptions, mode: str, say: Callable) -> _Int8Plan:
+    """Pre-process the float model, choose the int8 scheme for this CPU and the nodes kept in float."""
     from ...core import hardware
-    from ...onnx import files as onnx_files
-    from ...onnx.export import check_onnx_file, onnx_section
-    from ...onnx.exporters import needs_external_data
-    from .calibration import calibration_set, make_reader, onnx_input
-    from .onnx_int8 import Int8Settings, is_transformer, load_graph, quantize_file, quantized_nodes, sensitive_nodes
+    from .calibration import onnx_input
+    from .onnx_int8 import Int8Settings, is_transformer, load_graph, sensitive_nodes
     from .scheme import choose_scheme, detect_isa
 
-    # Calibration inputs first: data that does not fit the model is the user's to fix, before any
-    # work. (An export made here has symbolic batch and sequence axes, like no fixed input at all.)
-    calib = None
-    if mode == "static" or options.max_metric_drop is not None:
-        fixed = onnx_input(source.path / art.ONNX_FILE) if source.has_onnx else None
-        calib = calibration_set(source, fixed, samples=options.calib_samples, calib_data=options.calib_data,
-                                target=options.target, seq_len=options.seq_len)
-
-    exported = None
-    onnx_artifact = source
-    if not source.has_onnx:
-        from ...onnx.export import ExportOptions, export_artifact
-
-        say("stage", name="export")
-        result = export_artifact(source, tmp / "export", ExportOptions(weights=False), threads=options.threads)
-        onnx_artifact = art.open_artifact(result.path)
-        exported = {"exporter": result.exporter, "opset": result.onnx["opset"],
-                    "verify_max_abs_diff": result.verification["max_abs_diff"]}
-    fp32 = onnx_artifact.path / art.ONNX_FILE
     input_spec = onnx_input(fp32)
-
     say("stage", name="preprocess")
     work, preprocess_info = _working_float_model(fp32, tmp, options, mode)
     graph = load_graph(work)
     scheme = choose_scheme(detect_isa(hardware.cpu_flags()), options.scheme, options.reduce_range)
-    settings = Int8Settings(mode, scheme, options.per_channel, options.method or "minmax")
     transformer = is_transformer(graph)
     keep_sensitive = options.exclude_sensitive if options.exclude_sensitive is not None else transformer
-    sensitive = sensitive_nodes(graph) if (mode == "static" and keep_sensitive) else []
-    user = _user_exclusions(options.exclude, graph)
-    base = list(dict.fromkeys([s["node"] for s in sensitive] + user))
+    return _Int8Plan(
+        fp32=fp32, work=work, preprocess_info=preprocess_info, graph=graph, input_name=input_spec.name,
+        settings=Int8Settings(mode, scheme, options.per_channel, options.method or "minmax"), scheme=scheme,
+        transformer=transformer, sensitive=sensitive_nodes(graph) if (mode == "static" and keep_sensitive) else [],
+        user=_user_exclusions(options.exclude, graph))
 
-    cache = tmp / "calibration.json"  # calibrate once; retries reuse the ranges
 
-    def quantize(excluded: list[str]) -> Path:
-        say("stage", name="quantize")
+class _Int8Attempts:
+    """Quantization attempts and their measurements. Every attempt is written to the same file
+    (``path``), so after the gate that file and ``latest`` are the attempt that ships: the first,
+    or the last retry."""
+
+    def __init__(self, source: art.Artifact, plan: _Int8Plan, calib, options: QuantizeOptions, tmp: Path,
+                 say: Callable):
+        self.source, self.plan, self.calib, self.options, self.tmp, self.say = source, plan, calib, options, tmp, say
+        self.mode = plan.settings.mode
+        self.path = tmp / "int8" / "int8.onnx"
+        self.cache = tmp / "calibration.json"  # calibrate once; retries reuse the ranges
+        self.candidates: list = []  # the nodes the first attempt quantized (what the gate may keep in float)
+        self.evaluator: Evaluator | None = None
+        self.before: dict = {}  # the fp32 model's metrics
+        self.latest: dict = {}  # the latest attempt's metrics
+
+    def quantize(self, excluded: list[str]) -> Path:
+        """Quantize the plan's float model, keeping its exclusions and ``excluded`` in float."""
+        from .calibration import make_reader
+        from .onnx_int8 import quantize_file
+
+        self.say("stage", name="quantize")
         # In its own directory, so a retry starts clean. Not named model.onnx: ORT saves external
         # data through onnx.save_model, which refuses a location that exists in the current directory.
-        shutil.rmtree(tmp / "int8", ignore_errors=True)
-        (tmp / "int8").mkdir()
-        target = tmp / "int8" / "int8.onnx"
-        reader = make_reader(input_spec.name, calib.batches, say) if mode == "static" else None
-        quantize_file(work, target, settings, base + excluded, reader, cache=cache if mode == "static" else None)
-        return target
+        shutil.rmtree(self.path.parent, ignore_errors=True)
+        self.path.parent.mkdir()
+        static = self.mode == "static"
+        reader = make_reader(self.plan.input_name, self.calib.batches, self.say) if static else None
+        quantize_file(self.plan.work, self.path, self.plan.settings, self.plan.excluded + excluded, reader,
+                      cache=self.cache if static else None)
+        return self.path
 
-    int8 = quantize([])
-    candidates = quantized_nodes(graph, int8, mode)
-    if not candidates:
-        raise WorkFailed("ONNX Runtime quantized nothing in this model (no MatMul, Gemm, Conv or Gather left to "
-                         "quantize — check --exclude); nothing was written")
+    def quantize_first(self) -> None:
+        from .onnx_int8 import quantized_nodes
 
-    say("stage", name="evaluate")
-    evaluator = Evaluator(source, options.split, options.limit)
-    before = evaluator(onnx_predict(fp32, options.threads))
-    first = evaluator(onnx_predict(int8, options.threads))
+        self.quantize([])
+        self.candidates = quantized_nodes(self.plan.graph, self.path, self.mode)
+        if not self.candidates:
+            raise WorkFailed("ONNX Runtime quantized nothing in this model (no MatMul, Gemm, Conv or Gather left to "
+                             "quantize — check --exclude); nothing was written")
 
-    def rank() -> list[dict]:
+    def measure_first(self) -> None:
+        """The task metric of the fp32 model and of the first attempt, on the same split."""
+        self.say("stage", name="evaluate")
+        self.evaluator = Evaluator(self.source, self.options.split, self.options.limit)
+        self.before = self.evaluator(onnx_predict(self.plan.fp32, self.options.threads))
+        self.latest = self.evaluator(onnx_predict(self.path, self.options.threads))
+
+    def rank(self) -> list[dict]:
+        """The first attempt's quantized nodes, worst per-tensor error first (the gate's order of
+        keeping them in float)."""
         from .gate import rank_nodes, tensor_errors
 
-        per_task = gating.RANK_SAMPLES[source.task]
+        per_task = gating.RANK_SAMPLES[self.source.task]
         batches, total = [], 0
-        for batch in calib.batches:  # a few batches: every intermediate tensor is kept in memory
+        for batch in self.calib.batches:  # a few batches: every intermediate tensor is kept in memory
             if total >= per_task:
                 break
             batches.append(batch)
             total += len(batch)
-        rank_dir = tmp / "rank"
+        rank_dir = self.tmp / "rank"
         rank_dir.mkdir(exist_ok=True)
-        return rank_nodes(graph, candidates, tensor_errors(work, int8, mode, input_spec.name, batches, rank_dir))
+        errors = tensor_errors(self.plan.work, self.path, self.mode, self.plan.input_name, batches, rank_dir)
+        return rank_nodes(self.plan.graph, self.candidates, errors)
 
-    last = {"metrics": first}
+    def retry(self, excluded: list[str]) -> dict:
+        """Quantize again with ``excluded`` in float; its metrics."""
+        path = self.quantize(excluded)
+        self.say("stage", name="evaluate")
+        self.latest = self.evaluator(onnx_predict(path, self.options.threads))
+        return self.latest
 
-    def retry(excluded: list[str]) -> dict:
-        path = quantize(excluded)
-        say("stage", name="evaluate")
-        last["metrics"] = evaluator(onnx_predict(path, options.threads))
-        return last["metrics"]
+    def gate(self) -> gating.GateResult:
+        """Apply --max-metric-drop: retries keep the worst nodes in float; a gate still failing
+        after them is a WorkFailed (exit 1, nothing written)."""
+        gate = gating.run_gate(task=self.source.task, limit=self.options.max_metric_drop, before=self.before,
+                               first=self.latest, rank=self.rank, retry=self.retry,
+                               max_retries=self.options.max_retries, progress=self.say)
+        if not gate.passed:
+            raise gating.failure(gate)
+        return gate
 
-    gate = gating.run_gate(task=source.task, limit=options.max_metric_drop, before=before, first=first, rank=rank,
-                           retry=retry, max_retries=options.max_retries, progress=say)
-    if not gate.passed:
-        raise gating.failure(gate)
-    after = last["metrics"]  # the passing attempt: the first, or the last retry
-    # The int8 file is laid out by its own size: one file when it fits (usually: int8 weights are a
-    # quarter of the float ones), model.onnx.data beside it above the export threshold. The checker
-    # and the timing then run on the file that ships.
+
+def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: str, overwrite: bool, tmp: Path,
+               say: Callable) -> QuantizeResult:
+    """ONNX Runtime's dynamic or static int8, in named steps: calibration inputs, the fp32 model
+    (exported here if need be), the plan (pre-processing, scheme, exclusions), the first attempt and
+    its measurement, the accuracy gate (retries), the file that ships, its report, the artifact."""
+    calib = _calibration_inputs(source, options, mode)
+    onnx_artifact, exported = _fp32_artifact(source, options, tmp, say)
+    plan = _plan_int8(onnx_artifact.path / art.ONNX_FILE, tmp, options, mode, say)
+    attempts = _Int8Attempts(source, plan, calib, options, tmp, say)
+    attempts.quantize_first()
+    attempts.measure_first()
+    gate = attempts.gate()
+    final = _shipped_file(attempts.path, tmp)
+    report = _int8_report(source, options, attempts, final, say)
+    section = _quantization_section(plan, options, calib, gate, final, exported)
+    say("stage", name="write")
+    manifest = _write_int8(source, onnx_artifact, out, overwrite, final, options, mode, report, section, gate)
+    return QuantizeResult(out, mode, report, section, gate.as_dict(), manifest)
+
+
+def _calibration_inputs(source: art.Artifact, options: QuantizeOptions, mode: str):
+    """Calibration batches for static quantization and the gate's ranking, else None. Read first:
+    data that does not fit the model is the user's to fix, before any work. (An export made here
+    has symbolic batch and sequence axes, like no fixed input at all.)"""
+    from .calibration import calibration_set, onnx_input
+
+    if not (mode == "static" or options.max_metric_drop is not None):
+        return None
+    fixed = onnx_input(source.path / art.ONNX_FILE) if source.has_onnx else None
+    return calibration_set(source, fixed, samples=options.calib_samples, calib_data=options.calib_data,
+                           target=options.target, seq_len=options.seq_len)
+
+
+def _fp32_artifact(source: art.Artifact, options: QuantizeOptions, tmp: Path,
+                   say: Callable) -> tuple[art.Artifact, dict | None]:
+    """The artifact whose model.onnx is quantized: the source, or (--export) its export into tmp,
+    with how it was exported."""
+    if source.has_onnx:
+        return source, None
+    from ...onnx.export import ExportOptions, export_artifact
+
+    say("stage", name="export")
+    result = export_artifact(source, tmp / "export", ExportOptions(weights=False), threads=options.threads)
+    exported = {"exporter": result.exporter, "opset": result.onnx["opset"],
+                "verify_max_abs_diff": result.verification["max_abs_diff"]}
+    return art.open_artifact(result.path), exported
+
+
+def _shipped_file(int8: Path, tmp: Path) -> Path:
+    """The int8 file laid out by its own size: one file when it fits (usually: int8 weights are a
+    quarter of the float ones), model.onnx.data beside it above the export threshold. The checker
+    and the timing then run on the file that ships."""
+    from ...onnx import files as onnx_files
+    from ...onnx.export import check_onnx_file
+    from ...onnx.exporters import needs_external_data
+
     final = tmp / "final" / art.ONNX_FILE
     final.parent.mkdir()
     onnx_files.place(int8, final, needs_external_data(onnx_files.total_bytes(int8)))
     check_onnx_file(final)  # the ONNX checker's full check, as for every export
+    return final
 
+
+def _int8_report(source: art.Artifact, options: QuantizeOptions, attempts: _Int8Attempts, final: Path,
+                 say: Callable) -> dict:
+    """Before and after side by side: metrics, file sizes and (unless --no-bench) latency."""
+    fp32 = attempts.plan.fp32
     timing = None
     if options.bench:
         say("stage", name="bench")
         cfg = BenchConfig(batch_size=options.bench_batch, warmup=options.warmup, iterations=options.iterations,
                           seq_len=options.seq_len)
-        timing = latency({"before": fp32, "after": final}, source, evaluator, cfg, options.threads, say)
-    report = build_report(source.task, {**before, "file_bytes": model_bytes(fp32)},
-                          {**after, "file_bytes": model_bytes(final)}, timing)
+        timing = latency({"before": fp32, "after": final}, source, attempts.evaluator, cfg, options.threads, say)
+    return build_report(source.task, {**attempts.before, "file_bytes": model_bytes(fp32)},
+                        {**attempts.latest, "file_bytes": model_bytes(final)}, timing)
 
-    scheme_record = scheme.as_dict()
-    if mode == "dynamic" and scheme.activation_type != "uint8":
-        scheme_record.update(activation_type="uint8", name="u8" + scheme.name[2:],
+
+def _quantization_section(plan: _Int8Plan, options: QuantizeOptions, calib, gate: gating.GateResult, final: Path,
+                          exported: dict | None) -> dict:
+    """config.json's "quantization": how the model was quantized and which nodes stayed in float, and why."""
+    from .onnx_int8 import quantized_nodes
+
+    mode = plan.settings.mode
+    scheme_record = plan.scheme.as_dict()
+    if mode == "dynamic" and plan.scheme.activation_type != "uint8":
+        scheme_record.update(activation_type="uint8", name="u8" + plan.scheme.name[2:],
                              note="dynamic quantization computes activations at run time with DynamicQuantizeLinear, which is uint8 only")
-    final_excluded = list(dict.fromkeys(base + gate.excluded))
-    section = {
+    return {
         "mode": mode,
         "format": "QDQ" if mode == "static" else "integer ops (DynamicQuantizeLinear, MatMulInteger)",
         "scheme": scheme_record,
         "per_channel": options.per_channel,
-        "calibration": ({"method": settings.method, **calib.describe()} if mode == "static" else None),
-        "excluded_nodes": final_excluded,
-        "excluded_by": {"sensitive": sensitive, "user": user, "gate": gate.excluded},
-        "quantized_nodes": quantized_nodes(graph, final, mode),
-        "transformer": transformer,
-        "preprocess": preprocess_info,
+        "calibration": ({"method": plan.settings.method, **calib.describe()} if mode == "static" else None),
+        "excluded_nodes": list(dict.fromkeys(plan.excluded + gate.excluded)),
+        "excluded_by": {"sensitive": plan.sensitive, "user": plan.user, "gate": gate.excluded},
+        "quantized_nodes": quantized_nodes(plan.graph, final, mode),
+        "transformer": plan.transformer,
+        "preprocess": plan.preprocess_info,
         **({"exported_for_quantize": exported} if exported else {}),
     }
-    say("stage", name="write")
+
+
+def _write_int8(source: art.Artifact, onnx_artifact: art.Artifact, out: Path, overwrite: bool, final: Path,
+                options: QuantizeOptions, mode: str, report: dict, section: dict, gate: gating.GateResult) -> dict:
+    """The stage-"quantize" artifact, whose parent is ``source``, written whole or not at all; its manifest."""
+    from ...onnx import files as onnx_files
+    from ...onnx.export import onnx_section
+
     with art.atomic_directory(out, overwrite) as staging:
         onnx_files.place(final, staging / art.ONNX_FILE, onnx_files.has_external_data(final))
         previous = onnx_artifact.config.get("onnx") or {}
@@ -377,10 +482,9 @@ def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: 
                                  opset=_opset(staging / art.ONNX_FILE), dtype="int8",
                                  optimize=previous.get("optimize", "basic"), dynamic=tuple(previous.get("dynamic", ())))
         config = {**onnx_artifact.config, "onnx": onnx_meta, "quantization": section}
-        manifest = art.write_metadata(
+        return art.write_metadata(
             staging, config=config, stage="quantize", parent=source, options=_options_record(options, mode),
             metrics=manifest_metrics(report), extra={"report": report, "quantization": section, "gate": gate.as_dict()})
-    return QuantizeResult(out, mode, report, section, gate.as_dict(), manifest)
 
 
 def _opset(path: Path) -> int:
