@@ -230,6 +230,14 @@ class Artifact:
 
         return {TOKENIZER_FILE: self.path / TOKENIZER_FILE} if self.config.get("tokenizer") is not None else {}
 
+    def copy_tokenizer(self, staging: Path) -> None:
+        """Write this artifact's tokenizer.json (the verified bytes) into a derived artifact's staging
+        directory, when it has one."""
+        from .data.tokenizer import MAX_TOKENIZER_BYTES
+
+        for name in self.tokenizer_files():
+            (staging / name).write_bytes(self.read_verified(name, MAX_TOKENIZER_BYTES))
+
     def require_weights(self) -> None:
         if not self.has_weights:
             raise UserError(

@@ -376,6 +376,7 @@ def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: 
         onnx_meta = onnx_section(staging / art.ONNX_FILE, exporter=previous.get("exporter", "unknown"),
                                  opset=_opset(staging / art.ONNX_FILE), dtype="int8",
                                  optimize=previous.get("optimize", "basic"), dynamic=tuple(previous.get("dynamic", ())))
+        onnx_artifact.copy_tokenizer(staging)
         config = {**onnx_artifact.config, "onnx": onnx_meta, "quantization": section}
         manifest = art.write_metadata(
             staging, config=config, stage="quantize", parent=source, options=_options_record(options, mode),
