@@ -72,6 +72,11 @@ class Explainer:
     def __init__(self, artifact: Artifact, through: str = "auto", threads: int | None = None):
         from ..core import hardware
 
+        if artifact.task == "language-modeling" and artifact.config.get("tokenizer") is not None:
+            # Prompts, targets and token segments are still read and shown as bytes here: with a
+            # BPE vocabulary that would explain the wrong ids, so it is refused rather than wrong.
+            raise UserError(f"{artifact.path}: has its own tokenizer (tokenizer.json); explain reads prompts as bytes "
+                            "and supports byte-level language models only for now")
         hardware.set_threads(threads)
         self.artifact = artifact
         self.kind = input_kind(artifact)
