@@ -208,3 +208,13 @@ def test_tokenizer_on_a_classifier(cli, bpe, tmp_path):
     result = cli("train", "--model", "mlp", "--tokenizer", bpe, "--out", tmp_path / "run")
     assert_one_error_line(result, "--tokenizer", "language models")
     assert not (tmp_path / "run").exists()
+
+
+def test_tokenizer_from_a_toml_config(cli, corpus, bpe, tmp_path):
+    config = tmp_path / "train.toml"
+    config.write_text(f'[train]\nmodel = "gpt"\npreset = "nano"\ndata = "text:{corpus}"\ntokenizer = "{bpe}"\n'
+                      'max-steps = 1\nblock-size = 16\nbatch-size = 2\neval-windows = 2\n'
+                      'model-args = {n_layer = 1, n_embd = 32, n_head = 2, block_size = 32}\n')
+    result = cli("train", "--config", config, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["tokenizer"]["vocab_size"] == VOCAB
