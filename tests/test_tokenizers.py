@@ -218,3 +218,13 @@ def test_tokenizer_from_a_toml_config(cli, corpus, bpe, tmp_path):
     result = cli("train", "--config", config, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["tokenizer"]["vocab_size"] == VOCAB
+
+
+def test_explain_shows_the_tokenizers_tokens(cli, bpe_gpt):
+    prompt = "def parse_args(self"
+    result = cli("explain", bpe_gpt, "--prompt", prompt, "--json")
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    texts = [t["text"] for t in r["tokens"]]
+    assert "".join(texts) == prompt and len(texts) < len(prompt.encode())  # BPE tokens, not bytes
+    assert_one_error_line(cli("explain", bpe_gpt, "--prompt", prompt, "--target", "zzqqxxjj"), "--target", "tokens")

@@ -91,9 +91,9 @@ def explain(
         file = Path(text)
         if prompt is None and file.suffix == ".txt" and file.is_file():
             text = file.read_text(encoding="utf-8", errors="replace")
-        raw = read_prompt(text, explainer.context)
+        raw = read_prompt(text, explainer.context, explainer.tokenizer)
         if other is not None:
-            read_prompt(text, other.context)
+            read_prompt(text, other.context, other.tokenizer)
     else:
         raw = read_input(a.data_spec, kind, source, row, opts.pixel_max)
     first = explainer.explain(raw, target, opts)
