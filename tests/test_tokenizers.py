@@ -145,6 +145,13 @@ def test_derived_artifacts_keep_the_tokenizer(cli, bpe_gpt, tmp_path):
     assert (pruned / "tokenizer.json").read_bytes() == (bpe_gpt / "best" / "tokenizer.json").read_bytes()
     assert json.loads((pruned / "config.json").read_text())["tokenizer"]["vocab_size"] == VOCAB
     assert cli("generate", pruned, "--prompt", "x", "--max-new-tokens", "2").exit_code == 0
+    exported, quantized = tmp_path / "onnx", tmp_path / "int8"
+    assert cli("export", bpe_gpt, "--out", exported).exit_code == 0
+    assert cli("quantize", pruned, "--mode", "weight-only", "--out", quantized).exit_code == 0
+    for derived in (exported, quantized):
+        assert (derived / "tokenizer.json").read_bytes() == (bpe_gpt / "best" / "tokenizer.json").read_bytes()
+        r = json.loads(cli("eval", derived, "--json").stdout)
+        assert r["text_bytes"] > r["tokens"]  # read through the tokenizer, not as bytes
 
 
 # ------------------------------------------------------------------ every bad input: one line, exit 2
