@@ -235,3 +235,15 @@ def test_explain_shows_the_tokenizers_tokens(cli, bpe_gpt):
     texts = [t["text"] for t in r["tokens"]]
     assert "".join(texts) == prompt and len(texts) < len(prompt.encode())  # BPE tokens, not bytes
     assert_one_error_line(cli("explain", bpe_gpt, "--prompt", prompt, "--target", "zzqqxxjj"), "--target", "tokens")
+
+
+def test_bytes_per_token_are_exact_even_across_a_cut_character(bpe):
+    from bigmodel_cli.data.tokenizer import open_tokenizer_dir
+
+    tokenizer, _ = open_tokenizer_dir(bpe)
+    text = "naïve café ✓ déjà vu"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.byte_count(ids) == len(text.encode("utf-8"))
+    # a window boundary inside a multi-byte character still counts that character's bytes once
+    assert sum(tokenizer.byte_count([i]) for i in ids) == len(text.encode("utf-8"))

@@ -93,11 +93,54 @@ class HFTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def byte_count(self, ids) -> int:
+        table = self._byte_lengths()
+        if table is not None:
+            return sum(table[int(i)] if 0 <= int(i) < len(table) else 0 for i in ids)
         # Special tokens (end of text) stand for no text of the corpus.
         return len(self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).encode("utf-8"))
 
+    def _byte_lengths(self) -> list[int] | None:
+        """Bytes each id stands for, when the tokenizer is byte-level (GPT-2's scheme: one character
+        of a token per byte), else None. Exact even where a window cuts a multi-byte character,
+        which decoding the window would turn into a 3-byte replacement character."""
+        if not hasattr(self, "_lengths"):
+            self._lengths = byte_level_lengths(self.tokenizer)
+        return self._lengths
+
     def segments(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+
+
+def _gpt2_byte_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character standing for each byte, inverted (char → byte)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def byte_level_lengths(tokenizer) -> list[int] | None:
+    """Bytes of text per id for a tokenizer whose decoder is ByteLevel (special tokens: 0), else None."""
+    if type(tokenizer.decoder).__name__ != "ByteLevel":
+        return None
+    alphabet = _gpt2_byte_chars()
+    lengths = [0] * tokenizer.get_vocab_size(with_added_tokens=True)
+    added = tokenizer.get_added_tokens_decoder()
+    for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
+        if index >= len(lengths):
+            continue
+        if index in added:  # special tokens stand for no text; other added tokens for their own
+            lengths[index] = 0 if added[index].special else len(added[index].content.encode("utf-8"))
+        elif all(ch in alphabet for ch in token):
+            lengths[index] = len(token)
+        else:
+            return None  # not GPT-2's alphabet after all: count by decoding
+    return lengths
 
 
 def _problem(where: str, what: str) -> UserError:
