@@ -247,3 +247,19 @@ def test_bytes_per_token_are_exact_even_across_a_cut_character(bpe):
     assert tokenizer.byte_count(ids) == len(text.encode("utf-8"))
     # a window boundary inside a multi-byte character still counts that character's bytes once
     assert sum(tokenizer.byte_count([i]) for i in ids) == len(text.encode("utf-8"))
+
+
+def test_resume_refuses_a_changed_tokenizer(cli, tmp_path, corpus, bpe):
+    tok = tmp_path / "tok"
+    shutil.copytree(bpe, tok)
+    common = dict(data=f"text:{corpus}", tokenizer=str(tok), max_steps=2, checkpoint_every=1, eval_every=1, **_lm())
+    train(TrainConfig(out=str(tmp_path / "run"), **common))
+    shutil.rmtree(tok)  # the same path now holds another tokenizer (other merges)
+    other = tmp_path / "other.txt"
+    other.write_text("completely different text " * 2000)
+    assert cli("tokenizer", "train", f"text:{other}", "--vocab-size", str(VOCAB), "--out", tok).exit_code == 0
+    args = ["train", "--model", "gpt", "--preset", "nano", "--data", f"text:{corpus}", "--tokenizer", tok,
+            "--max-steps", "2", "--checkpoint-every", "1", "--eval-every", "1", "--block-size", "16",
+            "--batch-size", "4", "--eval-windows", "4", "--seed", "1",
+            "--model-args", json.dumps(common["model_args"]), "--out", tmp_path / "run", "--resume"]
+    assert_one_error_line(cli(*args), "--resume", "tokenizer")
