@@ -263,3 +263,18 @@ def test_resume_refuses_a_changed_tokenizer(cli, tmp_path, corpus, bpe):
             "--batch-size", "4", "--eval-windows", "4", "--seed", "1",
             "--model-args", json.dumps(common["model_args"]), "--out", tmp_path / "run", "--resume"]
     assert_one_error_line(cli(*args), "--resume", "tokenizer")
+
+
+@pytest.mark.parametrize("hostile", ["device", "huge"])
+def test_hostile_tokenizer_file_is_refused_unread(cli, corpus, tmp_path, hostile):
+    directory = tmp_path / "tok"
+    directory.mkdir()
+    if hostile == "device":  # would read forever
+        (directory / "tokenizer.json").symlink_to("/dev/zero")
+        fragment = "not a regular file"
+    else:  # sparse: 1 GiB on paper, nothing on disk
+        with open(directory / "tokenizer.json", "wb") as handle:
+            handle.truncate(1 << 30)
+        fragment = "more than"
+    result = cli("train", "--model", "gpt", "--data", f"text:{corpus}", "--tokenizer", directory, "--out", tmp_path / "run")
+    assert_one_error_line(result, fragment)

@@ -223,6 +223,9 @@ def read_capped(path: Path, limit: int) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UserError(f"{path}: is not a regular file; give a tokenizer directory written by `bigmodel tokenizer train`")
+        if info.st_size > limit:  # refused before reading any of it
+            raise UserError(f"{path}: is {info.st_size:,} bytes, more than the {limit:,} bigmodel reads for it; "
+                            "is it really a tokenizer?")
         data = handle.read(limit + 1)
     if len(data) > limit:
         raise UserError(f"{path}: is more than the {limit:,} bytes bigmodel reads for it; is it really a tokenizer?")
