@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -139,6 +140,49 @@ class Artifact:
             entry["found"] = sha256_file(path / MANIFEST_FILE) == parent.get("sha256")
             parent = manifest.get("parent")
         return chain
+
+    def read_verified(self, name: str, limit: int) -> bytes:
+        """A listed file's bytes, read once (size-capped) and checked against the manifest's sha256,
+        so what is parsed is exactly what was verified, even if the file changed since opening."""
+        entry = self.manifest.get("files", {}).get(name)
+        if entry is None:
+            raise UserError(f"{self.path}: config.json names {name} but the manifest does not list it; re-create the artifact")
+        try:
+            data = read_regular_file(self.path / name, limit)
+        except FileNotFoundError:
+            raise UserError(f"{self.path}: {name} is listed in the manifest but missing; re-create the artifact") from None
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise UserError(f"{self.path / name}: does not match the sha256 in its manifest (corrupt, truncated or "
+                            "edited); re-create the artifact from its parent")
+        return data
+
+    def tokenizer(self):
+        """The language model's tokenizer (data/tokenizer.py): its tokenizer.json, or bytes."""
+        from .data.tokenizer import MAX_TOKENIZER_BYTES, load_tokenizer
+
+        tokenizer = load_tokenizer(self.config, lambda name: self.read_verified(name, MAX_TOKENIZER_BYTES),
+                                   where=str(self.path))
+        rows = self.model_spec.get("vocab_size")
+        if isinstance(rows, int) and tokenizer.vocab_size > rows:
+            raise UserError(f"{self.path}: the tokenizer has {tokenizer.vocab_size:,} tokens but the model's embedding "
+                            f"has {rows:,} rows; re-create the artifact with a model vocabulary of at least "
+                            f"{tokenizer.vocab_size:,}")
+        return tokenizer
+
+    def tokenizer_files(self) -> dict[str, Path]:
+        """Files a derived artifact (pruned, distilled, exported, quantized) carries over so that
+        it reads text as this one does: tokenizer.json when there is one."""
+        from .data.tokenizer import TOKENIZER_FILE
+
+        return {TOKENIZER_FILE: self.path / TOKENIZER_FILE} if self.config.get("tokenizer") is not None else {}
+
+    def copy_tokenizer(self, staging: Path) -> None:
+        """Write this artifact's tokenizer.json (the verified bytes) into a derived artifact's staging
+        directory, when it has one."""
+        from .data.tokenizer import MAX_TOKENIZER_BYTES
+
+        for name in self.tokenizer_files():
+            (staging / name).write_bytes(self.read_verified(name, MAX_TOKENIZER_BYTES))
 
     def require_weights(self) -> None:
         if not self.has_weights:

@@ -53,6 +53,10 @@ def validate_config(config: dict, where: Path) -> None:
     for key in ("quantization", "onnx"):
         if key in config and not isinstance(config[key], (dict, type(None))):
             problems.append(f'"{key}" must be an object')
+    if config.get("tokenizer") is not None:
+        from .data.tokenizer import section_problems
+
+        problems += section_problems(config["tokenizer"])
     if problems:
         raise UserError(f"{where / CONFIG_FILE}: " + "; ".join(problems) + "; re-create the artifact")
 

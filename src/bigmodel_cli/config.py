@@ -66,6 +66,7 @@ class TrainConfig:
     output_size: int | None = None
     data: str | None = None  # None: digits for classifiers, text:stdlib for gpt
     target: str | None = None  # csv class column
+    tokenizer: str | None = None  # language models: a `bigmodel tokenizer train` directory; None = bytes
     # how long
     epochs: int | None = None
     max_steps: int | None = None

@@ -108,6 +108,8 @@ def _register() -> None:
 
     for name, module, function in COMMANDS:
         app.command(name)(getattr(importlib.import_module(f"{__name__}.{module}"), function))
+    # Command groups (a noun with its own verbs).
+    app.add_typer(importlib.import_module(f"{__name__}.tokenizer").app, name="tokenizer")
 
 
 _register()

@@ -16,7 +16,7 @@ _L = "Losses"
 _P = "Report"
 # The student is defined by --student-*, and the teacher's data is the default, so the trainer's
 # model-shaping flags make no sense here.
-_NOT_FOR_DISTILL = ("model", "preset", "model_args", "input_size", "hidden_size", "hidden_sizes", "output_size")
+_NOT_FOR_DISTILL = ("tokenizer", "model", "preset", "model_args", "input_size", "hidden_size", "hidden_sizes", "output_size")
 
 
 @with_train_options(exclude=_NOT_FOR_DISTILL)

@@ -9,7 +9,7 @@ import typer
 from . import console
 from .options import ArtifactArg, BackendOpt, DataOpt, JsonOpt, TargetOpt, ThreadsOpt
 
-_ORDER = ["accuracy", "perplexity", "bits_per_byte", "loss", "samples", "tokens", "params", "nonzero_params",
+_ORDER = ["accuracy", "perplexity", "bits_per_byte", "loss", "samples", "tokens", "text_bytes", "params", "nonzero_params",
           "file_bytes", "latency_ms_p50", "latency_ms_p95", "throughput", "bench_batch", "backend", "provider",
           "device", "threads"]
 

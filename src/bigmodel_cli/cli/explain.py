@@ -128,7 +128,7 @@ def _tokens_text(explanation):
     from ..engine.explain.command import token_segments
     from ..engine.explain.report import token_colour
 
-    segments = token_segments(explanation.input, explanation.values)
+    segments = token_segments(explanation.input, explanation.values, explanation.segments)
     scale = max((abs(s["value"]) for s in segments), default=0.0)
     text = Text()
     for s in segments:

@@ -15,7 +15,7 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Bytes to generate.")] = 200,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely bytes (0: all).")] = 50,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 50,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed: the same seed gives the same text.")] = 0,
     backend: BackendOpt = "auto",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
@@ -40,6 +40,6 @@ def generate(
         return
     where = result["backend"] + (f" ({result['provider']})" if "provider" in result else "")
     note = " · prompt cropped to the model's context" if result["prompt_cropped"] else ""
-    console.note(f"{result['new_tokens']} bytes in {result['seconds']:.2f} s ({result['tokens_per_s']:.1f}/s) on {where}{note}")
+    console.note(f"{result['new_tokens']} tokens in {result['seconds']:.2f} s ({result['tokens_per_s']:.1f}/s) on {where}{note}")
     # Plain print: generated text must not be read as rich markup.
     print(result["prompt"] + result["text"])

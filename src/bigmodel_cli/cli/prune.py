@@ -15,7 +15,7 @@ _P = "Pruning"
 _F = "Fine-tuning (the trainer's options)"
 
 # The model and its data come from the artifact; --finetune-epochs replaces --epochs.
-_NOT_FOR_PRUNE = ("model", "preset", "model_args", "input_size", "hidden_size", "hidden_sizes", "output_size",
+_NOT_FOR_PRUNE = ("tokenizer", "model", "preset", "model_args", "input_size", "hidden_size", "hidden_sizes", "output_size",
                   "data", "target", "epochs", "block_size", "resume")
 
 

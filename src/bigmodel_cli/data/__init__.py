@@ -26,7 +26,7 @@ DATASETS: dict[str, DatasetKind] = {
     "csv": DatasetKind("csv", "csv:PATH --target COLUMN", "classification", "numeric feature columns and a class column"),
     "npz": DatasetKind("npz", "npz:PATH", "classification", "NumPy arrays x (features or images) and y (integer labels)"),
     "synthetic": DatasetKind("synthetic", "synthetic", "classification", "Gaussian clusters shaped to the model (tests, quick checks)"),
-    "text": DatasetKind("text", "text:PATH | text:stdlib", "language-modeling", "byte-level text, memory-mapped; stdlib = this Python's own source"),
+    "text": DatasetKind("text", "text:PATH | text:stdlib", "language-modeling", "text, memory-mapped: bytes, or the model's tokenizer; stdlib = this Python's own source"),
 }
 DEFAULT_SPLIT = {"val": 0.1, "test": 0.1, "seed": 0}
 SPLITS = ("train", "val", "test")
@@ -106,8 +106,9 @@ def check_recorded_path(spec: dict) -> None:
                         f"fingerprint in config.json), so it is not read; pass --data {spec['name']}:PATH to use it")
 
 
-def load_dataset(spec: dict):
-    """A dataset spec (from the CLI or config.json) → ClassificationData or TextData."""
+def load_dataset(spec: dict, tokenizer=None):
+    """A dataset spec (from the CLI or config.json) → ClassificationData or TextData; text is read
+    through ``tokenizer`` (data/tokenizer.py) when one is given, else as bytes."""
     check_recorded_path(spec)
     name = spec.get("name")
     if name == "digits":
@@ -129,5 +130,5 @@ def load_dataset(spec: dict):
     if name == "text":
         from .text import load_text
 
-        return load_text(spec)
+        return load_text(spec, tokenizer)
     raise UserError(f"unknown dataset {name!r} in the data spec; known: {', '.join(DATASETS)}")

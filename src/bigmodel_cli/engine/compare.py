@@ -122,7 +122,8 @@ def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int 
             rows.append({"name": name, "path": str(artifact.path), "stage": artifact.stage,
                          # the file this artifact ships: model.onnx where it has one and ONNX is the runtime
                          **size_stats(artifact, backend=backend), "metric": metric, "value": metrics.get(metric),
-                         "loss": metrics.get("loss"), "backend": runner.name, "provider": runner.detail.get("provider")})
+                         "loss": metrics.get("loss"), "bits_per_byte": metrics.get("bits_per_byte"),
+                         "backend": runner.name, "provider": runner.detail.get("provider")})
             runners.append((runner, task, artifact))
         example = bench_input(first, runners[0][1], BenchConfig(batch_size=bench_batch))
         # keyed by position: two rows may carry the same name
@@ -210,6 +211,11 @@ COLUMNS = [("name", "artifact"), ("stage", "stage"), ("params", "params"), ("non
 
 def columns_for(result: CompareResult) -> list[tuple[str, str]]:
     extra = [("explain_rank_correlation", "explain ρ")] if "explain_rank_correlation" in result.rows[0] else []
+    # Perplexity is per token, so it compares only models with one tokenizer; bits per byte
+    # compares any two language models.
+    if result.metric == "perplexity":
+        at = COLUMNS.index(("value", "metric")) + 1
+        return COLUMNS[:at] + [("bits_per_byte", "bits/byte")] + COLUMNS[at:] + extra
     return COLUMNS + extra
 
 

@@ -62,7 +62,9 @@ def open_data(artifact: Artifact, data_arg: str | None = None, target: str | Non
             if key in spec:
                 new[key] = spec[key]
         spec = new
-    data = load_dataset(spec)
+    # A language model reads text through its own tokenizer (bytes when it has none).
+    tokenizer = artifact.tokenizer() if artifact.task == "language-modeling" else None
+    data = load_dataset(spec, tokenizer)
     if data.task != artifact.task:
         raise UserError(f"--data {data_arg} is {data.task} data but the model does {artifact.task}")
     if data.task == "classification":

@@ -1,4 +1,4 @@
-"""``bigmodel generate``: text from a byte-level language model, on PyTorch or ONNX Runtime.
+"""``bigmodel generate``: text from a language model (its tokenizer, or bytes), on PyTorch or ONNX Runtime.
 
 Every token recomputes the whole (cropped) context: there is no KV cache, on either backend, so
 both run the same computation and, for the same seed, produce the same text. That costs
@@ -104,20 +104,28 @@ def generate_text(artifact: Artifact, cfg: GenerateConfig, progress: Callable[..
     validate(cfg)
     if artifact.task != "language-modeling":
         raise UserError(f"{artifact.path}: is a classifier; use bigmodel predict {artifact.path} INPUT")
+    tokenizer = artifact.tokenizer()  # the artifact's tokenizer.json, or bytes
     vocab = artifact.model_spec.get("vocab_size") or artifact.data_spec.get("vocab_size")
-    if vocab != BYTE_VOCAB:
-        raise UserError(f"{artifact.path}: has a vocabulary of {vocab}; generate reads and writes bytes, so it needs a "
-                        "byte-level model (trained on --data text:...)")
+    if tokenizer.is_byte_level and vocab != BYTE_VOCAB:
+        raise UserError(f"{artifact.path}: has a vocabulary of {vocab} but no tokenizer; generate needs a byte-level "
+                        "model (trained on --data text:...) or one that carries its tokenizer (train --tokenizer DIR)")
     runner = open_backend(artifact, cfg.backend, cfg.device, cfg.threads)
     context, fixed = context_limits(artifact, runner.detail)
-    prompt = list(cfg.prompt.encode("utf-8"))
+    prompt = tokenizer.encode(cfg.prompt)
+    if not prompt:
+        raise UserError("--prompt encodes to no tokens; give some text")
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        # Embedding rows past the tokenizer (a padded vocabulary) are ids no text decodes from.
+        return runner.predict(batch)[..., :tokenizer.vocab_size]
+
     start = time.perf_counter()
-    tokens = generate_tokens(runner.predict, prompt, cfg, context, fixed, progress)
+    tokens = generate_tokens(predict, prompt, cfg, context, fixed, progress)
     seconds = time.perf_counter() - start
     new = tokens[len(prompt):]
     return {
         "artifact": str(artifact.path), "prompt": cfg.prompt,
-        "text": bytes(new).decode("utf-8", errors="replace"), "tokens": new,
+        "text": tokenizer.decode(new), "tokens": new,
         "new_tokens": len(new), "seconds": seconds, "tokens_per_s": len(new) / seconds if seconds else None,
         "context": context, "prompt_cropped": len(prompt) > context,
         "temperature": cfg.temperature, "top_k": cfg.top_k, "seed": cfg.seed,

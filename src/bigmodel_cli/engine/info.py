@@ -75,6 +75,7 @@ def describe(artifact: Artifact) -> dict:
         "task": artifact.task,
         "model": artifact.model_spec,
         "data": {k: v for k, v in artifact.data_spec.items() if k not in ("normalization", "class_names")},
+        **({"tokenizer": artifact.config["tokenizer"]} if artifact.config.get("tokenizer") is not None else {}),
         "files": {name: entry.get("bytes") for name, entry in artifact.manifest.get("files", {}).items()},
         "params": params,
         "nonzero_params": params - zeros,

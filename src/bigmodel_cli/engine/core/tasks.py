@@ -118,15 +118,23 @@ class LanguageModelingTask:
         starts = self.data.eval_starts(split, self.block_size, limit or self.eval_windows)
         if not starts:
             return {"tokens": 0}
-        total, tokens = 0.0, 0
+        total, tokens, text_bytes = 0.0, 0, 0
         for i in range(0, len(starts), batch_size):
             x, y = self.data.windows(starts[i:i + batch_size], self.block_size)
             logp = _log_softmax(predict(x.numpy()))
             y = y.numpy()
             total -= np.take_along_axis(logp, y[..., None], axis=-1).sum()
             tokens += y.size
+            text_bytes += self.data.byte_count(y) if hasattr(self.data, "byte_count") else y.size
         loss = float(total / tokens)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": loss / math.log(2), "tokens": int(tokens)}
+        # Bits per byte: the whole NLL in bits over the UTF-8 bytes of the text it predicted, so
+        # models with different tokenizers compare (byte-level: one byte per token, loss / ln 2).
+        if text_bytes == tokens:
+            bits_per_byte = loss / math.log(2)
+        else:
+            bits_per_byte = float(total / math.log(2) / text_bytes) if text_bytes else None
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": bits_per_byte,
+                "tokens": int(tokens), "text_bytes": int(text_bytes)}
 
 
 def make_task(data, batch_size: int, seed: int = 0, block_size: int | None = None, eval_windows: int = 64):

@@ -94,9 +94,9 @@ def explain(
         file = Path(text)
         if prompt is None and file.suffix == ".txt" and file.is_file():
             text = file.read_text(encoding="utf-8", errors="replace")
-        raw = read_prompt(text, explainer.context)
+        raw = read_prompt(text, explainer.context, explainer.tokenizer)
         if other is not None:
-            read_prompt(text, other.context)
+            read_prompt(text, other.context, other.tokenizer)
     else:
         inputs = read_inputs(source, a.data_spec, opts.pixel_max)
         raw, read_as = inputs.row(row), inputs.to_dict()

@@ -15,13 +15,17 @@ from ...errors import UserError
 SPLITS = ("train", "val", "test")
 
 
-def read_prompt(text: str, context: int | None) -> np.ndarray:
-    """A prompt → byte token ids, checked against the model's context length."""
-    ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+def read_prompt(text: str, context: int | None, tokenizer=None) -> np.ndarray:
+    """A prompt → token ids (the model's tokenizer, else bytes), checked against its context length."""
+    if tokenizer is not None and not tokenizer.is_byte_level:
+        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    else:
+        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
     if len(ids) == 0:
         raise UserError("the prompt is empty; give some text to explain the next-token prediction of")
     if context and len(ids) > int(context):
-        raise UserError(f"the prompt has {len(ids)} tokens (bytes) but the model's context is {context}; shorten it")
+        unit = "tokens" if tokenizer is not None and not tokenizer.is_byte_level else "tokens (bytes)"
+        raise UserError(f"the prompt has {len(ids)} {unit} but the model's context is {context}; shorten it")
     return ids
 
 

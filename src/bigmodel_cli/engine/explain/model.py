@@ -75,6 +75,8 @@ class Explainer:
 
         hardware.set_threads(threads)
         self.artifact = artifact
+        # A language model's prompts, targets and segments go through its tokenizer (bytes without one).
+        self.tokenizer = artifact.tokenizer() if artifact.task == "language-modeling" else None
         self.kind = input_kind(artifact)
         self.spec = artifact.data_spec
         self.notes: list[str] = []
@@ -134,7 +136,7 @@ class Explainer:
 
     def class_name(self, index: int) -> str:
         if self.kind == "tokens":
-            return token_text(index)
+            return token_text(index) if self.tokenizer.is_byte_level else self.tokenizer.segments([index])[0]
         names = self.spec.get("class_names") or []
         return str(names[index]) if index < len(names) else str(index)
 
@@ -142,6 +144,12 @@ class Explainer:
         """--target as a class name or index (classification) or one character (language models)."""
         if target is None:
             return None
+        if self.kind == "tokens" and not self.tokenizer.is_byte_level:
+            ids = self.tokenizer.encode_plain(target)
+            if len(ids) != 1:
+                raise UserError(f"--target {target!r}: is {len(ids)} tokens of this model's tokenizer; a language "
+                                "model's target is the next token, text that encodes to exactly one token")
+            return ids[0]
         if self.kind == "tokens":
             data = target.encode("utf-8")
             if len(data) != 1:
@@ -166,6 +174,9 @@ class Explainer:
         if self.kind != other.kind:
             raise UserError(f"--compare {b.path}: is a {b.task} model with {other.kind} inputs but {a.path} "
                             f"takes {self.kind} inputs; compare models of the same task and input")
+        if self.kind == "tokens" and self.tokenizer.sha256 != other.tokenizer.sha256:
+            raise UserError(f"--compare {b.path}: reads text with a different tokenizer than {a.path}; the same "
+                            "prompt would be different ids, so compare models that share a tokenizer")
         if self.kind != "tokens" and list(a.data_spec.get("input_shape", [])) != list(b.data_spec.get("input_shape", [])):
             raise UserError(f"--compare {b.path}: takes inputs of shape {shape_text(b.data_spec['input_shape'])} but "
                             f"{a.path} takes {shape_text(a.data_spec['input_shape'])}; compare models of the same data")
@@ -289,7 +300,15 @@ class Explainer:
             target_name=self.class_name(target), prediction=prediction, prediction_name=self.class_name(prediction),
             target_probability=float(probs[target]), score=result.score, baseline_score=result.baseline_score,
             completeness_gap=gap, values=values, input=raw, feature_names=self._feature_names(), notes=notes,
+            segments=self._segments(raw),
         )
+
+    def _segments(self, raw: np.ndarray) -> list[str] | None:
+        """Each token's own text, for a model with a tokenizer (byte-level ones group bytes into
+        characters when shown, see token_segments)."""
+        if self.kind != "tokens" or self.tokenizer.is_byte_level:
+            return None
+        return self.tokenizer.segments([int(i) for i in raw])
 
     def _feature_names(self) -> list[str] | None:
         if self.kind != "tabular":
@@ -306,7 +325,7 @@ def _token_embedding(model, artifact: Artifact):
     emb = getattr(model, "tok_emb", None)
     if isinstance(emb, nn.Embedding):
         return emb
-    vocab = artifact.data_spec.get("vocab_size", 256)
+    vocab = artifact.model_spec.get("vocab_size") or artifact.data_spec.get("vocab_size", 256)  # rows, padded or not
     for module in model.modules():
         if isinstance(module, nn.Embedding) and module.num_embeddings == vocab:
             return module

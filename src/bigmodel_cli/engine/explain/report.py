@@ -184,7 +184,7 @@ def token_colour(value: float, scale: float) -> tuple[int, int, int, float]:
 
 
 def _token_block(e: Explanation) -> str:
-    segments = token_segments(e.input, e.values)
+    segments = token_segments(e.input, e.values, e.segments)
     scale = max((abs(s["value"]) for s in segments), default=0.0)
     spans = []
     for s in segments:

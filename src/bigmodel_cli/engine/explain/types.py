@@ -81,6 +81,7 @@ class Explanation:
     input: np.ndarray  # raw input (tokens: byte ids)
     feature_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    segments: list[str] | None = None  # tokens with a tokenizer: each token's text (None: byte ids)
 
     @property
     def attribution_sum(self) -> float:
@@ -93,7 +94,7 @@ class Explanation:
             "completeness_gap")}
         d["attribution_sum"] = self.attribution_sum
         if self.kind == "tokens":
-            d["tokens"] = token_segments(self.input, self.values)
+            d["tokens"] = token_segments(self.input, self.values, self.segments)
         else:
             d["input"] = self.input.tolist()
             d["attributions"] = self.values.tolist()
@@ -134,9 +135,11 @@ def token_text(token: int) -> str:
     return f"\\x{token:02x}"
 
 
-def token_segments(ids: np.ndarray, values: np.ndarray) -> list[dict]:
+def token_segments(ids: np.ndarray, values: np.ndarray, texts: list[str] | None = None) -> list[dict]:
     """Byte tokens grouped into characters (a UTF-8 character is several bytes), each with the sum
-    of its bytes' attributions."""
+    of its bytes' attributions; with ``texts`` (a tokenizer's tokens), one segment per token."""
+    if texts is not None:
+        return [{"text": text, "start": i, "end": i + 1, "value": float(values[i])} for i, text in enumerate(texts)]
     data = bytes(int(i) & 0xFF for i in ids)
     segments, i = [], 0
     while i < len(data):

@@ -281,6 +281,7 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
             shutil.copyfile(artifact.path / art.WEIGHTS_FILE, staging / art.WEIGHTS_FILE)
             if (artifact.path / art.MODEL_CODE_FILE).is_file():
                 shutil.copyfile(artifact.path / art.MODEL_CODE_FILE, staging / art.MODEL_CODE_FILE)
+        artifact.copy_tokenizer(staging)  # config.json keeps the tokenizer section
         config = {**artifact.config, "onnx": section}
         say("stage", name="write")
         manifest = art.write_metadata(

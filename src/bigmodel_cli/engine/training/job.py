@@ -155,7 +155,31 @@ def input_paths(cfg: TrainConfig, data_arg: str | None) -> list[str]:
         paths.append(arg)
     if ":" in cfg.model and cfg.model.split(":")[0].endswith(".py"):
         paths.append(cfg.model.split(":")[0])
+    if cfg.tokenizer:
+        paths.append(cfg.tokenizer)
     return paths
+
+
+def open_training_tokenizer(cfg: TrainConfig, arch_task: str | None):
+    """--tokenizer's tokenizer (data/tokenizer.py) and its tokenizer.json path, or (None, None) for bytes."""
+    if not cfg.tokenizer:
+        return None, None
+    if arch_task not in (None, "language-modeling"):
+        raise UserError(f"--tokenizer is for language models, but --model {cfg.model} is a {arch_task} model; "
+                        "drop --tokenizer or train a language model (--model gpt)")
+    from ...data.tokenizer import TOKENIZER_FILE, open_tokenizer_dir
+
+    tokenizer, _ = open_tokenizer_dir(cfg.tokenizer)
+    return tokenizer, Path(cfg.tokenizer) / TOKENIZER_FILE
+
+
+def check_vocab_fits(spec: dict, tokenizer) -> None:
+    """The model needs an embedding row for every token id the tokenizer can produce."""
+    rows = spec.get("vocab_size")
+    if isinstance(rows, int) and rows < tokenizer.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size:,} tokens but the model's vocab_size is {rows:,}; "
+                        f"drop vocab_size from --model-args (it is sized from the tokenizer) or set it to at least "
+                        f"{tokenizer.vocab_size:,}")
 
 
 def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob:
@@ -166,10 +190,16 @@ def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob
 
     if not cfg.resume and launcher.env_rank() == 0:  # other ranks would race rank 0 creating it
         art.check_output(cfg.out, cfg.overwrite, input_paths(cfg, data_arg), lock_probe=lock is not None)
-    data = load_dataset(parse_data_arg(data_arg, cfg.target, **_synthetic_shape(overrides)))
+    arch_task = None if names_model_file(cfg.model) else get_arch(cfg.model).task
+    tokenizer, tokenizer_path = open_training_tokenizer(cfg, arch_task)
+    data = load_dataset(parse_data_arg(data_arg, cfg.target, **_synthetic_shape(overrides)), tokenizer)
+    if tokenizer is not None and data.task != "language-modeling":
+        raise UserError(f"--tokenizer is for language models, but --data {data_arg} is {data.task} data; drop --tokenizer")
     if data.task == "classification":
         data.check_trainable()
     spec = resolve_model(cfg, data, overrides)
+    if tokenizer is not None:
+        check_vocab_fits(spec, tokenizer)
     block_size = None
     if data.task == "language-modeling":
         limit = spec.get("block_size")
@@ -187,6 +217,10 @@ def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob
     data_spec = dict(data.spec)
     if block_size:
         data_spec["block_size"] = block_size
-    config = art.new_config(data.task, spec, data_spec)
+    extra = {}
+    if tokenizer is not None:  # the artifact carries its tokenizer (data/tokenizer.py's contract)
+        extra["tokenizer"] = tokenizer.section
+        extra_files[tokenizer_path.name] = tokenizer_path
+    config = art.new_config(data.task, spec, data_spec, **extra)
     return TrainJob(cfg=cfg, model=model, data=data, task=task, artifact_config=config, extra_files=extra_files,
                     lock=lock)

@@ -21,7 +21,11 @@ RESUME_MAY_CHANGE = {"resume", "overwrite", "threads", "keep_checkpoints", "devi
 
 def run_fingerprint(job) -> dict:
     options = {k: v for k, v in asdict(job.cfg).items() if k not in RESUME_MAY_CHANGE}
-    return {"options": options, "model": job.artifact_config["model"], "stage": job.stage}
+    record = {"options": options, "model": job.artifact_config["model"], "stage": job.stage}
+    tokenizer = getattr(job.data, "spec", {}).get("tokenizer_sha256")
+    if tokenizer:  # the same --tokenizer path could hold another tokenizer by now
+        record["tokenizer_sha256"] = tokenizer
+    return record
 
 
 def check_resume(job) -> Path:
@@ -36,6 +40,9 @@ def check_resume(job) -> Path:
     if changed:
         detail = ", ".join(f"{k} ({previous['options'].get(k)!r} → {record['options'].get(k)!r})" for k in changed)
         raise UserError(f"--resume: options differ from the run being resumed: {detail}; resume with the same options")
+    if previous.get("tokenizer_sha256") != record.get("tokenizer_sha256"):
+        raise UserError("--resume: the tokenizer is not the one the run started with (its tokenizer.json changed); "
+                        "resume with the original tokenizer or start a new run")
     return run_dir
 
 

@@ -306,10 +306,13 @@ def _prepare_distill(cfg: DistillConfig) -> DistillPlan:
     extra_files = {}
     if spec["arch"] == USER_ARCH:  # a user-model student carries its code, like the artifact it came from
         extra_files[art.MODEL_CODE_FILE] = source_artifact.path / art.MODEL_CODE_FILE
+    # The student reads text with the teacher's tokenizer (their logits are compared id by id).
+    extra_files.update(teacher.tokenizer_files())
+    tokenizer_extra = {"tokenizer": teacher.config["tokenizer"]} if teacher.config.get("tokenizer") is not None else {}
     data_spec = dict(data.spec)
     if block_size:
         data_spec["block_size"] = block_size
-    config = art.new_config(data.task, spec, data_spec)
+    config = art.new_config(data.task, spec, data_spec, **tokenizer_extra)
     teacher_params, student_params = count_parameters(teacher_model), count_parameters(student)
     record = {
         "teacher": art.parent_ref(teacher), "student": source,

@@ -277,6 +277,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     targets = cubic_schedule(cfg.target, cfg.steps)[1:]
     head_targets = cubic_schedule(cfg.head_sparsity, cfg.steps)[1:]
     files = {art.MODEL_CODE_FILE: artifact.path / art.MODEL_CODE_FILE} if is_user else {}
+    files.update(artifact.tokenizer_files())  # the pruned model reads text as its parent does
     before = measure.task_metrics(task, dense, cfg.split)
 
     schedule: list[dict] = []

@@ -132,11 +132,11 @@ def _lm_windows(artifact: Artifact, calib_data: str | None, samples: int, window
                             "give text:PATH (a text file or a directory of them)")
         new["split"] = {"val": 0.0, "test": 0.0}  # all of the user's calibration text is used
         spec, source = new, f"--calib-data {calib_data}"
-    data = load_dataset(spec)
+    data = load_dataset(spec, artifact.tokenizer())
     available = data.split_size("train")
     if available < window + 1:
         where = f"--calib-data {calib_data}" if calib_data else "the training split"
-        raise UserError(f"{where} has {available} bytes, fewer than one calibration window of {window + 1}; "
+        raise UserError(f"{where} has {available} {data.unit}, fewer than one calibration window of {window + 1}; "
                         "give more text (or a smaller --seq-len)")
     starts = data.window_starts("train", samples, window, torch.Generator().manual_seed(seed))
     x, _ = data.windows(starts, window)

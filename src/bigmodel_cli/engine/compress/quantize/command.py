@@ -481,6 +481,7 @@ def _write_int8(source: art.Artifact, onnx_artifact: art.Artifact, out: Path, ov
         onnx_meta = onnx_section(staging / art.ONNX_FILE, exporter=previous.get("exporter", "unknown"),
                                  opset=_opset(staging / art.ONNX_FILE), dtype="int8",
                                  optimize=previous.get("optimize", "basic"), dynamic=tuple(previous.get("dynamic", ())))
+        onnx_artifact.copy_tokenizer(staging)
         config = {**onnx_artifact.config, "onnx": onnx_meta, "quantization": section}
         return art.write_metadata(
             staging, config=config, stage="quantize", parent=source, options=_options_record(options, mode),

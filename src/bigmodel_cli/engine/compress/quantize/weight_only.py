@@ -160,6 +160,7 @@ def quantize_weights(source, out, options, overwrite: bool, tmp, say, options_re
         shutil.copyfile(weights, staging / art.WEIGHTS_FILE)
         if (source.path / art.MODEL_CODE_FILE).is_file():
             shutil.copyfile(source.path / art.MODEL_CODE_FILE, staging / art.MODEL_CODE_FILE)
+        source.copy_tokenizer(staging)
         manifest = art.write_metadata(
             staging, config={**config_base, "quantization": section}, stage="quantize", parent=source,
             options=options_record, metrics={**manifest_metrics(report), "output_max_abs_diff": error["max_abs_diff"],
