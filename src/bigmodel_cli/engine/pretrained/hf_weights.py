@@ -125,7 +125,10 @@ def plan_tensors(model_type: str, tensors: dict[str, SourceTensor], spec: dict, 
                             f"({', '.join(DTYPES)}); quantized checkpoints (GPTQ, AWQ, bitsandbytes) are not supported")
     stored = sum(math.prod(t.shape) for t in tensors.values())
     wanted = parameter_count(spec)
-    if wanted > stored:  # before building even a meta model of a size the weights cannot back
+    # Before building even a meta model: one far bigger than the weights (a hostile or wrong config)
+    # is refused from the headers alone. Within a factor of two, the tensor-by-tensor check below
+    # names exactly what is missing or mis-shaped.
+    if wanted > 2 * stored:
         raise UserError(f"{where}: config.json describes {wanted:,} parameters but the weights hold {stored:,}; "
                         "config.json and the weights do not belong together")
     with torch.device("meta"):
