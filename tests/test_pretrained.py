@@ -4,6 +4,7 @@ must give transformers' own logits, and every bad checkpoint is one line, exit 2
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -274,3 +275,31 @@ def test_absurd_sizes_are_refused_before_allocation(checkpoints, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error:") and "do not belong together" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- the llama spec and the gpt flag -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"n_head": 4, "n_kv_head": 3}, "multiple of n_kv_head 3"),
+    ({"n_embd": 36, "n_head": 4}, "head_dim 9 must be even"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2}}, "rope_type linear or llama3"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8}}, "needs positive numbers for low_freq_factor"),
+    ({"norm_eps": 0}, "norm_eps must be a positive number"),
+])
+def test_llama_spec_problems_are_one_line(overrides, fragment):
+    from bigmodel_cli.errors import UserError
+    from bigmodel_cli.models import resolve_spec
+
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        resolve_spec("llama", "tiny", overrides)
+
+
+def test_gpt_without_activation_key_keeps_exact_gelu():
+    """Artifacts written before the flag existed have no "activation": they load as exact GELU."""
+    from bigmodel_cli.models import build_model, resolve_spec
+
+    spec = resolve_spec("gpt", "nano")
+    assert spec.pop("activation") == "gelu"
+    assert build_model(spec).blocks[0].mlp.approximate == "none"
+    assert build_model({**spec, "activation": "gelu_tanh"}).blocks[0].mlp.approximate == "tanh"
