@@ -79,7 +79,7 @@ def _compile(template: str) -> re.Pattern:
     return re.compile(re.escape(template).replace(re.escape("{i}"), r"(\d+)"))
 
 
-def our_name(model_type: str, name: str) -> tuple[str, bool] | None:
+def our_name(model_type: str, name: str, where: str = "checkpoint") -> tuple[str, bool] | None:
     """(our name, transposed) for a source tensor name; None for a buffer that is not a weight.
     Raises UserError for a name no rule knows."""
     stripped = name.removeprefix("transformer.") if model_type == "gpt2" else name
@@ -90,7 +90,7 @@ def our_name(model_type: str, name: str) -> tuple[str, bool] | None:
         match = _compile(hf).fullmatch(stripped)
         if match:
             return ours.replace("{i}", match.group(1)) if match.groups() else ours, transpose
-    raise UserError(f"tensor {name} is not part of a {model_type} model; the checkpoint does not match its "
+    raise UserError(f"{where}: tensor {name} is not part of a {model_type} model; the checkpoint does not match its "
                     "config.json's model_type")
 
 
@@ -138,7 +138,7 @@ def plan_tensors(model_type: str, tensors: dict[str, SourceTensor], spec: dict, 
         expected.pop("lm_head.weight")  # restored by the model's own tying on load
     planned: dict[str, Planned] = {}
     for tensor in tensors.values():
-        mapped = our_name(model_type, tensor.name)
+        mapped = our_name(model_type, tensor.name, where)
         if mapped is None:
             continue
         target, transpose = mapped
