@@ -75,8 +75,9 @@ def read_json(path: Path, required: bool = True) -> dict | None:
     return data
 
 
-def weight_files(src: Path) -> tuple[list[Path], Path | None]:
-    """(the safetensors files, the index when sharded). Pickle checkpoints are refused unopened."""
+def weight_files(src: Path) -> tuple[list[Path], dict | None]:
+    """(the safetensors files, the index's weight_map when sharded). Pickle checkpoints are refused
+    unopened."""
     if (src / SINGLE_FILE).exists():
         return [_regular(src / SINGLE_FILE)], None
     if (src / INDEX_FILE).exists():
@@ -88,7 +89,7 @@ def weight_files(src: Path) -> tuple[list[Path], Path | None]:
         bad = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
         if bad:  # a shard is a file beside the index, never a path elsewhere
             raise UserError(f"{src / INDEX_FILE}: lists {bad[0]!r}, which is not a .safetensors file in this directory")
-        return [_regular(src / n) for n in names], src / INDEX_FILE
+        return [_regular(src / n) for n in names], weight_map
     pickles = sorted(p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise UserError(f"{src}: holds only pickle weights ({', '.join(pickles[:2])}), which bigmodel never loads (unpickling "
@@ -111,9 +112,8 @@ def _regular(path: Path) -> Path:
     return path
 
 
-def check_index(index: Path, tensors: dict, where: str) -> None:
+def check_index(weight_map: dict, tensors: dict, where: str) -> None:
     """The index and the shards' own headers must agree tensor for tensor."""
-    weight_map = read_json(index)["weight_map"]
     for name, tensor in tensors.items():
         if weight_map.get(name) != tensor.file.name:
             raise UserError(f"{where}: tensor {name} is in {tensor.file.name} but {INDEX_FILE} says "
@@ -199,17 +199,17 @@ def import_checkpoint(source: Path | str, out: Path | str, dtype: str | None = N
     hf = read_json(src / "config.json")
     where = str(src)
     spec, notes = to_spec(hf, where)
-    files, index = weight_files(src)
+    files, weight_map = weight_files(src)
     tensors = read_headers(files, where)
-    if index is not None:
-        check_index(index, tensors, where)
+    if weight_map is not None:
+        check_index(weight_map, tensors, where)
     planned = plan_tensors(hf["model_type"], tensors, spec, FLAG_DTYPES.get(dtype), where)
     tokenizer, tokenizer_files, tokenizer_bytes = tokenizer_section(src, spec)
     if tokenizer is None:
         notes.append(f"no {TOKENIZER_FILE} in {src}: the artifact has no tokenizer, so text is fed to it as bytes; "
                      "save the tokenizer with transformers (AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)) and import again")
     art.check_output(out, overwrite, inputs=[src])
-    read = ["config.json", *([index.name] if index else []), *(f.name for f in files), *tokenizer_files]
+    read = ["config.json", *([INDEX_FILE] if weight_map is not None else []), *(f.name for f in files), *tokenizer_files]
     record = {"format": "huggingface", "path": str(src.resolve()), "model_type": hf["model_type"],
               "files": {name: {"bytes": (src / name).stat().st_size, "sha256": art.sha256_file(src / name)}
                         for name in dict.fromkeys(read)}}
