@@ -143,22 +143,10 @@ def tokenizer_section(src: Path, spec: dict) -> tuple[dict | None, list[str], by
     """config.json's "tokenizer" section (the contract in docs/pretrained.md), the files read for
     it and tokenizer.json's bytes (read once: the copy is what was checked); (None, [], b"") when
     the checkpoint has no tokenizer.json."""
-    path = src / TOKENIZER_FILE
-    if not path.exists():
+    if not (src / TOKENIZER_FILE).exists():
         return None, [], b""
-    from tokenizers import Tokenizer
-
-    raw = art.read_regular_file(path, MAX_TOKENIZER_BYTES)
-    try:
-        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
-    except UserError:
-        raise
-    except Exception as exc:  # the tokenizers library raises its own exception type
-        raise UserError(f"{path}: is not a tokenizer the tokenizers library reads ({exc}); the checkpoint is damaged") from None
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    if vocab > spec["vocab_size"]:
-        raise UserError(f"{path}: has {vocab:,} tokens but the model embeds only {spec['vocab_size']:,}; "
-                        "the tokenizer and the weights do not belong together")
+    raw = art.read_regular_file(src / TOKENIZER_FILE, MAX_TOKENIZER_BYTES)
+    tokenizer = _parse_tokenizer(src / TOKENIZER_FILE, raw, spec["vocab_size"])
     read = [TOKENIZER_FILE]
     config: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
@@ -169,18 +157,39 @@ def tokenizer_section(src: Path, spec: dict) -> tuple[dict | None, list[str], by
     generation = read_json(src / "generation_config.json", required=False) or {}
     if generation:
         read.append("generation_config.json")
-    tokens = {key: _token(config.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    for key in ("bos_token", "eos_token", "pad_token"):
-        token_id = generation.get(f"{key}_id")
-        token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
-        if tokens[key] is None and isinstance(token_id, int) and not isinstance(token_id, bool):
-            tokens[key] = tokenizer.id_to_token(token_id)
     if (src / "chat_template.jinja").exists():
         read.append("chat_template.jinja")
-    section = {"file": TOKENIZER_FILE, "vocab_size": vocab, **tokens,
+    section = {"file": TOKENIZER_FILE, "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+               **_special_tokens(config, generation, tokenizer),
                "add_bos_token": bool(config.get("add_bos_token", False)),
                "chat_template": _chat_template(src, config)}
     return section, read, raw
+
+
+def _parse_tokenizer(path: Path, raw: bytes, model_vocab: int):
+    """The tokenizer in ``raw`` (tokenizer.json), checked to fit the model's embedding."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as exc:  # the tokenizers library raises its own exception type
+        raise UserError(f"{path}: is not a tokenizer the tokenizers library reads ({exc}); the checkpoint is damaged") from None
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if vocab > model_vocab:
+        raise UserError(f"{path}: has {vocab:,} tokens but the model embeds only {model_vocab:,}; "
+                        "the tokenizer and the weights do not belong together")
+    return tokenizer
+
+
+def _special_tokens(config: dict, generation: dict, tokenizer) -> dict:
+    """bos/eos/pad/unk as strings: from the tokenizer's config, else from generation_config's ids."""
+    tokens = {key: _token(config.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        token_id = generation.get(f"{key}_id")
+        token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id  # several eos: the first
+        if tokens[key] is None and isinstance(token_id, int) and not isinstance(token_id, bool):
+            tokens[key] = tokenizer.id_to_token(token_id)
+    return tokens
 
 
 def data_section(spec: dict) -> dict:
