@@ -309,3 +309,15 @@ def test_gpt_without_activation_key_keeps_exact_gelu():
     assert spec.pop("activation") == "gelu"
     assert build_model(spec).blocks[0].mlp.approximate == "none"
     assert build_model({**spec, "activation": "gelu_tanh"}).blocks[0].mlp.approximate == "tanh"
+
+
+def test_output_policy_is_every_command_s(cli, checkpoints, tmp_path):
+    """An existing --out needs --overwrite; the checkpoint itself is never an output."""
+    source = copy_checkpoint(checkpoints, tmp_path)
+    out = imported(cli, source, tmp_path / "art")
+    assert_one_error_line(cli("import", source, "--out", out), "--overwrite")
+    imported(cli, source, out, "--overwrite")
+    before = sorted(p.name for p in source.iterdir())
+    result = cli("import", source, "--out", source, "--overwrite")
+    assert result.exit_code == 2 and result.stderr.startswith("error:")
+    assert sorted(p.name for p in source.iterdir()) == before
