@@ -321,3 +321,15 @@ def test_output_policy_is_every_command_s(cli, checkpoints, tmp_path):
     result = cli("import", source, "--out", source, "--overwrite")
     assert result.exit_code == 2 and result.stderr.startswith("error:")
     assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_runtime_never_imports_transformers():
+    """transformers is the tests' reference only (dev extra); the package must not need it."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "bigmodel_cli"
+    for file in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "transformers" for n in names), file
