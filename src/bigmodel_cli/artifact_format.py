@@ -24,7 +24,7 @@ ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = ONNX_FILE + ".data"
 MODEL_CODE_FILE = "model.py"  # a copy of the user's model file, for --model FILE.py:Class
 TASKS = ("classification", "language-modeling")
-STAGES = ("train", "prune", "distill", "quantize", "export")
+STAGES = ("train", "prune", "distill", "quantize", "export", "import")
 # Entries bigmodel itself may keep in an artifact directory that are not part of the artifact
 # (the output lock, for one): hidden names starting with this are neither listed nor refused.
 PRIVATE_PREFIX = ".bigmodel"

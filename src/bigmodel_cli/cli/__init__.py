@@ -90,6 +90,7 @@ COMMANDS = [
     ("quantize", "quantize", "quantize"),
     ("distill", "distill", "distill"),
     ("export", "export", "export"),
+    ("import", "import_model", "import_command"),
     ("run", "run", "run"),
     ("compare", "compare", "compare"),
     ("plot", "compare", "plot"),

@@ -11,7 +11,7 @@ from .options import JsonOpt, parse_json_object
 
 
 def estimate(
-    model: Annotated[str, typer.Option("--model", "-m", help="mlp, cnn or gpt.")] = "gpt",
+    model: Annotated[str, typer.Option("--model", "-m", help="mlp, cnn, gpt or llama.")] = "gpt",
     preset: Annotated[Optional[str], typer.Option("--preset", help="Named size, e.g. 7b.")] = None,
     model_args: Annotated[Optional[str], typer.Option("--model-args", help="JSON overrides of model arguments.")] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, fp16 or int8 weights/activations.")] = "bf16",

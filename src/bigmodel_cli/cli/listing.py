@@ -23,7 +23,7 @@ def models(json_out: JsonOpt = False) -> None:
                                          ["model", "preset", "params", "architecture"],
                                          [(r["arch"], r["preset"] + (" *" if r["default"] else ""), human_count(r["params"]),
                                            r["summary"] if r["default"] else "") for r in rows]))
-    console.note("* default preset. mlp/cnn counts are for digits-sized inputs; gpt for the byte vocabulary where it is 256.")
+    console.note("* default preset. mlp/cnn counts are for digits-sized inputs; gpt and llama for the byte vocabulary where it is 256.")
 
 
 def datasets(json_out: JsonOpt = False) -> None:

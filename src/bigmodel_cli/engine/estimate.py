@@ -11,7 +11,7 @@ logits; other models sum the outputs of their leaf modules.
 from __future__ import annotations
 
 from ..errors import UserError
-from ..models import build_model, count_parameters, resolve_spec
+from ..models import LM_ARCHS, build_model, count_parameters, resolve_spec
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 
@@ -53,7 +53,7 @@ def estimate(arch: str, preset: str | None = None, overrides: dict | None = None
         model = build_model(spec)
     params = count_parameters(model)
     b = BYTES[precision]
-    if spec["arch"] == "gpt":
+    if spec["arch"] in LM_ARCHS:
         seq = seq_len or spec["block_size"]
         if seq > spec["block_size"]:
             raise UserError(f"--seq-len {seq} is longer than the model's context ({spec['block_size']})")
@@ -77,7 +77,7 @@ def estimate(arch: str, preset: str | None = None, overrides: dict | None = None
         "model": spec,
         "precision": precision,
         "batch_size": batch_size,
-        "seq_len": seq_len if spec["arch"] != "gpt" else (seq_len or spec["block_size"]),
+        "seq_len": seq_len if spec["arch"] not in LM_ARCHS else (seq_len or spec["block_size"]),
         "params": params,
         "weight_bytes": weights,
         "train": {

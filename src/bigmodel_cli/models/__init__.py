@@ -49,7 +49,11 @@ ARCHS: dict[str, Arch] = {
     "mlp": Arch("mlp", "classification", "mlp", "MLPConfig", "MLP", "input → (Linear, ReLU)×N → classes"),
     "cnn": Arch("cnn", "classification", "cnn", "CNNConfig", "CNN", "(Conv3×3, ReLU, MaxPool)×N → Linear head"),
     "gpt": Arch("gpt", "language-modeling", "gpt", "GPTConfig", "GPT", "decoder-only transformer LM (pre-LN, causal SDPA, GELU)"),
+    "llama": Arch("llama", "language-modeling", "llama", "LlamaConfig", "Llama",
+                  "Llama-family LM (RMSNorm, RoPE, SwiGLU, grouped-query attention)"),
 }
+# The language models: token ids in, next-token logits out, a context of ``block_size``.
+LM_ARCHS = ("gpt", "llama")
 USER_ARCH = "user"
 
 
@@ -70,16 +74,47 @@ def _check_value(name: str, value: Any, problems: list[str]) -> None:
         if not isinstance(value, (int, float)) or not 0 <= value < 1:
             problems.append(f"model {name} must be in [0, 1), got {value!r}")
         return
-    if name in ("bias", "tie_weights"):
+    if name in ("bias", "tie_weights", "qkv_bias"):
         if not isinstance(value, bool):
             problems.append(f"model {name} must be true or false, got {value!r}")
         return
+    if name in ("rope_theta", "norm_eps"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            problems.append(f"model {name} must be a positive number, got {value!r}")
+        return
+    if name == "activation":
+        if value not in GPT_ACTIVATIONS:
+            problems.append(f"model activation must be one of {', '.join(GPT_ACTIVATIONS)}, got {value!r}")
+        return
+    if name == "rope_scaling":
+        problems += rope_scaling_problems(value)
+        return
     for item in values:
-        if value is None and name in ("head_dim", "mlp_hidden"):
+        if value is None and name in ("head_dim", "mlp_hidden", "n_kv_head"):
             continue
         if isinstance(item, bool) or not isinstance(item, int) or item <= 0:
             problems.append(f"model {name} must be a positive integer{' list' if isinstance(value, list) else ''}, got {value!r}")
             return
+
+
+GPT_ACTIVATIONS = ("gelu", "gelu_tanh")  # exact GELU (ours), tanh approximation (GPT-2's "gelu_new")
+# The keys each RoPE scaling needs (models/llama.py computes them as transformers does)
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_scaling_problems(value: Any) -> list[str]:
+    """What is wrong with a llama rope_scaling value (None, or an object naming a known type)."""
+    if value is None:
+        return []
+    kind = value.get("rope_type") if isinstance(value, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        return [f"model rope_scaling must be null or an object with rope_type {' or '.join(ROPE_SCALING_KEYS)}, got {value!r}"]
+    bad = [key for key in ROPE_SCALING_KEYS[kind] if isinstance(value.get(key), bool)
+           or not isinstance(value.get(key), (int, float)) or not 0 < value[key] < math.inf]
+    if kind == "llama3" and not bad and value["high_freq_factor"] == value["low_freq_factor"]:
+        bad = ["high_freq_factor (must differ from low_freq_factor)"]
+    return [f"model rope_scaling {kind} needs positive numbers for {', '.join(bad)}"] if bad else []
 
 
 def resolve_spec(
@@ -125,10 +160,26 @@ def validate_spec(spec: dict) -> None:
         n_embd, n_head = (spec.get(k, fields[k].default) for k in ("n_embd", "n_head"))  # a missing size: its default
         if n_embd % n_head and spec.get("head_dim") is None:
             problems.append(f"gpt n_embd {n_embd} must be divisible by n_head {n_head}")
+    if arch.name == "llama" and not problems:
+        problems += _llama_problems(spec, fields)
     if not problems:
         problems += _size_problems(spec)
     if problems:
         raise ConfigErrors(problems, "model configuration")
+
+
+def _llama_problems(spec: dict, fields: dict) -> list[str]:
+    n_embd, n_head = (spec.get(k, fields[k].default) for k in ("n_embd", "n_head"))
+    n_kv_head, head_dim = spec.get("n_kv_head") or n_head, spec.get("head_dim")
+    problems = []
+    if head_dim is None and n_embd % n_head:
+        problems.append(f"llama n_embd {n_embd} must be divisible by n_head {n_head} (or give head_dim)")
+    if n_head % n_kv_head:
+        problems.append(f"llama n_head {n_head} must be a multiple of n_kv_head {n_kv_head} (each key/value head "
+                        "serves a whole group of query heads)")
+    if (head_dim or n_embd // n_head) % 2:
+        problems.append(f"llama head_dim {head_dim or n_embd // n_head} must be even (RoPE rotates pairs of dimensions)")
+    return problems
 
 
 # Sane maxima, far above any real model (Llama-2-70B has 80 layers and 7e10 parameters): a config
@@ -140,7 +191,8 @@ MAX_PARAMETERS = 10**15
 
 def _size_problems(spec: dict) -> list[str]:
     """Depth first (cheap to count), then parameters by formula; a missing size takes its default."""
-    depth = {"gpt": ("n_layer", spec.get("n_layer") or 0), "mlp": ("hidden_sizes", len(spec.get("hidden_sizes") or ())),
+    depth = {"gpt": ("n_layer", spec.get("n_layer") or 0), "llama": ("n_layer", spec.get("n_layer") or 0),
+             "mlp": ("hidden_sizes", len(spec.get("hidden_sizes") or ())),
              "cnn": ("channels", len(spec.get("channels") or ()) + len(spec.get("hidden_sizes") or ()))}
     name, layers = depth[spec["arch"]]
     if layers > MAX_LAYERS:
@@ -168,6 +220,11 @@ def parameter_count(spec: dict) -> int:
         h, w = feature_size(c)
         widths = [channels[-1] * h * w, *c.hidden_sizes, c.num_classes]
         return convs + sum(a * b + b for a, b in zip(widths, widths[1:]))
+    if arch.name == "llama":
+        e, q, kv = c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        attention = e * (q + 2 * kv) + (q + 2 * kv) * c.qkv_bias + q * e
+        block = 2 * e + attention + 3 * e * c.mlp_hidden
+        return c.vocab_size * e * (1 if c.tie_weights else 2) + c.n_layer * block + e
     bias = 1 if c.bias else 0  # gpt
     inner, e = c.n_head * c.head_dim, c.n_embd
     norm = e * (1 + bias)

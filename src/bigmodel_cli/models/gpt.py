@@ -28,6 +28,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_weights: bool = True
+    # "gelu" (exact) for our own models; "gelu_tanh" is GPT-2's approximation ("gelu_new"), which an
+    # imported GPT-2 needs to give its own logits. Artifacts without the key keep exact GELU.
+    activation: str = "gelu"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -62,9 +65,10 @@ class MLPBlock(nn.Module):
         self.fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
         self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

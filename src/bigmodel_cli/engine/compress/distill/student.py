@@ -97,6 +97,9 @@ def init_from_teacher(student, teacher, student_spec: dict, teacher_spec: dict) 
     import torch
 
     arch = student_spec.get("arch")
+    if arch == teacher_spec.get("arch") and arch not in HIDDEN_ARCHS:  # e.g. llama: its layers are not mapped yet
+        raise UserError(f"--init-from-teacher copies the layers of {', '.join(HIDDEN_ARCHS)} models, not {arch}; "
+                        "drop it to train the student from scratch")
     if arch != teacher_spec.get("arch") or arch not in HIDDEN_ARCHS:
         raise UserError(f"--init-from-teacher needs a student of the teacher's built-in architecture "
                         f"({teacher_spec.get('arch')}); the student is {arch}")
