@@ -145,6 +145,14 @@ def test_tokenizer_is_copied_with_its_section(cli, checkpoints, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert "tokenizer.json" in manifest["files"] and "tokenizer_config.json" in manifest["source"]["files"]
     assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    # Every language-model command reads text through it (data/tokenizer.py): generate answers in text.
+    from bigmodel_cli.artifact import open_artifact
+
+    assert not open_artifact(out).tokenizer().is_byte_level
+    generated = cli("generate", out, "--prompt", "def f(x):", "--max-new-tokens", "3", "--temperature", "0", "--json")
+    assert generated.exit_code == 0, generated.output
+    text = json.loads(generated.stdout)["text"]
+    assert isinstance(text, str) and text.strip()  # decoded BPE tokens, not byte values
 
     big = tmp_path / "big"
     shutil.copytree(source, big)

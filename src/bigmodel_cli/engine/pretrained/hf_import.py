@@ -17,17 +17,15 @@ from pathlib import Path
 from typing import Callable
 
 from ... import artifact as art
+from ...data.tokenizer import MAX_TOKENIZER_BYTES, TOKENIZER_FILE, section_problems, tokenizer_section as describe_tokenizer
 from ...errors import UserError
 from .hf_config import SUPPORTED, to_spec
 from .hf_weights import FLAG_DTYPES, plan_tensors, read_headers, write_streamed
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
 # Small JSON files of a checkpoint: a few KB, the index of a sharded 70B model under 100 KB.
 MAX_JSON_BYTES = 16 << 20
-# Llama-3's tokenizer.json is 9 MB and Gemma's 34 MB; a bigger one is not a tokenizer.
-MAX_TOKENIZER_BYTES = 64 << 20
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # owner/name, as the Hub spells repository ids
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -159,10 +157,13 @@ def tokenizer_section(src: Path, spec: dict) -> tuple[dict | None, list[str], by
         read.append("generation_config.json")
     if (src / "chat_template.jinja").exists():
         read.append("chat_template.jinja")
-    section = {"file": TOKENIZER_FILE, "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-               **_special_tokens(config, generation, tokenizer),
-               "add_bos_token": bool(config.get("add_bos_token", False)),
-               "chat_template": _chat_template(src, config)}
+    section = describe_tokenizer(tokenizer, **_special_tokens(config, generation, tokenizer),
+                                 add_bos_token=bool(config.get("add_bos_token", False)),
+                                 chat_template=_chat_template(src, config))
+    problems = section_problems(section)  # the same checks every artifact's section gets when it is opened
+    if problems:
+        raise UserError(f"{src}: its tokenizer's description does not hold ({'; '.join(problems)}); "
+                        "fix tokenizer_config.json or the special tokens")
     return section, read, raw
 
 
