@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tomllib
@@ -32,6 +31,7 @@ from typing import Any, Callable
 from ..engine.core.recipe_state import STATE_FILE, load_state, save_state
 from ..errors import ConfigErrors, UserError
 from ..models.user import names_model_file
+from ..output_file import write_atomic
 
 # Commands that write an artifact (or a training run) directory: the runner gives them --out.
 ARTIFACT_COMMANDS = ("train", "prune", "distill", "export", "quantize")
@@ -408,14 +408,16 @@ def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
     (``.NAME.old-*``), not deleted: it is removed when the new run has finished and put back if the
     new run fails. It cannot be built elsewhere and renamed, as the steps record the paths they read."""
     from .. import outputs
+    from ..output_lock import hold
+    from ..output_staging import aside_path
 
     run_dir = Path(run_dir)
     check_model_code_trust(recipe)  # before anything is touched
-    with outputs.hold(run_dir):
+    with hold(run_dir):
         if run_dir.exists() and not overwrite and (run_dir / STATE_FILE).exists():
             return _run_steps(recipe, run_dir, announce)  # a rerun continues the run
         outputs.check_output(run_dir, overwrite, [recipe.path])  # refuses what bigmodel did not write
-        aside = outputs.aside_path(run_dir) if run_dir.exists() else None
+        aside = aside_path(run_dir) if run_dir.exists() else None
         try:
             if aside is not None:
                 run_dir.rename(aside)
@@ -503,10 +505,9 @@ def _invoke(group, argv: list[str], report_file: Path | None, step: Step) -> Non
         error.exit_code = code
         raise error
     if report_file is not None:
-        # Dot-first: no step's output can have this name (step names start with a letter or digit).
-        tmp = report_file.parent / f".{report_file.name}.tmp"
-        tmp.write_text(buffer.getvalue(), encoding="utf-8")
-        os.replace(tmp, report_file)
+        # The temporary name is dot-first: no step's output can have it (step names start with a
+        # letter or digit).
+        write_atomic(report_file, buffer.getvalue())
 
 
 def artifact_outputs(recipe: Recipe, run_dir: Path) -> list[tuple[str, Path]]:

@@ -261,10 +261,6 @@ def html_report(result: CompareResult, plot_png: bytes | None) -> str:
             f"<table><tr>{head}</tr>{rows}</table>{image}<ul>{notes}</ul></body></html>\n")
 
 
-def write_text_atomic(path: Path | str, text: str, flag: str = "--out") -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"), flag)
-
-
 # ------------------------------------------------------------------ training curves
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ... import artifact as art
-from ... import outputs
+from ...output_lock import hold
 from ...config import TrainConfig
 from ...errors import UserError
 from ...models import USER_ARCH, build_model, get_arch, resolve_spec
@@ -35,7 +35,7 @@ class TrainJob:
     extra_files: dict = field(default_factory=dict)  # name -> path copied into each artifact
     manifest_extra: dict = field(default_factory=dict)
     strategy: str | None = None  # under torchrun: "ddp" (default) or "fsdp"; one process ignores it
-    lock: Any = None  # outputs.OutputLock on cfg.out, held from the checks to the end of the run
+    lock: Any = None  # output_lock.OutputLock on cfg.out, held from the checks to the end of the run
 
     def release_output(self) -> None:
         """Let another process write cfg.out (run_job calls it when the run ends)."""
@@ -138,7 +138,7 @@ def prepare_training(cfg: TrainConfig) -> TrainJob:
     arch_task = None if is_user else get_arch(cfg.model).task
     data_arg = default_data(cfg, arch_task, overrides)
     # Workers started by --nproc write into the output their launching process holds.
-    lock = None if launcher.under_torchrun() else outputs.hold(cfg.out)
+    lock = None if launcher.under_torchrun() else hold(cfg.out)
     try:
         return _prepare(cfg, overrides, data_arg, lock)
     except BaseException:

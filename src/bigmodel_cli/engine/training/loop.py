@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ... import artifact as art
-from ... import outputs
+from ...output_file import atomic_path, write_json_atomic
+from ...output_staging import staging_path, swap_into_place
 from ...config import TrainConfig, asdict
 from ...errors import NonFiniteLoss, UserError
 from ...models import count_parameters
@@ -118,10 +118,10 @@ def _prepare_run_dir(job: TrainJob) -> Path:
     if cfg.resume:
         return check_resume(job)
     if run_dir.exists():  # check_output already required --overwrite and that bigmodel wrote it
-        run_dir = outputs.staging_path(run_dir)
+        run_dir = staging_path(run_dir)
     try:
         run_dir.mkdir(parents=True)
-        outputs.write_json_atomic(run_dir / RUN_FILE, run_fingerprint(job))
+        write_json_atomic(run_dir / RUN_FILE, run_fingerprint(job))
     except OSError as exc:
         problem = art.storage_problem(exc) or exc.strerror or str(exc)
         raise UserError(f"{cfg.out}: cannot create the run directory ({problem}); choose another --out") from None
@@ -132,7 +132,7 @@ def _finish_run_dir(job: TrainJob, run_dir: Path) -> Path:
     """Move a staged run into place (the old run is removed only once the new one is there)."""
     final = Path(job.cfg.out)
     if run_dir != final:
-        outputs.swap_into_place(run_dir, final)
+        swap_into_place(run_dir, final)
     return final
 
 
@@ -150,9 +150,8 @@ class _MetricsLog:
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if _step_of(line) is not None and _step_of(line) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         self.handle = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:

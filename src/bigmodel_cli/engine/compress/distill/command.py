@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bigmodel_cli import artifact as art
-from bigmodel_cli import outputs
+from bigmodel_cli.output_file import write_json_atomic
+from bigmodel_cli.output_lock import hold
 from bigmodel_cli.config import TrainConfig
 from bigmodel_cli.errors import ConfigErrors, UserError
 from bigmodel_cli.models import USER_ARCH, build_model, count_parameters
@@ -187,7 +188,7 @@ class DistillPlan:
     record: dict  # what the manifest says about the distillation
     fingerprint: dict  # the options --resume must not change (distill.json)
     base_dir: Path | None = None  # where a user-model student's model.py lives
-    lock: Any = None  # outputs.OutputLock on the run directory, held until run_distill ends
+    lock: Any = None  # output_lock.OutputLock on the run directory, held until run_distill ends
 
 
 @dataclass
@@ -230,7 +231,7 @@ def prepare_distill(cfg: DistillConfig) -> DistillPlan:
 
     The plan holds the lock on the output from here on; ``run_distill`` releases it."""
     cfg.validate()  # before the heavy imports: a mistyped option costs nothing
-    lock = outputs.hold(cfg.train.out)
+    lock = hold(cfg.train.out)
     try:
         plan = _prepare_distill(cfg)
     except BaseException:
@@ -337,7 +338,7 @@ def _recording(progress: Progress, fingerprint: dict, fresh: bool) -> Progress:
 
     def forward(event: str, **info: Any) -> None:
         if event == "start" and fresh:
-            outputs.write_json_atomic(Path(info["writing_to"]) / DISTILL_FILE, fingerprint)
+            write_json_atomic(Path(info["writing_to"]) / DISTILL_FILE, fingerprint)
         progress(event, **info)
 
     return forward

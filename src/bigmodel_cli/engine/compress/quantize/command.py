@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bigmodel_cli import artifact as art
-from bigmodel_cli import outputs
+from bigmodel_cli.output_lock import hold
+from bigmodel_cli.output_staging import clean_stale_temp
 from bigmodel_cli.config import is_finite_number, threads_problem
 from bigmodel_cli.errors import ConfigErrors, UserError, WorkFailed
 from ...evaluate import SPLITS, BenchConfig
@@ -158,7 +159,7 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
     options = options or QuantizeOptions()
     say = progress or (lambda *_a, **_k: None)
     mode = validate(options, source)
-    with outputs.hold(out):  # one writer per output, from the checks to the rename
+    with hold(out):  # one writer per output, from the checks to the rename
         inputs = [source.path, source.data_spec.get("path"), _calibration_path(options.calib_data)]
         art.check_output(out, overwrite, inputs)
         if mode != "weight-only" and source.has_onnx:
@@ -167,7 +168,7 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
             check_external_data(source.path / art.ONNX_FILE)  # a short model.onnx.data is the user's to fix
         # The work files of a quantize that was killed are removed by the next one (the pid in the
         # name tells a dead owner from a live one).
-        outputs.clean_stale_temp(TEMP_PREFIX)
+        clean_stale_temp(TEMP_PREFIX)
         with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
             if mode == "weight-only":
                 from .weight_only import quantize_weights
