@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ... import artifact as art
 from ...output_lock import hold
 from ...config import TrainConfig
-from ...errors import UserError
+from ...errors import UserError, first_line
 from ...models import USER_ARCH, build_model, get_arch, resolve_spec
 from ...models.user import names_model_file
 from . import launcher
@@ -116,7 +116,7 @@ def _probe(model, task, spec: dict, data) -> None:
     except Exception as exc:  # the model, possibly the user's, rejected the input
         raise UserError(
             f"the model does not accept this data's input of shape {tuple(example.shape)}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; fix the model's input size"
+            f"{first_line(exc, with_type=True)}; fix the model's input size"
         ) from None
     if data.task == "classification":
         if out.dim() != 2 or out.shape[0] != example.shape[0]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bigmodel_cli import artifact as art
 from bigmodel_cli.config import TrainConfig
-from bigmodel_cli.errors import UserError
+from bigmodel_cli.errors import UserError, first_line
 from bigmodel_cli.models import USER_ARCH, get_arch, resolve_spec
 from .losses import HIDDEN_ARCHS
 
@@ -26,9 +26,8 @@ def check_agreement(teacher, student, task) -> int:
             with torch.no_grad():
                 outputs[who] = model(example)
         except Exception as exc:  # a misfit model: say which and why, no traceback
-            first = str(exc).splitlines()[0] if str(exc) else ""
             raise UserError(f"the {who} does not accept this data's input of shape {tuple(example.shape)}: "
-                            f"{type(exc).__name__}: {first}; make the {who}'s input size match the teacher's data") from None
+                            f"{first_line(exc, with_type=True)}; make the {who}'s input size match the teacher's data") from None
     t_out, s_out = outputs["teacher"], outputs["student"]
     lm = task.name == "language-modeling"
     what, key = ("vocabulary", "vocab_size") if lm else ("classes", "num_classes")
