@@ -18,6 +18,7 @@ from typing import Callable
 from ..artifact import Artifact, open_artifact
 from ..errors import UserError
 from ..output_file import atomic_write_bytes, check_output_file
+from .core.progress import no_progress
 from .core.timing import latency_stats, take_turns
 
 METRIC_FOR_TASK = {"classification": "accuracy", "language-modeling": "perplexity"}
@@ -103,7 +104,7 @@ def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int 
     if bench_batch is not None and bench_batch < 1:
         raise UserError(f"--bench-batch must be at least 1, got {bench_batch}")
     check_limit(limit)
-    say = progress or (lambda *a, **k: None)
+    say = progress or no_progress
     opened = _open_all(expand_run_dirs(paths))
     backend = _choose_backend(backend, [a for _, a in opened])
     first = opened[0][1]

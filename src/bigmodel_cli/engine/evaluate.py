@@ -14,11 +14,10 @@ from typing import Callable
 import numpy as np
 
 from ..artifact import Artifact
+from ..data import SPLITS
 from ..errors import UserError
 from .backends import Backend, open_backend
 from .core.tasks import make_task
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass

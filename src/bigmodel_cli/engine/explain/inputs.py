@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from ...artifact import Artifact
+from ...data import SPLITS
 from ...errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 INPUT_SUFFIXES = (".npy", ".npz", ".csv", *IMAGE_SUFFIXES)
-SPLITS = ("train", "val", "test")
 
 
 def shape_text(shape) -> str:

@@ -8,18 +8,17 @@ The lowest layer of the explain modules: it imports none of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from ...config import is_finite_number, threads_problem
+from ..core.progress import Progress  # re-exported: explain.command names it among its public types
 from ...errors import ConfigErrors
 from . import attribution as attr
 
 BASELINES = ("zeros", "blur", "mean")
 THROUGH = ("auto", "torch", "onnx")
 
-Progress = Callable[..., None]
 
 
 @dataclass

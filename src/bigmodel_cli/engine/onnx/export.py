@@ -31,6 +31,7 @@ import numpy as np
 from ... import artifact as art
 from ...config import is_finite_number
 from ...errors import ConfigErrors, UserError, WorkFailed, first_line
+from ..core.progress import no_progress
 from . import files as onnx_files
 from .exporters import TORCHSCRIPT_MAX_OPSET, export_module, run_exporters
 from .layout import ExportOptions, IOLayout
@@ -235,7 +236,7 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
     from ..core.tasks import torch_predict
 
     options = options or ExportOptions()
-    say = progress or (lambda *_a, **_k: None)
+    say = progress or no_progress
     validate_options(options, artifact)
     art.check_output(out, overwrite, [artifact.path])
     device = hardware.resolve_device(options.device)

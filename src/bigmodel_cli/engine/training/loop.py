@@ -16,7 +16,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 from ... import artifact as art
 from ...output_file import atomic_path, write_json_atomic
@@ -26,19 +25,13 @@ from ...errors import NonFiniteLoss, UserError
 from ...models import count_parameters
 from . import distributed
 from ..core import hardware
+from ..core.progress import Progress, no_progress
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..core.tasks import torch_predict
 from .job import TrainJob, prepare_training
 from .run_dir import RUN_FILE, check_resume, run_fingerprint
 
 METRICS_FILE = "metrics.jsonl"
-
-Progress = Callable[..., None]
-
-
-def _no_progress(event: str, **info: Any) -> None:
-    pass
-
 
 @dataclass
 class TrainResult:
@@ -201,7 +194,7 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
     ok, run_dir = False, None
     try:
         run_dir = Path(ranks.on_main(lambda: str(_prepare_run_dir(job))))  # rank 0 creates it; all learn of errors
-        result = _run(job, ranks, device, (progress or _no_progress) if ranks.is_main else _no_progress, run_dir)
+        result = _run(job, ranks, device, (progress or no_progress) if ranks.is_main else no_progress, run_dir)
         ok = True
         return result
     except Exception as exc:

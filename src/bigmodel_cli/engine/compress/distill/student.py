@@ -12,6 +12,7 @@ from bigmodel_cli.config import TrainConfig
 from bigmodel_cli.errors import UserError, first_line
 from bigmodel_cli.models import USER_ARCH, get_arch, resolve_spec
 from .losses import HIDDEN_ARCHS
+from .options import DistillConfig
 
 
 def check_agreement(teacher, student, task) -> int:
@@ -128,9 +129,8 @@ def init_from_teacher(student, teacher, student_spec: dict, teacher_spec: dict) 
     return {"stride": stride, "teacher_layers": [i * stride for i in range(s_depth)]}
 
 
-def student_spec_for(cfg, teacher: art.Artifact, data, width: int):
-    """The student's config.json model dict, and the artifact it comes from (--student). ``cfg`` is
-    command.py's DistillConfig, not imported here: command.py imports this module."""
+def student_spec_for(cfg: DistillConfig, teacher: art.Artifact, data, width: int):
+    """The student's config.json model dict, and the artifact it comes from (--student)."""
     if cfg.student is not None:
         source = art.open_artifact(cfg.student)
         if not source.has_weights:

@@ -17,20 +17,19 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from bigmodel_cli import artifact as art
 from bigmodel_cli.config import TrainConfig, is_finite_number
+from bigmodel_cli.data import SPLITS
 from bigmodel_cli.errors import ConfigErrors, UserError
 from bigmodel_cli.models import USER_ARCH
+from ...core.progress import Progress, no_progress
 from . import report as measure
 from .magnitude import SCOPES, check_nm, hold_masks, layer_sparsity, prunable_layers, prune_unstructured
 from .plan import cubic_schedule, parse_pattern, split_ignored, torch_pruning_scheduler
 from .structured import ARCHS, CRITERIA, accumulate_gradients, check_ignore, prune_builtin, unit_groups
 
 METHODS = ("magnitude", "structured")
-SPLITS = ("train", "val", "test")
-Progress = Callable[..., None]
 
 
 @dataclass
@@ -247,7 +246,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     from ...core import hardware
     from ...evaluate import open_data
 
-    progress = progress or (lambda event, **info: None)
+    progress = progress or no_progress
     started = time.perf_counter()
     cfg.validate()
     train_cfg = train_cfg or TrainConfig()

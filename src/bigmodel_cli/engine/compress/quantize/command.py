@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bigmodel_cli import artifact as art
+from bigmodel_cli.config import is_finite_number, threads_problem
+from bigmodel_cli.data import SPLITS
+from bigmodel_cli.errors import ConfigErrors, UserError, WorkFailed
 from bigmodel_cli.output_lock import hold
 from bigmodel_cli.output_staging import clean_stale_temp
-from bigmodel_cli.config import is_finite_number, threads_problem
-from bigmodel_cli.errors import ConfigErrors, UserError, WorkFailed
-from ...evaluate import SPLITS, BenchConfig
+from ...core.progress import no_progress
+from ...evaluate import BenchConfig
 from . import gate as gating
 from .measure import Evaluator, build_report, latency, manifest_metrics, model_bytes, onnx_predict
 from .onnx_int8 import METHODS
@@ -157,7 +159,7 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
     nothing is written. ``progress(event, **info)`` receives "stage" (name), "calibrate" and
     "bench" (done, total) events."""
     options = options or QuantizeOptions()
-    say = progress or (lambda *_a, **_k: None)
+    say = progress or no_progress
     mode = validate(options, source)
     with hold(out):  # one writer per output, from the checks to the rename
         inputs = [source.path, source.data_spec.get("path"), _calibration_path(options.calib_data)]
