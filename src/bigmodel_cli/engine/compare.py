@@ -18,6 +18,7 @@ from typing import Callable
 from ..artifact import Artifact, open_artifact
 from ..errors import UserError
 from ..output_file import atomic_write_bytes, check_output_file
+from .core.plot import pyplot
 from .core.progress import no_progress
 from .core.timing import latency_stats, take_turns
 
@@ -96,7 +97,8 @@ def _runner(artifact: Artifact, backend: str, threads: int | None, workdir: Path
 def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int | None = None, split: str = "val",
                       bench_batch: int | None = None, rounds: int = 30, warmup: int = 3, limit: int | None = None,
                       explain_samples: int = 0, progress: Callable | None = None) -> CompareResult:
-    from .evaluate import BenchConfig, bench_input, check_limit, open_data, size_stats
+    from .core.datasets import open_data
+    from .evaluate import BenchConfig, bench_input, check_limit, size_stats
     from .core.tasks import make_task
 
     if rounds < 1 or warmup < 0:
@@ -157,21 +159,12 @@ def _add_explanation_agreement(opened: list, rows: list[dict], split: str, sampl
 # ------------------------------------------------------------------ pictures and reports
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def figure_png(fig) -> bytes:
     """A finished matplotlib figure as PNG bytes (and closed): rendered in memory, so that the file
     is written in one atomic step (``output_file.atomic_write_bytes``)."""
     import io
 
-    plt = _pyplot()
+    plt = pyplot()
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, format="png")
@@ -182,7 +175,7 @@ def figure_png(fig) -> bytes:
 
 def tradeoff_png(result: CompareResult) -> bytes:
     """Metric against latency; marker area by file size; every point labelled."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     sizes = [r["file_bytes"] for r in result.rows]
     biggest = max(sizes) or 1
@@ -286,7 +279,7 @@ def plot_training(run_dir: Path | str, out: Path | str, overwrite: bool = False)
     evals = [r for r in records if r.get("event") == "eval"]
     if not steps:
         raise UserError(f"{run_dir}: metrics.jsonl has no training steps yet")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
     axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train loss")
     if evals and "val_loss" in evals[0]:

@@ -115,7 +115,7 @@ def _prepare_distill(cfg: DistillConfig) -> DistillPlan:
 
     import torch
 
-    from ...evaluate import open_data
+    from ...core.datasets import open_data
     from ...core.tasks import make_task
     from ...training.run_dir import check_resume
     from ...training.job import TrainJob

@@ -244,7 +244,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     import torch
 
     from ...core import hardware
-    from ...evaluate import open_data
+    from ...core.datasets import open_data
 
     progress = progress or no_progress
     started = time.perf_counter()
