@@ -27,7 +27,8 @@ RUN_FILE = "run.json"  # a training run directory (engine/training/run_dir.py)
 RECIPE_STATE_FILE = "run-state.json"  # a recipe run directory (cli/recipe_run.py)
 CHECKPOINT_STATE_FILE = "state.json"  # a checkpoint directory (engine/checkpoint.py)
 # What a training run directory may hold besides hidden staging: the trainer's files, distill's
-# options and its --baseline run.
+# options and its --baseline run. ("metrics.tmp" and the recipe's ".tmp" names below are the
+# temporary files of versions before output_file.atomic_path: runs they left can still be replaced.)
 RUN_ENTRIES = {RUN_FILE, "metrics.jsonl", "metrics.tmp", "best", "last", "checkpoints", "distill.json", "baseline"}
 # What `bigmodel run` writes into a recipe run directory besides the steps' outputs (cli/run.py).
 RECIPE_REPORTS = {"compare.png", "compare.md"}
