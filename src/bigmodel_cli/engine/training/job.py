@@ -127,6 +127,15 @@ def _probe(model, task, spec: dict, data) -> None:
         raise UserError(f"a language model must return (batch, seq, vocab ≥ {data.spec['vocab_size']}); got {tuple(out.shape)}")
 
 
+def artifact_config(data, spec: dict, block_size: int | None) -> dict:
+    """config.json of what a run trains: the model, and the data as it was fed (with the window
+    length of a language model, which evaluation must use again)."""
+    data_spec = dict(data.spec)
+    if block_size:
+        data_spec["block_size"] = block_size
+    return art.new_config(data.task, spec, data_spec)
+
+
 def prepare_training(cfg: TrainConfig) -> TrainJob:
     """Validate the whole configuration and build data, model and task. No training yet.
 
@@ -184,9 +193,6 @@ def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob
     if spec["arch"] == USER_ARCH:
         extra_files[art.MODEL_CODE_FILE] = Path(spec["file"])
         spec = {**spec, "file": art.MODEL_CODE_FILE}
-    data_spec = dict(data.spec)
-    if block_size:
-        data_spec["block_size"] = block_size
-    config = art.new_config(data.task, spec, data_spec)
+    config = artifact_config(data, spec, block_size)
     return TrainJob(cfg=cfg, model=model, data=data, task=task, artifact_config=config, extra_files=extra_files,
                     lock=lock)

@@ -118,7 +118,7 @@ def _prepare_distill(cfg: DistillConfig) -> DistillPlan:
     from ...core.datasets import open_data
     from ...core.tasks import make_task
     from ...training.run_dir import check_resume
-    from ...training.job import TrainJob
+    from ...training.job import TrainJob, artifact_config
 
     teacher = art.open_artifact(cfg.teacher)
     if not teacher.has_weights:
@@ -171,10 +171,7 @@ def _prepare_distill(cfg: DistillConfig) -> DistillPlan:
     extra_files = {}
     if spec["arch"] == USER_ARCH:  # a user-model student carries its code, like the artifact it came from
         extra_files[art.MODEL_CODE_FILE] = source_artifact.path / art.MODEL_CODE_FILE
-    data_spec = dict(data.spec)
-    if block_size:
-        data_spec["block_size"] = block_size
-    config = art.new_config(data.task, spec, data_spec)
+    config = artifact_config(data, spec, block_size)
     teacher_params, student_params = count_parameters(teacher_model), count_parameters(student)
     record = {
         "teacher": art.parent_ref(teacher), "student": source,
