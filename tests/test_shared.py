@@ -63,3 +63,18 @@ def test_no_progress_takes_any_event():
     from bigmodel_cli.engine.core.progress import no_progress
 
     assert no_progress("step", loss=1.0, anything=object()) is None
+
+
+def test_only_output_file_moves_a_single_file_into_place():
+    """A new hand-made temp-file-and-os.replace would skip the fsync or the cleanup; use output_file."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "bigmodel_cli"
+    callers = []
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Attribute) and node.attr == "replace" and isinstance(node.value, ast.Name)
+                    and node.value.id == "os"):
+                callers.append(path.relative_to(src).as_posix())
+    assert callers == ["output_file.py"]
