@@ -63,7 +63,7 @@ def _latency(teacher: str, student: str, threads: int) -> dict:
     import torch
 
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine.evaluate import open_data
+    from bigmodel_cli.engine.core.datasets import open_data
 
     torch.set_num_threads(threads)
     t_art, s_art = open_artifact(teacher), open_artifact(student)

@@ -29,7 +29,7 @@ def _one_error_line(result, *needles: str) -> None:
 
 def _digit(artifact_dir: Path, split: str = "test", row: int = 0) -> np.ndarray:
     """A raw (0–16) digit from the artifact's own split, as the user would have it."""
-    from bigmodel_cli.engine.evaluate import open_data
+    from bigmodel_cli.engine.core.datasets import open_data
 
     data = open_data(open_artifact(artifact_dir))
     return data.x[data.splits[split]][row]

@@ -22,7 +22,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bigmodel_cli"
 # prefix decides, so a package's modules are listed before the package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("bigmodel_cli.errors",)),
-    ("outputs: where and how files are written", ("bigmodel_cli.outputs", "bigmodel_cli.output_file")),
+    ("outputs: where and how files are written", ("bigmodel_cli.outputs", "bigmodel_cli.output_file",
+                                                  "bigmodel_cli.output_lock", "bigmodel_cli.output_staging")),
     ("config, weights, data, models", ("bigmodel_cli.config", "bigmodel_cli.weights", "bigmodel_cli.data",
                                        "bigmodel_cli.models")),
     ("artifact", ("bigmodel_cli.artifact", "bigmodel_cli.artifact_format", "bigmodel_cli.artifact_files")),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bigmodel_cli import outputs
+from bigmodel_cli import output_file, output_lock, output_staging, outputs
 from bigmodel_cli.artifact import open_artifact
 from bigmodel_cli.errors import UserError
 
@@ -208,7 +208,7 @@ def test_a_failed_recipe_overwrite_puts_the_old_run_back(cli, tmp_path):
 
 _HOLDER = """
 import sys
-from bigmodel_cli.outputs import hold
+from bigmodel_cli.output_lock import hold
 lock = hold(sys.argv[1])
 print("held", flush=True)
 sys.stdin.read()
@@ -359,7 +359,7 @@ def test_a_swap_cut_between_its_renames_gets_the_old_output_back(tmp_path, digit
     aside = tmp_path / f".a.old-{_dead_pid()}-0123abcd"
     shutil.copytree(digits_mlp / "best", aside)
     _old(aside)
-    outputs.clean_stale(tmp_path / "a")
+    output_staging.clean_stale(tmp_path / "a")
     assert not aside.exists()
     open_artifact(tmp_path / "a")
 
@@ -422,14 +422,14 @@ def test_output_under_proc_is_one_line(cli):
 
 def test_run_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     path = tmp_path / "run.json"
-    outputs.write_json_atomic(path, {"options": {"seed": 0}})
+    output_file.write_json_atomic(path, {"options": {"seed": 0}})
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError):
-        outputs.write_json_atomic(path, {"options": {"seed": 1}})
+        output_file.write_json_atomic(path, {"options": {"seed": 1}})
     assert json.loads(path.read_text()) == {"options": {"seed": 0}}
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
@@ -437,10 +437,10 @@ def test_run_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 def test_lock_is_reentrant_in_one_process_and_removed_when_released(tmp_path):
     out = tmp_path / "x"
     (tmp_path / "sub").mkdir()
-    with outputs.hold(out):
-        with outputs.hold(tmp_path / "sub" / ".." / "x"):  # the same output, spelled another way
+    with output_lock.hold(out):
+        with output_lock.hold(tmp_path / "sub" / ".." / "x"):  # the same output, spelled another way
             pass
         assert (tmp_path / ".x.lock").exists()
     assert not (tmp_path / ".x.lock").exists()
     with pytest.raises(UserError, match="root directory"):
-        outputs.hold("/")
+        output_lock.hold("/")

@@ -36,6 +36,8 @@ from .artifact_format import (  # noqa: F401  (re-exported)
 from .artifact_files import (  # noqa: F401  (re-exported)
     open_regular, read_regular_file, sha256_file, verify_files, check_onnx_locations, may_have_external_data, onnx_tensors,
 )
+from .output_lock import hold
+from .output_staging import fsync_dir, staging_path, swap_into_place
 from .errors import UserError
 
 def library_versions() -> dict[str, str]:
@@ -307,7 +309,7 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as handle:
                 os.fsync(handle.fileno())
-        outputs.fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 @contextlib.contextmanager
@@ -321,11 +323,11 @@ def atomic_directory(out: Path | str, overwrite: bool = False,
     the next write beside it removes.
     """
     out = Path(out)
-    with outputs.hold(out):
+    with hold(out):
         check_output(out, overwrite, inputs)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            staging = outputs.staging_path(out)
+            staging = staging_path(out)
             staging.mkdir()
         except OSError as exc:
             raise UserError(f"{out}: cannot create the output ({exc.strerror}); choose another --out") from None
@@ -334,7 +336,7 @@ def atomic_directory(out: Path | str, overwrite: bool = False,
             _fsync_tree(staging)
             if out.exists() and not overwrite:  # appeared while we worked
                 raise UserError(f"{out}: appeared while this command ran; pass --overwrite or choose another --out")
-            outputs.swap_into_place(staging, out)
+            swap_into_place(staging, out)
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             problem = storage_problem(exc)

@@ -42,3 +42,15 @@ class WorkFailed(BigModelError):
 
 class NonFiniteLoss(WorkFailed):
     """Training produced NaN or Inf; the last good checkpoint is kept."""
+
+
+def first_line(exc: BaseException, limit: int = 300, with_type: bool = False) -> str:
+    """The first non-blank line of a library's exception message, at most ``limit`` characters: a
+    library's message goes into bigmodel's one-line error, and its later lines (stack notes, advice)
+    would break that line. The exception's type name when the message is empty; with ``with_type``,
+    ``Type: line``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    name = type(exc).__name__
+    if not lines:
+        return name
+    return f"{name}: {lines[0][:limit]}" if with_type else lines[0][:limit]

@@ -42,6 +42,7 @@ def distill(
     """Distil a teacher artifact into a smaller student; ends with teacher vs (baseline vs) distilled."""
     from ..config import TrainConfig, build_config
     from ..engine.compress.distill.command import DistillConfig, prepare_distill, run_distill
+    from .progress import PhaseProgress
 
     flags = dict(train_flags or {})
     flags["out"] = flags.get("out") or "runs/distill"
@@ -55,36 +56,12 @@ def distill(
     )
     plan = prepare_distill(cfg)
     unit = "tokens/s" if plan.job.task.name == "language-modeling" else "samples/s"
-    result = run_distill(plan, _Phases(unit, not json_out))
+    result = run_distill(plan, PhaseProgress(unit, not json_out))
     summary = result.summary()
     if json_out:
         console.print_json(summary)
         return
     _print_report(summary)
-
-
-class _Phases:
-    """One progress bar per training phase (distill, baseline); notes for the others."""
-
-    def __init__(self, unit: str, enabled: bool):
-        self.unit, self.enabled, self.bar = unit, enabled, None
-
-    def __call__(self, event: str, **info) -> None:
-        from .progress import TrainingProgress
-
-        if event == "phase":
-            if self.bar is not None:
-                self.bar.stop()
-                self.bar = None
-            if info["name"] in ("distill", "baseline"):
-                self.bar = TrainingProgress(info["name"], self.unit, self.enabled)
-            elif self.enabled:
-                console.note(f"{info['name']}…")
-        elif event == "measure":
-            if self.enabled:
-                console.note(f"measuring the {info['name']}")
-        elif self.bar is not None:
-            self.bar(event, **info)
 
 
 def _print_report(summary: dict) -> None:

@@ -39,6 +39,7 @@ def explain_command(
     """Explain a prediction: input attributions as a heatmap, a ranked feature table or coloured tokens."""
     from ..engine.explain.command import ExplainOptions, explain, explain_split
     from ..errors import UserError
+    from .progress import CountProgress
 
     options = ExplainOptions(method=method, steps=steps, baseline=baseline, target=target, through=through,
                              top_k=top_k, pixel_max=pixel_max, threads=threads)
@@ -47,7 +48,7 @@ def explain_command(
             raise UserError("--samples summarises inputs of the artifact's own data: use it with --data SPLIT and no INPUT")
         if row is not None:
             raise UserError("--row picks one input; --samples N takes the first N of --data SPLIT, so drop --row")
-        with _SampleProgress(enabled=not json_out) as progress:
+        with CountProgress("explain", enabled=not json_out) as progress:
             summary = explain_split(artifact, data, samples, compare=compare, options=options, out=out,
                                     overwrite=overwrite, progress=progress)
         if json_out:
@@ -70,31 +71,6 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
-
-
-class _SampleProgress:
-    """A rich bar on stderr for the engine's ``start`` / ``advance`` / ``done`` events."""
-
-    def __init__(self, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("[bold]explain"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=console.err, transient=True, disable=not enabled)
-        self.task = None
-
-    def __enter__(self):
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.stop()
-        return False
-
-    def __call__(self, event: str, **info) -> None:
-        if event == "start":
-            self.task = self.bar.add_task("explain", total=info["total"])
-        elif event == "advance" and self.task is not None:
-            self.bar.update(self.task, completed=info["done"])
 
 
 # --------------------------------------------------------------------------- rendering

@@ -39,6 +39,7 @@ def export(
     """Export an artifact to ONNX, verify it against PyTorch, and write it as a new artifact."""
     from ..artifact import open_artifact
     from ..engine.onnx.export import ExportOptions, export_artifact
+    from .progress import status_stages
 
     options = ExportOptions(dynamic=parse_dynamic(dynamic), dtype=dtype, device=device, optimize=optimize,
                             atol=atol, exporter=exporter, weights=weights)
@@ -46,11 +47,8 @@ def export(
         options.opset = opset
     source = open_artifact(artifact)
     with console.err.status("exporting") as status:
-        def progress(event: str, **info) -> None:
-            if event == "stage":
-                status.update(_STAGES.get(info["name"], info["name"]))
-
-        result = export_artifact(source, out, options, overwrite=overwrite, threads=threads, progress=progress)
+        result = export_artifact(source, out, options, overwrite=overwrite, threads=threads,
+                                 progress=status_stages(status, _STAGES))
     v, o = result.verification, result.onnx
     summary = {
         "path": str(result.path), "exporter": result.exporter, "opset": o["opset"], "dtype": o["dtype"],

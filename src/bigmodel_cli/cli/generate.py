@@ -23,18 +23,15 @@ def generate(
     json_out: JsonOpt = False,
 ) -> None:
     """Continue a prompt with a language-model artifact (PyTorch or ONNX); the text goes to stdout."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from ..artifact import open_artifact
     from ..engine.generate import GenerateConfig, generate_text
+    from .progress import CountProgress
 
     cfg = GenerateConfig(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                          seed=seed, backend=backend, device=device, threads=threads)
     source = open_artifact(artifact)
-    with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console.err, transient=True) as bar:
-        task = bar.add_task("generate", total=max_new_tokens)
-        result = generate_text(source, cfg, progress=lambda _e, **info: bar.update(task, completed=info["done"]))
+    with CountProgress("generate", total=max_new_tokens) as progress:
+        result = generate_text(source, cfg, progress=progress)
     if json_out:
         console.print_json(result)
         return

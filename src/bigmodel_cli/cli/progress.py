@@ -1,4 +1,5 @@
-"""Turn the engine's progress events into a rich progress bar on stderr."""
+"""Turn the engine's progress events into rich progress bars and notes on stderr: every command's
+progress sink lives here, so the commands' modules only choose one."""
 
 from __future__ import annotations
 
@@ -42,3 +43,119 @@ class TrainingProgress:
 
     def stop(self) -> None:
         self.bar.stop()
+
+
+class PhaseProgress:
+    """``distill``: one training bar per training phase (``phase`` events named in ``bars``); a note
+    for every other phase and for each ``measure`` event."""
+
+    def __init__(self, unit: str, enabled: bool, bars: tuple[str, ...] = ("distill", "baseline")):
+        self.unit, self.enabled, self.bars, self.bar = unit, enabled, bars, None
+
+    def __call__(self, event: str, **info) -> None:
+        if event == "phase":
+            if self.bar is not None:
+                self.bar.stop()
+                self.bar = None
+            if info["name"] in self.bars:
+                self.bar = TrainingProgress(info["name"], self.unit, self.enabled)
+            elif self.enabled:
+                console.note(f"{info['name']}…")
+        elif event == "measure":
+            if self.enabled:
+                console.note(f"measuring the {info['name']}")
+        elif self.bar is not None:
+            self.bar(event, **info)
+
+
+class PruneProgress:
+    """``prune``: a note per pruning step, a training bar per fine-tuning run, notes for measuring."""
+
+    def __init__(self, unit: str, enabled: bool):
+        self.unit, self.enabled, self.bar, self.step = unit, enabled, None, ""
+
+    def __call__(self, event: str, **info) -> None:
+        if event == "prune":
+            self.step = f"{info['step']}/{info['steps']}"
+            if self.enabled:
+                console.note(f"step {self.step}: {info['method']} pruning to {info['sparsity']:.1%}")
+        elif event == "start":
+            self.bar = TrainingProgress(f"fine-tune {self.step}", self.unit, self.enabled)
+            self.bar(event, **info)
+        elif self.bar is not None and event in ("step", "eval", "done"):
+            self.bar(event, **info)
+        elif event == "onnx" and self.enabled:
+            console.note("exporting before and after to ONNX to time them with ONNX Runtime")
+        elif event == "measure" and self.enabled:
+            console.note(f"measuring before and after on the {info['split']} split")
+
+
+class _TransientBar:
+    """A bar on stderr that disappears when the command ends (a context manager)."""
+
+    def __init__(self, label, clock, enabled: bool = True):
+        self.bar = Progress(label, BarColumn(), MofNCompleteColumn(), clock, console=console.err, transient=True,
+                            disable=not enabled)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+        return False
+
+
+class CountProgress(_TransientBar):
+    """``explain --samples``, ``generate``: ``done`` of ``total`` (``total`` given here or by a
+    ``start`` event, ``done`` by any event that carries it) with the time remaining."""
+
+    def __init__(self, label: str, total: int | None = None, enabled: bool = True):
+        super().__init__(TextColumn(f"[bold]{label}"), TimeRemainingColumn(), enabled)
+        self.label, self.total = label, total
+
+    def __enter__(self):
+        super().__enter__()
+        if self.total is not None:
+            self.task = self.bar.add_task(self.label, total=self.total)
+        return self
+
+    def __call__(self, event: str, **info) -> None:
+        if event == "start":
+            self.task = self.bar.add_task(self.label, total=info["total"])
+        elif "done" in info and self.task is not None:
+            self.bar.update(self.task, completed=info["done"])
+
+
+class StageProgress(_TransientBar):
+    """``quantize``: each ``stage`` event's text (from ``stages``) as the bar's description; counted
+    work (calibration, timing) as steps, with the time elapsed."""
+
+    def __init__(self, stages: dict[str, str], enabled: bool = True):
+        super().__init__(TextColumn("[bold]{task.description}"), TimeElapsedColumn(), enabled)
+        self.stages = stages
+
+    def __enter__(self):
+        super().__enter__()
+        self.task = self.bar.add_task("quantize", total=None)
+        return self
+
+    def __call__(self, event: str, **info) -> None:
+        if event == "stage":
+            text = self.stages.get(info["name"], info["name"])
+            if info["name"] == "retry":
+                text = f"accuracy gate, retry {info['attempt']}: {len(info['excluded'])} node(s) kept in float"
+            self.bar.update(self.task, description=text, total=None, completed=0)
+        elif event in ("calibrate", "bench"):
+            self.bar.update(self.task, description=self.stages[event], total=info["total"], completed=info["done"])
+
+
+def status_stages(status, stages: dict[str, str]):
+    """``export``: a progress callback that shows each ``stage`` event's text on a rich status line."""
+
+    def progress(event: str, **info) -> None:
+        if event == "stage":
+            status.update(stages.get(info["name"], info["name"]))
+
+    return progress

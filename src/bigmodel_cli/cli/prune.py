@@ -51,6 +51,7 @@ def prune(
     from ..artifact import open_artifact
     from ..config import TrainConfig, build_config
     from ..engine.compress.prune.command import PruneConfig, prune_artifact
+    from .progress import PruneProgress
 
     cfg = PruneConfig(method=method, sparsity=sparsity, scope=scope, pattern=pattern, importance=importance,
                       head_sparsity=head_sparsity, round_to=round_to, ignore=list(ignore or []), steps=steps,
@@ -62,7 +63,7 @@ def prune(
     train_cfg = build_config(TrainConfig, {}, train_flags)
     source = open_artifact(artifact)
     unit = "tokens/s" if source.task == "language-modeling" else "samples/s"
-    result = prune_artifact(source, cfg, train_cfg, _Progress(unit, not json_out))
+    result = prune_artifact(source, cfg, train_cfg, PruneProgress(unit, not json_out))
     report = result.report
     if json_out:
         console.print_json({"run_dir": str(result.run_dir), "artifact": str(result.artifact),
@@ -97,27 +98,3 @@ def _print_report(result, report: dict) -> None:
     if report.get("onnx"):
         onnx = report["onnx"]
         console.note(f"onnx latency: {onnx['provider']}, {onnx['threads']} threads, exported with {onnx['exporter']}")
-
-
-class _Progress:
-    """The engine's events: a note per pruning step, a training bar per fine-tuning run."""
-
-    def __init__(self, unit: str, enabled: bool):
-        self.unit, self.enabled, self.bar, self.step = unit, enabled, None, ""
-
-    def __call__(self, event: str, **info) -> None:
-        from .progress import TrainingProgress
-
-        if event == "prune":
-            self.step = f"{info['step']}/{info['steps']}"
-            if self.enabled:
-                console.note(f"step {self.step}: {info['method']} pruning to {info['sparsity']:.1%}")
-        elif event == "start":
-            self.bar = TrainingProgress(f"fine-tune {self.step}", self.unit, self.enabled)
-            self.bar(event, **info)
-        elif self.bar is not None and event in ("step", "eval", "done"):
-            self.bar(event, **info)
-        elif event == "onnx" and self.enabled:
-            console.note("exporting before and after to ONNX to time them with ONNX Runtime")
-        elif event == "measure" and self.enabled:
-            console.note(f"measuring before and after on the {info['split']} split")

@@ -55,6 +55,7 @@ def quantize(
     before and after, and write a new artifact."""
     from ..artifact import open_artifact
     from ..engine.compress.quantize.command import QuantizeOptions, quantize_artifact
+    from .progress import StageProgress
 
     options = QuantizeOptions(
         mode=mode, method=method, calib_samples=calib_samples, calib_data=calib_data, target=target,
@@ -63,7 +64,7 @@ def quantize(
         max_retries=max_retries, export=export, preprocess=preprocess, split=split, limit=limit, bench=bench,
         bench_batch=bench_batch, seq_len=seq_len, iterations=iterations, warmup=warmup, threads=threads)
     source = open_artifact(artifact)
-    with _Progress(enabled=not json_out) as progress:
+    with StageProgress(_STAGES, enabled=not json_out) as progress:
         result = quantize_artifact(source, out, options, overwrite=overwrite, progress=progress)
     for warning in result.report["warnings"]:
         console.err.print(f"[bold red on yellow] WARNING [/] [bold]{warning}[/]", highlight=False)
@@ -114,32 +115,3 @@ def _print_report(result) -> None:
         info.append(("accuracy gate", f"passed (≤ {gate['max_metric_drop']:g} {gate['unit']})"
                      + (f" after {tries} retr{'y' if tries == 1 else 'ies'}; in float: {', '.join(gate['excluded'])}" if tries else "")))
     console.out.print(console.key_value_table("quantization", info))
-
-
-class _Progress:
-    """Stages as the bar's description; calibration and timing as counted steps (stderr)."""
-
-    def __init__(self, enabled: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=console.err, transient=True, disable=not enabled)
-        self.task = None
-
-    def __enter__(self):
-        self.bar.start()
-        self.task = self.bar.add_task("quantize", total=None)
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.stop()
-        return False
-
-    def __call__(self, event: str, **info) -> None:
-        if event == "stage":
-            text = _STAGES.get(info["name"], info["name"])
-            if info["name"] == "retry":
-                text = f"accuracy gate, retry {info['attempt']}: {len(info['excluded'])} node(s) kept in float"
-            self.bar.update(self.task, description=text, total=None, completed=0)
-        elif event in ("calibrate", "bench"):
-            self.bar.update(self.task, description=_STAGES[event], total=info["total"], completed=info["done"])

@@ -21,8 +21,8 @@ def run(
     json_out: JsonOpt = False,
 ) -> None:
     """Run a recipe (train → prune → distill → quantize → export …); finished steps are skipped on a rerun."""
-    from .recipe import command_group, command_params, artifact_outputs, parse_recipe, run_recipe, step_argv
-    from .recipe import check_model_code_trust
+    from .recipe import command_group, command_params, parse_recipe, step_argv
+    from .recipe_run import artifact_outputs, check_model_code_trust, run_recipe
     from ..engine.compare import compare_artifacts
     from .compare import print_comparison, write_reports
 

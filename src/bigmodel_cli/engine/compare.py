@@ -18,6 +18,8 @@ from typing import Callable
 from ..artifact import Artifact, open_artifact
 from ..errors import UserError
 from ..output_file import atomic_write_bytes, check_output_file
+from .core.plot import pyplot
+from .core.progress import no_progress
 from .core.timing import latency_stats, take_turns
 
 METRIC_FOR_TASK = {"classification": "accuracy", "language-modeling": "perplexity"}
@@ -95,7 +97,8 @@ def _runner(artifact: Artifact, backend: str, threads: int | None, workdir: Path
 def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int | None = None, split: str = "val",
                       bench_batch: int | None = None, rounds: int = 30, warmup: int = 3, limit: int | None = None,
                       explain_samples: int = 0, progress: Callable | None = None) -> CompareResult:
-    from .evaluate import BenchConfig, bench_input, check_limit, open_data, size_stats
+    from .core.datasets import open_data
+    from .evaluate import BenchConfig, bench_input, check_limit, size_stats
     from .core.tasks import make_task
 
     if rounds < 1 or warmup < 0:
@@ -103,7 +106,7 @@ def compare_artifacts(paths: list[Path], *, backend: str = "auto", threads: int 
     if bench_batch is not None and bench_batch < 1:
         raise UserError(f"--bench-batch must be at least 1, got {bench_batch}")
     check_limit(limit)
-    say = progress or (lambda *a, **k: None)
+    say = progress or no_progress
     opened = _open_all(expand_run_dirs(paths))
     backend = _choose_backend(backend, [a for _, a in opened])
     first = opened[0][1]
@@ -157,21 +160,12 @@ def _add_explanation_agreement(opened: list, rows: list[dict], split: str, sampl
 # ------------------------------------------------------------------ pictures and reports
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def figure_png(fig) -> bytes:
     """A finished matplotlib figure as PNG bytes (and closed): rendered in memory, so that the file
     is written in one atomic step (``output_file.atomic_write_bytes``)."""
     import io
 
-    plt = _pyplot()
+    plt = pyplot()
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, format="png")
@@ -182,7 +176,7 @@ def figure_png(fig) -> bytes:
 
 def tradeoff_png(result: CompareResult) -> bytes:
     """Metric against latency; marker area by file size; every point labelled."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     sizes = [r["file_bytes"] for r in result.rows]
     biggest = max(sizes) or 1
@@ -267,10 +261,6 @@ def html_report(result: CompareResult, plot_png: bytes | None) -> str:
             f"<table><tr>{head}</tr>{rows}</table>{image}<ul>{notes}</ul></body></html>\n")
 
 
-def write_text_atomic(path: Path | str, text: str, flag: str = "--out") -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"), flag)
-
-
 # ------------------------------------------------------------------ training curves
 
 
@@ -295,7 +285,7 @@ def plot_training(run_dir: Path | str, out: Path | str, overwrite: bool = False)
     evals = [r for r in records if r.get("event") == "eval"]
     if not steps:
         raise UserError(f"{run_dir}: metrics.jsonl has no training steps yet")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
     axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train loss")
     if evals and "val_loss" in evals[0]:

@@ -14,11 +14,11 @@ from typing import Callable
 import numpy as np
 
 from ..artifact import Artifact
+from ..data import SPLITS
 from ..errors import UserError
 from .backends import Backend, open_backend
+from .core.datasets import open_data
 from .core.tasks import make_task
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -48,34 +48,6 @@ def size_stats(artifact: Artifact, backend: str | None = None) -> dict:
     params, zeros = parameter_counts(artifact, onnx=runs_onnx or not artifact.has_weights)
     name = "model.onnx" if runs_onnx or not artifact.has_weights else "model.safetensors"
     return {"params": params, "nonzero_params": params - zeros, "file_bytes": artifact.file_bytes(name)}
-
-
-def open_data(artifact: Artifact, data_arg: str | None = None, target: str | None = None):
-    """The artifact's own dataset (split, normalization from config.json), or ``--data`` fed the same way."""
-    from ..data import load_dataset, parse_data_arg
-
-    spec = dict(artifact.data_spec)
-    if data_arg:
-        new = parse_data_arg(data_arg, target, input_shape=spec.get("input_shape"), num_classes=spec.get("num_classes"))
-        # Feed new data exactly as the model was trained: same normalization and classes.
-        for key in ("normalization", "block_size"):
-            if key in spec:
-                new[key] = spec[key]
-        spec = new
-    # A language model reads text through its own tokenizer (bytes when it has none).
-    tokenizer = artifact.tokenizer() if artifact.task == "language-modeling" else None
-    data = load_dataset(spec, tokenizer)
-    if data.task != artifact.task:
-        raise UserError(f"--data {data_arg} is {data.task} data but the model does {artifact.task}")
-    if data.task == "classification":
-        if tuple(data.input_shape) != tuple(artifact.data_spec.get("input_shape", data.input_shape)):
-            raise UserError(
-                f"--data {data_arg} has inputs of shape {tuple(data.input_shape)} but the model takes "
-                f"{tuple(artifact.data_spec['input_shape'])}"
-            )
-        if data.num_classes > artifact.data_spec.get("num_classes", data.num_classes):
-            raise UserError(f"--data {data_arg} has labels up to {data.num_classes - 1}; the model knows {artifact.data_spec['num_classes']} classes")
-    return data
 
 
 def benchmark(predict: Callable, example: np.ndarray, cfg: BenchConfig, progress=None) -> dict:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .mlp import dense_layers
+
 
 @dataclass
 class CNNConfig:
@@ -45,15 +47,8 @@ class CNN(nn.Module):
                 h, w = h // 2, w // 2
             channels = out_channels
         self.features = nn.Sequential(*stages)
-        head: list[nn.Module] = []
-        width = channels * h * w
-        for hidden in config.hidden_sizes:
-            head += [nn.Linear(width, hidden), nn.ReLU()]
-            if config.dropout:
-                head.append(nn.Dropout(config.dropout))
-            width = hidden
-        head.append(nn.Linear(width, config.num_classes))
-        self.head = nn.Sequential(*head)
+        self.head = nn.Sequential(*dense_layers(channels * h * w, config.hidden_sizes, config.num_classes,
+                                                config.dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # a batch of single-channel images without the channel axis

@@ -19,19 +19,26 @@ class MLPConfig:
     dropout: float = 0.0
 
 
+def dense_layers(width: int, hidden_sizes: list[int], num_classes: int, dropout: float) -> list[nn.Module]:
+    """Linear → ReLU (→ Dropout) per hidden size, then the Linear to the classes: the MLP, and the
+    CNN's head. The order fixes the parameter names (``net.0.weight``, ``head.3.bias``…) that
+    checkpoints and structured pruning rely on."""
+    layers: list[nn.Module] = []
+    for hidden in hidden_sizes:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return layers
+
+
 class MLP(nn.Module):
     def __init__(self, config: MLPConfig):
         super().__init__()
         self.config = config
-        layers: list[nn.Module] = []
-        width = config.input_size
-        for hidden in config.hidden_sizes:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            if config.dropout:
-                layers.append(nn.Dropout(config.dropout))
-            width = hidden
-        layers.append(nn.Linear(width, config.num_classes))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*dense_layers(config.input_size, config.hidden_sizes, config.num_classes,
+                                               config.dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))

@@ -1,14 +1,15 @@
 """The state file of a ``bigmodel run`` directory: each step's command line and fingerprint.
 
-``cli/recipe.py`` writes it; ``engine/compare.py`` reads it to expand a run directory into its
+``cli/recipe_run.py`` writes it; ``engine/compare.py`` reads it to expand a run directory into its
 artifact steps. It lives here, below both, so that reading it never imports the CLI.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from ...output_file import write_json_atomic
 
 STATE_FILE = "run-state.json"
 
@@ -21,6 +22,4 @@ def load_state(run_dir: Path) -> dict:
 
 
 def save_state(run_dir: Path, state: dict) -> None:
-    tmp = run_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / STATE_FILE)
+    write_json_atomic(run_dir / STATE_FILE, state)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from ...artifact import Artifact
+from ...data import SPLITS
 from ...errors import UserError
 
-SPLITS = ("train", "val", "test")
 
 
 def read_prompt(text: str, context: int | None, tokenizer=None) -> np.ndarray:
@@ -32,7 +32,7 @@ def read_prompt(text: str, context: int | None, tokenizer=None) -> np.ndarray:
 def dataset_inputs(artifact: Artifact, split: str, count: int, first: int = 0) -> list[np.ndarray]:
     """``count`` raw inputs from the artifact's own data split, from position ``first`` on: images or
     rows as stored (before normalization), or windows of byte tokens for language models."""
-    from ..evaluate import open_data
+    from ..core.datasets import open_data
 
     if split not in SPLITS:
         raise UserError(f"unknown --data {split!r}; choose one of {', '.join(SPLITS)} (the artifact's own data)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ... import __version__
-from ...errors import UserError
+from ..core.plot import pyplot
 from .types import ExplainResult, Explanation, heatmap, token_segments
 
 TOP_FEATURES = 20  # tabular bar charts show the strongest features only
@@ -25,15 +25,6 @@ def write(path: Path, result: ExplainResult) -> None:
         _image_figure(path, result)
     else:
         _tabular_figure(path, result)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _label(e: Explanation) -> str:
@@ -83,7 +74,7 @@ def _headline(e: Explanation) -> str:
 
 
 def _image_figure(path: Path, result: ExplainResult) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     e, o = result.explanation, result.other
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.6))
     img, cmap = _display_image(e.input)
@@ -122,7 +113,7 @@ def _bars(ax, names: list[str], values: np.ndarray, order: np.ndarray, title: st
 
 
 def _tabular_figure(path: Path, result: ExplainResult) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     e, o = result.explanation, result.other
     names = e.feature_names or [str(i) for i in range(e.values.size)]
     order = np.argsort(-np.abs(e.values), kind="mergesort")
@@ -145,7 +136,7 @@ def _tabular_figure(path: Path, result: ExplainResult) -> None:
 
 def write_summary(path: Path, summary: dict, input_shape) -> None:
     """Mean |attribution| over the samples: maps (images) or bars (tabular), both models side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [(Path(summary["artifact"]), np.asarray(summary["mean_abs_attribution"]))]
     cmp = summary.get("compare")
     if cmp is not None:

@@ -15,10 +15,11 @@ import numpy as np
 from ...artifact import Artifact
 from ...errors import UserError
 from ...output_file import atomic_file, check_output_file
+from ..core.progress import Progress, no_progress
 from . import report as explain_report
 from .inputs import dataset_inputs
 from .model import Explainer, as_artifact, input_kind
-from .types import ExplainOptions, Progress, agreement
+from .types import ExplainOptions, agreement
 
 
 def _summary(values: list[float]) -> dict:
@@ -63,7 +64,7 @@ def explain_split(
         explainer.check_compatible(other)
     target = explainer.resolve_target(opts.target)
     inputs = dataset_inputs(a, split, samples)
-    progress = progress or (lambda *_a, **_k: None)
+    progress = progress or no_progress
     progress("start", total=len(inputs))
     rhos, overlaps, gaps_a, gaps_b, same = [], [], [], [], []
     mean_a = mean_b = None

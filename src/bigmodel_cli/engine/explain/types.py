@@ -8,11 +8,11 @@ The lowest layer of the explain modules: it imports none of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from ...config import threads_problem
+from ..core.progress import Progress  # re-exported: explain.command names it among its public types
 from ...errors import ConfigErrors
 from ..inputs import pixel_max_problem
 from . import attribution as attr
@@ -20,7 +20,6 @@ from . import attribution as attr
 BASELINES = ("zeros", "blur", "mean")
 THROUGH = ("auto", "torch", "onnx")
 
-Progress = Callable[..., None]
 
 
 @dataclass

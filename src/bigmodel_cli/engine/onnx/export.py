@@ -30,7 +30,8 @@ import numpy as np
 
 from ... import artifact as art
 from ...config import is_finite_number
-from ...errors import ConfigErrors, UserError, WorkFailed
+from ...errors import ConfigErrors, UserError, WorkFailed, first_line
+from ..core.progress import no_progress
 from . import files as onnx_files
 from .exporters import TORCHSCRIPT_MAX_OPSET, export_module, run_exporters
 from .layout import ExportOptions, IOLayout
@@ -161,7 +162,7 @@ def check_onnx_file(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise WorkFailed(f"the exported file fails the ONNX checker ({str(exc).splitlines()[0][:240]}); "
+        raise WorkFailed(f"the exported file fails the ONNX checker ({first_line(exc, 240)}); "
                          "nothing was written") from None
 
 
@@ -235,7 +236,7 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
     from ..core.tasks import torch_predict
 
     options = options or ExportOptions()
-    say = progress or (lambda *_a, **_k: None)
+    say = progress or no_progress
     validate_options(options, artifact)
     art.check_output(out, overwrite, [artifact.path])
     device = hardware.resolve_device(options.device)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ...artifact import ONNX_FILE, Artifact
 from ...config import threads_problem
-from ...errors import UserError
+from ...errors import UserError, first_line
 from .files import check_data_beside, check_external_data
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -58,11 +58,6 @@ def providers_for(device: str) -> list[str]:
     if device == "auto" and CUDA_PROVIDER in available:
         return [CUDA_PROVIDER, CPU_PROVIDER]
     return [CPU_PROVIDER]
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def open_session(path: Path | str, device: str = "cpu", threads: int | None = None, optimization: str = "all",
@@ -112,7 +107,7 @@ def open_session(path: Path | str, device: str = "cpu", threads: int | None = No
         raise
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         check_external_data(path)  # a missing data file is the likely cause: if so, say that
-        raise UserError(f"{path}: ONNX Runtime cannot load it ({_first_line(exc)}); it is not a valid ONNX model "
+        raise UserError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)}); it is not a valid ONNX model "
                         "for this runtime — re-export it with bigmodel export") from None
     return session, threads
 
@@ -169,7 +164,7 @@ def _load_model(path: Path, with_data: bool = True):
         return onnx.load(str(path), load_external_data=with_data)
     except Exception as exc:  # DecodeError, OSError, ...
         check_external_data(path)  # a missing data file is the likely cause: if so, say that
-        raise UserError(f"{path}: is not a readable ONNX file ({_first_line(exc)}); re-export it") from None
+        raise UserError(f"{path}: is not a readable ONNX file ({first_line(exc)}); re-export it") from None
 
 
 def _initializer_arrays(artifact: Artifact):
@@ -180,7 +175,7 @@ def _initializer_arrays(artifact: Artifact):
         try:
             yield init.name, numpy_helper.to_array(init, base_dir=str(artifact.path))
         except Exception as exc:
-            raise UserError(f"{artifact.path / ONNX_FILE}: initializer {init.name!r} cannot be read ({_first_line(exc)})") from None
+            raise UserError(f"{artifact.path / ONNX_FILE}: initializer {init.name!r} cannot be read ({first_line(exc)})") from None
 
 
 def onnx_tensor_table(artifact: Artifact) -> list[dict]:

@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ...errors import BigModelError, UserError, WorkFailed
+from ...errors import BigModelError, UserError, WorkFailed, first_line
 from .launcher import STRATEGIES, available_cores, check_job, check_shardable, device_capacity, under_torchrun
 
 
@@ -282,7 +282,7 @@ def join(job, device: str) -> Ranks:
             dist.init_process_group("nccl" if device == "cuda" else "gloo")
         except dist.DistError as exc:
             raise WorkFailed(f"rank {rank} could not join the other ranks at {os.environ['MASTER_ADDR']}:"
-                             f"{os.environ['MASTER_PORT']} ({_first_line(exc)}); check the rendezvous endpoint") from None
+                             f"{os.environ['MASTER_PORT']} ({_collective_reason(exc)}); check the rendezvous endpoint") from None
     return Ranks(rank, world, local_rank, local_world, strategy, device, owns)
 
 
@@ -295,7 +295,7 @@ def lost_contact(exc: BaseException, ranks: Ranks) -> BaseException:
     # gloo reports a vanished peer as a plain RuntimeError naming its transport; NCCL as DistError.
     transport = isinstance(exc, RuntimeError) and any(w in str(exc) for w in ("gloo", "NCCL", "Connection", "peer"))
     if isinstance(exc, dist.DistError) or transport:
-        return WorkFailed(f"rank {ranks.rank} lost contact with the other ranks ({_first_line(exc)}); "
+        return WorkFailed(f"rank {ranks.rank} lost contact with the other ranks ({_collective_reason(exc)}); "
                           "another rank probably failed — see its error")
     return exc
 
@@ -349,11 +349,11 @@ def _optimizer_by_name(state: dict, optimizer, model) -> dict:
     return {"state": {order[i]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
-def _first_line(exc: BaseException) -> str:
+def _collective_reason(exc: BaseException) -> str:
+    """errors.first_line, cut to what a collective's failure says happened."""
     import re
 
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
+    line = first_line(exc, limit=10_000)
     line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # gloo's "[/path/pair.cc:537]" source location
     line = line.split(". ")[0]  # its first sentence says what happened; the rest is general advice
     return line.replace("[", "(").replace("]", ")")  # not console markup

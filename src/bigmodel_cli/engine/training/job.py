@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ... import artifact as art
-from ... import outputs
+from ...output_lock import hold
 from ...config import TrainConfig
-from ...errors import UserError
+from ...errors import UserError, first_line
 from ...models import USER_ARCH, build_model, get_arch, resolve_spec
 from ...models.user import names_model_file
 from . import launcher
@@ -35,7 +35,7 @@ class TrainJob:
     extra_files: dict = field(default_factory=dict)  # name -> path copied into each artifact
     manifest_extra: dict = field(default_factory=dict)
     strategy: str | None = None  # under torchrun: "ddp" (default) or "fsdp"; one process ignores it
-    lock: Any = None  # outputs.OutputLock on cfg.out, held from the checks to the end of the run
+    lock: Any = None  # output_lock.OutputLock on cfg.out, held from the checks to the end of the run
 
     def release_output(self) -> None:
         """Let another process write cfg.out (run_job calls it when the run ends)."""
@@ -116,7 +116,7 @@ def _probe(model, task, spec: dict, data) -> None:
     except Exception as exc:  # the model, possibly the user's, rejected the input
         raise UserError(
             f"the model does not accept this data's input of shape {tuple(example.shape)}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; fix the model's input size"
+            f"{first_line(exc, with_type=True)}; fix the model's input size"
         ) from None
     if data.task == "classification":
         if out.dim() != 2 or out.shape[0] != example.shape[0]:
@@ -125,6 +125,17 @@ def _probe(model, task, spec: dict, data) -> None:
             raise UserError(f"the model has {out.shape[1]} outputs but the labels go up to {data.num_classes - 1}; widen its output layer")
     elif out.dim() != 3 or out.shape[-1] < data.spec["vocab_size"]:
         raise UserError(f"a language model must return (batch, seq, vocab ≥ {data.spec['vocab_size']}); got {tuple(out.shape)}")
+
+
+def artifact_config(data, spec: dict, block_size: int | None, tokenizer: dict | None = None) -> dict:
+    """config.json of what a run trains: the model, the data as it was fed (with the window length
+    of a language model, which evaluation must use again) and, when text is read through one, the
+    tokenizer's section (data/tokenizer.py)."""
+    data_spec = dict(data.spec)
+    if block_size:
+        data_spec["block_size"] = block_size
+    extra = {"tokenizer": tokenizer} if tokenizer is not None else {}
+    return art.new_config(data.task, spec, data_spec, **extra)
 
 
 def prepare_training(cfg: TrainConfig) -> TrainJob:
@@ -138,7 +149,7 @@ def prepare_training(cfg: TrainConfig) -> TrainJob:
     arch_task = None if is_user else get_arch(cfg.model).task
     data_arg = default_data(cfg, arch_task, overrides)
     # Workers started by --nproc write into the output their launching process holds.
-    lock = None if launcher.under_torchrun() else outputs.hold(cfg.out)
+    lock = None if launcher.under_torchrun() else hold(cfg.out)
     try:
         return _prepare(cfg, overrides, data_arg, lock)
     except BaseException:
@@ -214,13 +225,8 @@ def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob
     if spec["arch"] == USER_ARCH:
         extra_files[art.MODEL_CODE_FILE] = Path(spec["file"])
         spec = {**spec, "file": art.MODEL_CODE_FILE}
-    data_spec = dict(data.spec)
-    if block_size:
-        data_spec["block_size"] = block_size
-    extra = {}
     if tokenizer is not None:  # the artifact carries its tokenizer (data/tokenizer.py's contract)
-        extra["tokenizer"] = tokenizer.section
         extra_files[tokenizer_path.name] = tokenizer_path
-    config = art.new_config(data.task, spec, data_spec, **extra)
+    config = artifact_config(data, spec, block_size, tokenizer.section if tokenizer is not None else None)
     return TrainJob(cfg=cfg, model=model, data=data, task=task, artifact_config=config, extra_files=extra_files,
                     lock=lock)

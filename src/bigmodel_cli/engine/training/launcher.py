@@ -173,11 +173,15 @@ def launch(job, nproc: int, argv: list[str]) -> None:
 
 
 def _remove_staging(out: Path) -> None:
-    """A rank stopped mid-write leaves a hidden staging directory (never loadable); remove it."""
+    """A rank stopped mid-write leaves a hidden staging directory or temporary file (never
+    loadable); remove it."""
     for parent in (out, out / "checkpoints"):
         for pattern in (".*.tmp-*", ".*.old-*"):
             for path in parent.glob(pattern):
-                shutil.rmtree(path, ignore_errors=True)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:  # output_file.atomic_path's temporary (metrics log, run.json)
+                    path.unlink(missing_ok=True)
 
 
 def _rank_error(logs: Path, local_rank: int) -> str | None:

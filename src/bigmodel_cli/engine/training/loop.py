@@ -15,33 +15,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 from ... import artifact as art
-from ... import outputs
+from ...output_file import atomic_path, write_json_atomic
+from ...output_staging import staging_path, swap_into_place
 from ...config import TrainConfig, asdict
 from ...errors import NonFiniteLoss, UserError
 from ...models import count_parameters
 from . import distributed
 from ..core import hardware
+from ..core.progress import Progress, no_progress
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..core.tasks import torch_predict
 from .job import TrainJob, prepare_training
 from .run_dir import RUN_FILE, check_resume, run_fingerprint
 
 METRICS_FILE = "metrics.jsonl"
-
-Progress = Callable[..., None]
-
-
-def _no_progress(event: str, **info: Any) -> None:
-    pass
-
 
 @dataclass
 class TrainResult:
@@ -121,10 +114,10 @@ def _prepare_run_dir(job: TrainJob) -> Path:
     if cfg.resume:
         return check_resume(job)
     if run_dir.exists():  # check_output already required --overwrite and that bigmodel wrote it
-        run_dir = outputs.staging_path(run_dir)
+        run_dir = staging_path(run_dir)
     try:
         run_dir.mkdir(parents=True)
-        outputs.write_json_atomic(run_dir / RUN_FILE, run_fingerprint(job))
+        write_json_atomic(run_dir / RUN_FILE, run_fingerprint(job))
     except OSError as exc:
         problem = art.storage_problem(exc) or exc.strerror or str(exc)
         raise UserError(f"{cfg.out}: cannot create the run directory ({problem}); choose another --out") from None
@@ -135,7 +128,7 @@ def _finish_run_dir(job: TrainJob, run_dir: Path) -> Path:
     """Move a staged run into place (the old run is removed only once the new one is there)."""
     final = Path(job.cfg.out)
     if run_dir != final:
-        outputs.swap_into_place(run_dir, final)
+        swap_into_place(run_dir, final)
     return final
 
 
@@ -153,9 +146,8 @@ class _MetricsLog:
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if _step_of(line) is not None and _step_of(line) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         self.handle = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
@@ -205,7 +197,7 @@ def run_job(job: TrainJob, progress: Progress | None = None) -> TrainResult:
     ok, run_dir = False, None
     try:
         run_dir = Path(ranks.on_main(lambda: str(_prepare_run_dir(job))))  # rank 0 creates it; all learn of errors
-        progress = (progress or _no_progress) if ranks.is_main else _no_progress
+        progress = (progress or no_progress) if ranks.is_main else no_progress
         result = _TrainingLoop(job, ranks, device, progress, run_dir).run()
         ok = True
         return result

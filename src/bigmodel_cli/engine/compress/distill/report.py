@@ -8,12 +8,12 @@ from dataclasses import replace
 from typing import Callable
 
 from bigmodel_cli import artifact as art
+from .options import DistillPlan
 
 
-def compare_models(plan, run, baseline, progress: Callable[..., None] | None = None) -> dict:
+def compare_models(plan: DistillPlan, run, baseline, progress: Callable[..., None] | None = None) -> dict:
     """Teacher, baseline and distilled student on the same data, split and window: metric,
-    parameters, size and latency (torch, this machine's threads). ``plan`` is command.py's
-    DistillPlan, not imported here: command.py imports this module."""
+    parameters, size and latency (torch, this machine's threads)."""
     from ...evaluate import BenchConfig, evaluate_artifact
     from ...core.hardware import resolve_device
 

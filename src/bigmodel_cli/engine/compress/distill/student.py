@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from bigmodel_cli import artifact as art
 from bigmodel_cli.config import TrainConfig
-from bigmodel_cli.errors import UserError
+from bigmodel_cli.errors import UserError, first_line
 from bigmodel_cli.models import USER_ARCH, get_arch, resolve_spec
 from .losses import HIDDEN_ARCHS
+from .options import DistillConfig
 
 
 def check_agreement(teacher, student, task) -> int:
@@ -26,9 +27,8 @@ def check_agreement(teacher, student, task) -> int:
             with torch.no_grad():
                 outputs[who] = model(example)
         except Exception as exc:  # a misfit model: say which and why, no traceback
-            first = str(exc).splitlines()[0] if str(exc) else ""
             raise UserError(f"the {who} does not accept this data's input of shape {tuple(example.shape)}: "
-                            f"{type(exc).__name__}: {first}; make the {who}'s input size match the teacher's data") from None
+                            f"{first_line(exc, with_type=True)}; make the {who}'s input size match the teacher's data") from None
     t_out, s_out = outputs["teacher"], outputs["student"]
     lm = task.name == "language-modeling"
     what, key = ("vocabulary", "vocab_size") if lm else ("classes", "num_classes")
@@ -132,9 +132,8 @@ def init_from_teacher(student, teacher, student_spec: dict, teacher_spec: dict) 
     return {"stride": stride, "teacher_layers": [i * stride for i in range(s_depth)]}
 
 
-def student_spec_for(cfg, teacher: art.Artifact, data, width: int):
-    """The student's config.json model dict, and the artifact it comes from (--student). ``cfg`` is
-    command.py's DistillConfig, not imported here: command.py imports this module."""
+def student_spec_for(cfg: DistillConfig, teacher: art.Artifact, data, width: int):
+    """The student's config.json model dict, and the artifact it comes from (--student)."""
     if cfg.student is not None:
         source = art.open_artifact(cfg.student)
         if not source.has_weights:

@@ -17,20 +17,19 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from bigmodel_cli import artifact as art
 from bigmodel_cli.config import TrainConfig, is_finite_number
+from bigmodel_cli.data import SPLITS
 from bigmodel_cli.errors import ConfigErrors, UserError
 from bigmodel_cli.models import USER_ARCH
+from ...core.progress import Progress, no_progress
 from . import report as measure
 from .magnitude import SCOPES, check_nm, hold_masks, layer_sparsity, prunable_layers, prune_unstructured
 from .plan import cubic_schedule, parse_pattern, split_ignored, torch_pruning_scheduler
 from .structured import ARCHS, CRITERIA, accumulate_gradients, check_ignore, prune_builtin, unit_groups
 
 METHODS = ("magnitude", "structured")
-SPLITS = ("train", "val", "test")
-Progress = Callable[..., None]
 
 
 @dataclass
@@ -209,7 +208,9 @@ def _with_structure(spec: dict, model, base_dir: Path) -> dict:
     """The user model's spec with a record of the shapes pruning changed, diffed against the module
     exactly as the user's file builds it (so pruning a pruned model records the total change)."""
     from bigmodel_cli.models import build_model
-    from .user_graph import PRUNED_KEY, structure_record
+    from bigmodel_cli.models.pruned_shapes import PRUNED_KEY
+
+    from .user_graph import structure_record
 
     bare = {k: v for k, v in spec.items() if k != PRUNED_KEY}
     record = structure_record(build_model(bare, base_dir=base_dir), model)
@@ -245,9 +246,9 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     import torch
 
     from ...core import hardware
-    from ...evaluate import open_data
+    from ...core.datasets import open_data
 
-    progress = progress or (lambda event, **info: None)
+    progress = progress or no_progress
     started = time.perf_counter()
     cfg.validate()
     train_cfg = train_cfg or TrainConfig()

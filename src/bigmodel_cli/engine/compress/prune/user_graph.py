@@ -19,8 +19,6 @@ from __future__ import annotations
 import itertools
 
 from bigmodel_cli.errors import UserError
-# Reading the record back is the models' job (models/pruned_shapes.py); the key is re-exported here.
-from bigmodel_cli.models.pruned_shapes import PRUNED_KEY  # noqa: F401
 from .plan import split_ignored
 from .structured import accumulate_gradients
 

@@ -28,15 +28,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bigmodel_cli import artifact as art
-from bigmodel_cli import outputs
 from bigmodel_cli.config import is_finite_number, threads_problem
+from bigmodel_cli.data import SPLITS
 from bigmodel_cli.errors import ConfigErrors, UserError, WorkFailed
-from ...evaluate import SPLITS, BenchConfig
+from bigmodel_cli.output_lock import hold
+from bigmodel_cli.output_staging import clean_stale_temp
+from ...core.progress import no_progress
+from ...evaluate import BenchConfig
 from . import gate as gating
 from .measure import Evaluator, build_report, latency, manifest_metrics, model_bytes, onnx_predict
 from .onnx_int8 import METHODS
 from .scheme import SCHEMES
-from .weight_only import BITS
+from bigmodel_cli.weights import BITS
 
 MODES = ("auto", "dynamic", "static", "weight-only")
 TEMP_PREFIX = "bigmodel-quantize-"  # + pid + "-": the work directory in the system's temp folder
@@ -156,9 +159,9 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
     nothing is written. ``progress(event, **info)`` receives "stage" (name), "calibrate" and
     "bench" (done, total) events."""
     options = options or QuantizeOptions()
-    say = progress or (lambda *_a, **_k: None)
+    say = progress or no_progress
     mode = validate(options, source)
-    with outputs.hold(out):  # one writer per output, from the checks to the rename
+    with hold(out):  # one writer per output, from the checks to the rename
         inputs = [source.path, source.data_spec.get("path"), _calibration_path(options.calib_data)]
         art.check_output(out, overwrite, inputs)
         if mode != "weight-only" and source.has_onnx:
@@ -167,7 +170,7 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
             check_external_data(source.path / art.ONNX_FILE)  # a short model.onnx.data is the user's to fix
         # The work files of a quantize that was killed are removed by the next one (the pid in the
         # name tells a dead owner from a live one).
-        outputs.clean_stale_temp(TEMP_PREFIX)
+        clean_stale_temp(TEMP_PREFIX)
         with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
             if mode == "weight-only":
                 from .weight_only import quantize_weights

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from bigmodel_cli.errors import WorkFailed
+from ...core.progress import no_progress
 from .calibration import make_reader
 from .onnx_int8 import COMPUTE_OPS, quiet
 
@@ -203,7 +204,7 @@ def run_gate(*, task: str, limit: float | None, before: dict, first: dict, rank:
     """Check ``first`` (the metrics of the int8 model) against ``limit``; when it fails, rank the
     nodes and retry with the worst 1, 2, 4 … kept in float. ``retry(excluded)`` quantizes again
     and returns the new metrics."""
-    say = progress or (lambda *_a, **_k: None)
+    say = progress or no_progress
     unit = drop_unit(task)
     drop = metric_drop(task, before, first)
     attempts = [{"excluded": [], "drop": drop, **_metric(first)}]

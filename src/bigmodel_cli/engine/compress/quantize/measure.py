@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from bigmodel_cli.artifact import Artifact
-from ...evaluate import BenchConfig, benchmark_side_by_side, bench_input, open_data
+from ...core.datasets import open_data
+from ...evaluate import BenchConfig, benchmark_side_by_side, bench_input
 from ...core.tasks import make_task
 
 METRIC_KEYS = ("accuracy", "perplexity", "loss", "bits_per_byte", "samples", "tokens")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigmodel_cli.errors import UserError, WorkFailed
+from bigmodel_cli.errors import UserError, WorkFailed, first_line
 from ...onnx.files import data_path, has_external_data
 from ...core.quiet import silenced
 from .scheme import Scheme
@@ -36,11 +36,6 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ma
 def quiet():
     """ORT's quantization tools log advice to the root logger and print to stdout."""
     return silenced()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[0][:240]}" if lines else type(exc).__name__
 
 
 def preprocess(src: Path, dst: Path) -> dict:
@@ -65,7 +60,7 @@ def preprocess(src: Path, dst: Path) -> dict:
     except Exception as exc:  # shape inference and the optimizer raise many types
         for leftover in (dst, data_path(dst)):
             leftover.unlink(missing_ok=True)
-        return {"applied": False, "reason": _first_line(exc)}
+        return {"applied": False, "reason": first_line(exc, 240, with_type=True)}
     return {"applied": True, "steps": steps}
 
 
@@ -173,7 +168,7 @@ def quantize_file(float_path: Path, out_path: Path, settings: Int8Settings, excl
     except (KeyboardInterrupt, MemoryError, UserError, WorkFailed):
         raise
     except Exception as exc:  # the quantizer raises many types; one line says which step failed
-        raise WorkFailed(f"ONNX Runtime's {settings.mode} quantization failed ({_first_line(exc)}); nothing was written") from None
+        raise WorkFailed(f"ONNX Runtime's {settings.mode} quantization failed ({first_line(exc, 240, with_type=True)}); nothing was written") from None
 
 
 def quantized_nodes(float_graph, int8_path: Path, mode: str) -> list[str]:

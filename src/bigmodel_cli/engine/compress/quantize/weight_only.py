@@ -20,7 +20,7 @@ import math
 
 from bigmodel_cli.errors import UserError
 # Decoding is storage's job (an artifact dequantizes on load); encoding is this command's.
-from bigmodel_cli.weights import BITS, SCALE_SUFFIX, dequantize_state, dequantize_tensor  # noqa: F401  (re-exported)
+from bigmodel_cli.weights import SCALE_SUFFIX, dequantize_tensor
 
 DEFAULT_GROUP_SIZE = 64
 

@@ -1,0 +1,210 @@
+"""``bigmodel run``'s runner: the steps of a parsed recipe (``recipe.py``) in order, each skipped,
+resumed or rerun by its fingerprint, through the CLI's own entry point; the run directory locked,
+and an --overwrite'd old run set aside until the new one has finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..engine.core.recipe_state import STATE_FILE, load_state, save_state
+from ..errors import UserError
+from ..output_file import write_atomic
+from .recipe import Recipe, Step, command_group, command_params, step_argv
+
+
+def _output_complete(path: Path) -> bool:
+    """The step's output exists, verifies, and (for a training run) reached its last step."""
+    from ..artifact import open_artifact
+
+    if not path.exists():
+        return False
+    if (path / "run.json").exists() and not (path / "last" / "manifest.json").exists():
+        return False
+    try:
+        open_artifact(path)
+        return True
+    except UserError:
+        return False
+
+
+def _manifest_digest(path: Path) -> str:
+    from ..artifact import resolve_artifact_dir, sha256_file
+
+    try:
+        return sha256_file(resolve_artifact_dir(path) / "manifest.json")
+    except UserError:
+        return "missing"
+
+
+def _fingerprint(step: Step, argv: list[str], run_dir: Path) -> str:
+    inputs = {key: _manifest_digest(run_dir / target) for key, target in sorted(step.refs.items())}
+    blob = json.dumps({"argv": argv, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _run_file_digest(output: Path) -> str | None:
+    """sha256 of a training run's run.json (None without one): tells whose run the directory holds."""
+    from ..artifact import sha256_file
+
+    try:
+        return sha256_file(output / "run.json") if (output / "run.json").is_file() else None
+    except OSError:
+        return None
+
+
+def _decide(step: Step, previous: dict, fingerprint: str, output: Path, can_resume: bool) -> str:
+    """skipped, resumed or ran. Skipped only when the step completed with exactly this fingerprint
+    and its output is still whole: an attempt that failed was recorded as incomplete."""
+    same = previous.get("fingerprint") == fingerprint
+    done = same and previous.get("complete") is True
+    if not step.writes_artifact:
+        return "skipped" if done and output.is_file() else "ran"
+    if done and _output_complete(output):
+        return "skipped"
+    # Resume only a run this fingerprint started: after a failed attempt that never got to write,
+    # the directory still holds the previous run (other options), which --resume would refuse.
+    run_file = _run_file_digest(output)
+    if same and can_resume and run_file is not None and (done or run_file != previous.get("replaces")):
+        return "resumed"
+    return "ran"
+
+
+def check_model_code_trust(recipe: Recipe) -> None:
+    """A model file the recipe names runs only with --trust-model-code (or when --set named it)."""
+    from ..models.user import require_trust_for_file_reference
+
+    for step in recipe.steps:
+        for reference in step.code_named_in_toml:
+            require_trust_for_file_reference(
+                reference, f"recipe {recipe.path}, step {step.name!r}",
+                f"name it on the command line yourself (--set {step.name}.model={reference})")
+
+
+@dataclass
+class StepOutcome:
+    name: str
+    command: str
+    status: str  # "ran", "resumed", "skipped"
+    output: Path
+    argv: list[str]
+
+
+def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
+               announce: Callable[[int, int, Step, str, list[str]], None] | None = None) -> list[StepOutcome]:
+    """Run the steps in order; skip the complete and unchanged; resume a crashed training step.
+
+    The run directory is locked for the whole run. With --overwrite an existing run is set aside
+    (``.NAME.old-*``), not deleted: it is removed when the new run has finished and put back if the
+    new run fails. It cannot be built elsewhere and renamed, as the steps record the paths they read."""
+    from .. import outputs
+    from ..output_lock import hold
+    from ..output_staging import aside_path
+
+    run_dir = Path(run_dir)
+    check_model_code_trust(recipe)  # before anything is touched
+    with hold(run_dir):
+        if run_dir.exists() and not overwrite and (run_dir / STATE_FILE).exists():
+            return _run_steps(recipe, run_dir, announce)  # a rerun continues the run
+        outputs.check_output(run_dir, overwrite, [recipe.path])  # refuses what bigmodel did not write
+        aside = aside_path(run_dir) if run_dir.exists() else None
+        try:
+            if aside is not None:
+                run_dir.rename(aside)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{run_dir}: cannot create the run directory ({exc.strerror}); "
+                            "choose another --out") from None
+        try:
+            outcomes = _run_steps(recipe, run_dir, announce)
+        except BaseException:
+            if aside is not None:  # the new run failed: the old one comes back as it was
+                shutil.rmtree(run_dir, ignore_errors=True)
+                aside.rename(run_dir)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return outcomes
+
+
+def _run_steps(recipe: Recipe, run_dir: Path,
+               announce: Callable[[int, int, Step, str, list[str]], None] | None) -> list[StepOutcome]:
+    """run_recipe's loop, in a locked run directory."""
+    state = load_state(run_dir)
+    group = command_group()
+    outcomes: list[StepOutcome] = []
+    for index, step in enumerate(recipe.steps, start=1):
+        command = group.commands[step.command]
+        argv = step_argv(step, run_dir, command_params(command))
+        fingerprint = _fingerprint(step, argv, run_dir)
+        output = run_dir / step.output_name
+        previous = state.get(step.name, {})
+        status = _decide(step, previous, fingerprint, output, "resume" in command_params(command))
+        extra = {"resumed": ["--resume"], "skipped": []}.get(
+            status, ["--overwrite"] if output.exists() and step.writes_artifact else [])
+        if announce:
+            announce(index, len(recipe.steps), step, status, argv + extra)
+        if status != "skipped":
+            # Recorded before running: if this attempt fails, the step is incomplete with this
+            # fingerprint, so the rerun runs it again (a training run it started is resumed).
+            replaces = _run_file_digest(output) if status == "ran" else previous.get("replaces")
+            state[step.name] = {"fingerprint": fingerprint, "argv": argv, "complete": False, "replaces": replaces}
+            save_state(run_dir, state)
+            _invoke(group, argv + extra, output if not step.writes_artifact else None, step)
+            # Inputs may have been rewritten by this very run: fingerprint what was actually read.
+            state[step.name] = {"fingerprint": _fingerprint(step, argv, run_dir), "argv": argv, "complete": True}
+            save_state(run_dir, state)
+        outcomes.append(StepOutcome(step.name, step.command, status, output, argv))
+    return outcomes
+
+
+def _invoke(group, argv: list[str], report_file: Path | None, step: Step) -> None:
+    """Run one command through the CLI's own entry point; its failure is the run's failure,
+    reported as one line that names the step."""
+    import contextlib
+    import io
+
+    from . import BigModelGroup, describe_failure
+    from ..errors import BigModelError
+    from ..models.user import trust_model_code_enabled
+
+    import sys
+
+    # A report step's stdout is its result (saved); an artifact step's tables are progress for the
+    # person watching, so they go to stderr and stdout stays the run's own result (or JSON).
+    buffer = io.StringIO()
+    # Each step starts a new invocation, which resets trust: `bigmodel --trust-model-code run`
+    # keeps it for every step (the export after a user-model train loads that model's code).
+    if trust_model_code_enabled():
+        argv = ["--trust-model-code", *argv]
+    BigModelGroup.pass_through = True
+    try:
+        with contextlib.redirect_stdout(buffer if report_file else sys.stderr):
+            code = group.main(args=argv, prog_name="bigmodel", standalone_mode=False)
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] in ("typer", "click"):
+            raise
+        message, code = describe_failure(exc)
+        error = BigModelError(f"step {step.name!r} ({step.command}): {message}; fix it and rerun (finished steps are skipped)")
+        error.exit_code = code
+        raise error from exc
+    finally:
+        BigModelGroup.pass_through = False
+    if code not in (None, 0):
+        error = BigModelError(f"step {step.name!r} ({step.command}) exited with code {code}")
+        error.exit_code = code
+        raise error
+    if report_file is not None:
+        # The temporary name is dot-first: no step's output can have it (step names start with a
+        # letter or digit).
+        write_atomic(report_file, buffer.getvalue())
+
+
+def artifact_outputs(recipe: Recipe, run_dir: Path) -> list[tuple[str, Path]]:
+    """(step name, output dir) of the steps that wrote artifacts, in recipe order."""
+    return [(s.name, run_dir / s.name) for s in recipe.steps if s.writes_artifact and (run_dir / s.name).exists()]

@@ -1,0 +1,13 @@
+"""matplotlib, imported only when a picture is drawn (``bigmodel --help`` stays fast)."""
+
+from __future__ import annotations
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend: files only, never a window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
