@@ -142,26 +142,19 @@ def _write_tokens(files: list[Path], tokenizer, target: Path, dtype) -> None:
     """Tokenize ``files`` chunk by chunk into ``target`` (through a hidden temporary file renamed
     into place, so a crash never leaves a cache file that looks complete). Each file ends with the
     end-of-text token when the tokenizer has one, so documents are not run together."""
+    from ..output_file import atomic_path
     from .tokenizer import text_chunks
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(partial, "wb") as out:
-            last = None
-            for index, text in text_chunks(files):
-                if last is not None and index != last and tokenizer.eos_id is not None:
-                    np.array([tokenizer.eos_id], dtype=dtype).tofile(out)
-                last = index
-                np.asarray(tokenizer.encode_plain(text), dtype=dtype).tofile(out)
-            if last is not None and tokenizer.eos_id is not None:
+    with atomic_path(target) as partial, open(partial, "wb") as out:
+        last = None
+        for index, text in text_chunks(files):
+            if last is not None and index != last and tokenizer.eos_id is not None:
                 np.array([tokenizer.eos_id], dtype=dtype).tofile(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+            last = index
+            np.asarray(tokenizer.encode_plain(text), dtype=dtype).tofile(out)
+        if last is not None and tokenizer.eos_id is not None:
+            np.array([tokenizer.eos_id], dtype=dtype).tofile(out)
 
 
 def token_file(files: list[Path], tokenizer) -> Path:
