@@ -254,7 +254,7 @@ class Artifact:
 
 def _quantized_layout_ok(shape: list[int], packed: tuple, scale: tuple | None, bits: Any) -> bool:
     """Whether a weight-only quantized tensor's stored and scale shapes fit its float ``shape``
-    (engine/quantization/weight_only.py): int8 keeps the shape with one scale per row; int4 packs
+    (engine/compress/quantize/weight_only.py): int8 keeps the shape with one scale per row; int4 packs
     two per byte, rows padded to whole groups, one scale per group."""
     if scale is None or not packed or packed[0] != shape[0] or len(scale) not in (1, 2) or scale[0] != shape[0]:
         return False

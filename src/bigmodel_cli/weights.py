@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-# A weight-only quantized tensor NAME keeps its scales in NAME + this (engine/quantization/weight_only.py);
+# A weight-only quantized tensor NAME keeps its scales in NAME + this (engine/compress/quantize/weight_only.py);
 # here, in the storage layer, because reading an artifact's weight shapes needs it too.
 SCALE_SUFFIX = ".scale"
 
