@@ -32,6 +32,7 @@ def _options(
     output_size: Annotated[Optional[int], typer.Option("--output-size", help="Number of classes.", rich_help_panel=_M)] = None,
     data: DataOpt = None,
     target: TargetOpt = None,
+    augment: Annotated[Optional[str], typer.Option("--augment", help="Augment training batches on the fly: 'default', or policies like shift=1,rotate=10,noise=0.05 (images: shift, rotate, scale, cutout, flip, noise, mixup; tabular: noise, mixup). See docs/data.md.", rich_help_panel=_O)] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the training split.", rich_help_panel=_O)] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps (wins over --epochs).", rich_help_panel=_O)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Samples per micro-batch (all ranks together).", rich_help_panel=_O)] = None,

@@ -254,7 +254,7 @@ def _run(job: TrainJob, ranks, device: str, progress: Progress, run_dir: Path) -
     tokens_per_sample = getattr(task, "block_size", 1)
     # run_dir is where the run will be; writing_to is where it is built (a staging directory with --overwrite)
     progress("start", total=total, step=step, runtime=runtime, run_dir=str(cfg.out), writing_to=str(run_dir),
-             resumed_from=resumed_from)
+             resumed_from=resumed_from, per_step=cfg.batch_size * cfg.grad_accum * tokens_per_sample)
 
     def state_record() -> dict:
         return {"best": best, "best_step": best_step, "bad_evals": bad_evals, "skipped": skipped,
