@@ -51,7 +51,7 @@ def distill(
         temperature=temperature, alpha=alpha, kd_loss=kd_loss, hidden_loss=hidden_loss, hidden_weight=hidden_weight,
         layer_map=layer_map, init_from_teacher=init_from_teacher, cache_teacher=cache_teacher, baseline=baseline,
         report_split=report_split, bench_iterations=bench_iterations,
-        train=build_config(TrainConfig, {}, flags, source="options"), lr_given=flags.get("lr") is not None,
+        train=build_config(TrainConfig, {}, flags, source="options"), choose_lr=flags.get("lr") is None,
     )
     plan = prepare_distill(cfg)
     if not json_out:

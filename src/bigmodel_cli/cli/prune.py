@@ -62,8 +62,8 @@ def prune(
     train_cfg = build_config(TrainConfig, {}, train_flags)
     source = open_artifact(artifact)
     unit = "tokens/s" if source.task == "language-modeling" else "samples/s"
-    lr_given = (train_flags or {}).get("lr") is not None
-    result = prune_artifact(source, cfg, train_cfg, _Progress(unit, not json_out), lr_given=lr_given)
+    choose_lr = (train_flags or {}).get("lr") is None  # no --lr: chosen from the original run's
+    result = prune_artifact(source, cfg, train_cfg, _Progress(unit, not json_out), choose_lr=choose_lr)
     report = result.report
     if json_out:
         console.print_json({"run_dir": str(result.run_dir), "artifact": str(result.artifact),

@@ -69,7 +69,9 @@ class DistillConfig:
     report_split: str = "test"
     bench_iterations: int = 30  # latency runs per model in the report; 0 skips latency
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/distill"))
-    lr_given: bool = False  # the user set --lr; otherwise student_budget chooses it
+    # student_budget chooses the rate (the CLI, when --lr was not given); False keeps train.lr as a
+    # Python caller set it. Epochs/steps are chosen whenever train.epochs and train.max_steps are None.
+    choose_lr: bool = False
 
     def validate(self) -> None:
         """Every problem with the options at once (the models are checked later, before any work)."""
@@ -296,7 +298,7 @@ def _prepare_distill(cfg: DistillConfig) -> DistillPlan:
         source["artifact"] = art.parent_ref(source_artifact)
     check_agreement(teacher_model, student, task)
     budget = student_budget(data.task, count_parameters(student), _train_samples(task), tc.epochs, tc.max_steps,
-                            tc.lr if cfg.lr_given else None)
+                            None if cfg.choose_lr else tc.lr)
     tc = cfg.train = replace(tc, epochs=budget["epochs"], max_steps=budget["max_steps"], lr=budget["lr"])
     if cfg.init_from_teacher:
         source["init_from_teacher"] = init_from_teacher(student, teacher_model, spec, teacher.model_spec)

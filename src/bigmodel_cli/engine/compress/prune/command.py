@@ -241,10 +241,11 @@ def _check_request(artifact: art.Artifact, cfg: PruneConfig, spec: dict, finetun
 
 
 def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainConfig | None = None,
-                   progress: Progress | None = None, lr_given: bool = False) -> PruneResult:
+                   progress: Progress | None = None, choose_lr: bool = False) -> PruneResult:
     """Prune ``artifact`` as ``cfg`` says, fine-tune with ``train_cfg``, write ``cfg.out``.
 
-    ``lr_given``: the user set the fine-tuning --lr; otherwise it is chosen from the original run's."""
+    ``choose_lr``: choose the fine-tuning rate from the original run's (the CLI, when --lr was not
+    given); False keeps ``train_cfg.lr``, as a Python caller set it."""
     import torch
 
     from ...core import hardware
@@ -259,7 +260,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     spec = copy.deepcopy(artifact.model_spec)
     finetune = cfg.finetune_epochs > 0 or bool(train_cfg.max_steps)
     _check_request(artifact, cfg, spec, finetune)
-    cfg, train_cfg, defaults = _choose_schedule(artifact, cfg, train_cfg, lr_given)
+    cfg, train_cfg, defaults = _choose_schedule(artifact, cfg, train_cfg, choose_lr)
     if defaults:
         progress("defaults", **defaults)
 
@@ -326,13 +327,13 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
 
 
 def _choose_schedule(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainConfig,
-                     lr_given: bool) -> tuple[PruneConfig, TrainConfig, dict | None]:
+                     choose_lr: bool) -> tuple[PruneConfig, TrainConfig, dict | None]:
     """cfg and train_cfg with the schedule and rate plan.finetune_plan chooses when --finetune-epochs
     is given, and what was chosen and why (None: nothing chosen, e.g. no fine-tuning or --pattern)."""
     if cfg.finetune_epochs <= 0 or cfg.pattern is not None or train_cfg.max_steps:
         return dataclasses.replace(cfg, steps=cfg.steps or 1), train_cfg, None
     chosen = finetune_plan(cfg.target, cfg.finetune_epochs, original_lr(artifact.manifest.get("options")),
-                           steps=cfg.steps, lr=train_cfg.lr if lr_given else None)
+                           steps=cfg.steps, lr=None if choose_lr else train_cfg.lr)
     cfg = dataclasses.replace(cfg, steps=chosen["steps"], finetune_epochs=chosen["epochs_per_step"])
     return cfg, dataclasses.replace(train_cfg, lr=chosen["lr"]), chosen
 
