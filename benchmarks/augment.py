@@ -32,8 +32,8 @@ def breast_cancer_like(path: str, seed: int = 569) -> None:
     rng = np.random.default_rng(seed)
     labels = np.array([1] * 212 + [0] * 357)
     rng.shuffle(labels)
-    size = rng.normal(0, 1, 569) + 1.4 * labels  # tumour size drives radius, perimeter, area
-    shape = 0.6 * size + rng.normal(0, 1, 569) + 0.9 * labels  # concavity, compactness
+    size = rng.normal(0, 1, 569) + 3.0 * labels  # tumour size drives radius, perimeter, area
+    shape = 0.5 * size + rng.normal(0, 1, 569) + 2.0 * labels  # concavity, compactness
     base = []
     for j in range(10):
         driver = size if j in (0, 2, 3) else shape if j in (5, 6, 7) else rng.normal(0, 1, 569) + 0.3 * labels

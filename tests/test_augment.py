@@ -30,12 +30,12 @@ def digits():
 
 
 def test_prune_default_schedule_is_what_docs_prune_md_says():
-    # docs/prune.md, "Defaults": 90 % with --finetune-epochs 5 → 4 cubic steps of 10 epochs at 3× the original rate.
+    # docs/prune.md, "Defaults": 90 % with --finetune-epochs 5 → 4 cubic steps of 20 epochs at 3× the original rate.
     plan = finetune_plan(0.9, 5, 1e-3)
-    assert (plan["steps"], plan["epochs_per_step"], plan["lr"], plan["gradual"]) == (4, 10, pytest.approx(3e-3), True)
+    assert (plan["steps"], plan["epochs_per_step"], plan["lr"], plan["gradual"]) == (4, 20, pytest.approx(3e-3), True)
     assert "4 cubic steps" in plan["why"] and "original run's" in plan["why"]
     assert finetune_plan(0.85, 20, 2e-3)["steps"] == 3
-    assert finetune_plan(0.85, 20, 2e-3)["epochs_per_step"] == 20  # a larger budget is kept
+    assert finetune_plan(0.85, 30, 2e-3)["epochs_per_step"] == 30  # a larger budget is kept
     assert finetune_plan(0.97, 5, 1e-3)["steps"] == 6
     assert finetune_plan(0.9, 5, 5e-3)["lr"] == pytest.approx(1e-2)  # capped
     # Low sparsity: one step, the original run's rate (not a fixed default).
