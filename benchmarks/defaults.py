@@ -84,12 +84,16 @@ def lm_distill(work: str, seeds: list[int]) -> list[dict]:
 
 
 def readme_lm(work: str) -> dict:
-    started = time.perf_counter()
+    import resource
+
+    started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = bigmodel(*README_LM, "--out", f"{work}/gpt")
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime)  # what it cost, busy machine or not
     metrics = [json.loads(line) for line in open(f"{work}/gpt/metrics.jsonl", encoding="utf-8")]
     first = next(m for m in metrics if "loss" in m)
-    return {"wall_s": wall, "train_s": out["seconds"], "threads": out["threads"], "steps": out["steps"],
+    return {"wall_s": wall, "cpu_s": cpu_s, "train_s": out["seconds"], "threads": out["threads"], "steps": out["steps"],
             "first_loss": first["loss"], "val": out["last_metrics"]}
 
 
@@ -127,7 +131,9 @@ def render(data: dict) -> str:
                   f"**{'met' if wins == len(g) else 'not met'}**."]
     if lm:
         lines += ["", f"### The README's first language-model command: `bigmodel {' '.join(README_LM)}`", "",
-                  f"Wall clock {lm['wall_s']:.0f} s (training {lm['train_s']:.0f} s, {lm['threads']} threads), "
+                  f"Wall clock {lm['wall_s']:.0f} s (training {lm['train_s']:.0f} s, {lm['threads']} threads; "
+                  f"{lm.get('cpu_s', float('nan')):.0f} CPU seconds: on a quiet machine the wall time is about this or "
+                  "less, however busy this one was), "
                   f"{lm['steps']} steps: training loss {lm['first_loss']:.2f} at step 1 → validation loss "
                   f"{lm['val']['val_loss']:.2f} (perplexity {lm['val']['val_perplexity']:.1f}, "
                   f"{lm['val']['val_bits_per_byte']:.2f} bits per byte; a uniform guess over bytes is 8). "
