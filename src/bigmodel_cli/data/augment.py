@@ -139,11 +139,6 @@ def policy_for(chosen: dict[str, float], task: str, input_shape, *, mixing_allow
     return {k: v for k, v in chosen.items() if v}
 
 
-def describe(policy: dict[str, float]) -> str:
-    """The policy as the flag writes it: 'shift=1,rotate=10'."""
-    return ",".join(f"{k}={v:g}" for k, v in policy.items())
-
-
 def generator(seed: int, micro_step: int):
     """The random stream of one global micro-batch's augmentation."""
     import torch
@@ -167,12 +162,11 @@ def augment_batch(x, y, policy: dict[str, float], seed: int, micro_step: int, nu
     # Every draw is made for every policy, used or not, in a fixed order: the stream a policy sees
     # does not change when another one is switched on or off.
     draws = {name: torch.rand((n, 4), generator=gen) for name in POLICIES}
-    noise = torch.randn(x.shape, generator=gen)
     x = x.clone()
     if len(x.shape) >= 3:
         x = _geometric(x, policy, draws)
-    if policy.get("noise"):
-        x = x + policy["noise"] * noise.to(x.dtype)
+    if policy.get("noise"):  # drawn last: the other policies' numbers do not depend on it
+        x = x + policy["noise"] * torch.randn(x.shape, generator=gen).to(x.dtype)
     if policy.get("mixup"):
         x, y = _mixup(x, y, policy["mixup"], draws["mixup"], num_classes)
     return x, y
