@@ -67,6 +67,7 @@ class TrainConfig:
     data: str | None = None  # None: digits for classifiers, text:stdlib for gpt
     target: str | None = None  # csv class column
     tokenizer: str | None = None  # language models: a `bigmodel tokenizer train` directory; None = bytes
+    augment: str | None = None  # data/augment.py's policies, e.g. "shift=1,rotate=10" or "default"
     # how long
     epochs: int | None = None
     max_steps: int | None = None
@@ -146,6 +147,13 @@ class TrainConfig:
             p.append(f"--device {self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
         if self.hidden_sizes is not None and (not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes)):
             p.append(f"--hidden-sizes must be positive widths like 512,512, got {self.hidden_sizes}")
+        if self.augment is not None:
+            from .data.augment import parse_augment
+
+            try:
+                parse_augment(self.augment)
+            except UserError as exc:
+                p.append(str(exc))
         if not isinstance(self.model_args, dict):
             p.append("--model-args must be a JSON object, e.g. '{\"hidden_sizes\": [64]}'")
         if p:

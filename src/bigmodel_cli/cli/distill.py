@@ -52,9 +52,11 @@ def distill(
         temperature=temperature, alpha=alpha, kd_loss=kd_loss, hidden_loss=hidden_loss, hidden_weight=hidden_weight,
         layer_map=layer_map, init_from_teacher=init_from_teacher, cache_teacher=cache_teacher, baseline=baseline,
         report_split=report_split, bench_iterations=bench_iterations,
-        train=build_config(TrainConfig, {}, flags, source="options"),
+        train=build_config(TrainConfig, {}, flags, source="options"), choose_lr=flags.get("lr") is None,
     )
     plan = prepare_distill(cfg)
+    if not json_out:
+        console.note(f"student budget: {plan.record['budget']['why']}")
     unit = "tokens/s" if plan.job.task.name == "language-modeling" else "samples/s"
     result = run_distill(plan, PhaseProgress(unit, not json_out))
     summary = result.summary()

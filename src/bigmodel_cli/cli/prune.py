@@ -30,8 +30,8 @@ def prune(
     head_sparsity: Annotated[float, typer.Option("--head-sparsity", help="structured gpt: fraction of attention heads to remove per block.", rich_help_panel=_P)] = 0.0,
     round_to: Annotated[int, typer.Option("--round-to", help="structured: keep widths that are multiples of this (e.g. 8).", rich_help_panel=_P)] = 1,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Layer-name pattern to leave unpruned, e.g. 'net.0' or 'blocks.*.attn.*' (repeatable).", rich_help_panel=_P)] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Prune in K increments along a cubic schedule, fine-tuning after each.", rich_help_panel=_P)] = 1,
-    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Training epochs after each step (0: no fine-tuning; --max-steps also works).", rich_help_panel=_F)] = 0,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Prune in K increments along a cubic schedule, fine-tuning after each (default: 1, or a gradual schedule at sparsity ≥ 0.8 with --finetune-epochs; see docs/prune.md).", rich_help_panel=_P, show_default=False)] = None,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Training epochs after each step (0: no fine-tuning; --max-steps also works). With no --steps/--lr, high sparsity gets a gradual schedule and a rate from the original run's.", rich_help_panel=_F)] = 0,
     calibration_batches: Annotated[int, typer.Option("--calibration-batches", help="taylor: training batches whose gradients score the units.", rich_help_panel=_P)] = 8,
     distill: Annotated[bool, typer.Option("--distill", help="Fine-tune against the unpruned model as teacher (bigmodel distill's loss).", rich_help_panel=_F)] = False,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="--distill: softens both distributions; > 0 (default 2).", rich_help_panel=_F)] = None,
@@ -63,7 +63,8 @@ def prune(
     train_cfg = build_config(TrainConfig, {}, train_flags)
     source = open_artifact(artifact)
     unit = "tokens/s" if source.task == "language-modeling" else "samples/s"
-    result = prune_artifact(source, cfg, train_cfg, PruneProgress(unit, not json_out))
+    choose_lr = (train_flags or {}).get("lr") is None  # no --lr: chosen from the original run's
+    result = prune_artifact(source, cfg, train_cfg, PruneProgress(unit, not json_out), choose_lr=choose_lr)
     report = result.report
     if json_out:
         console.print_json({"run_dir": str(result.run_dir), "artifact": str(result.artifact),

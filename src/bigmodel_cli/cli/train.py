@@ -33,6 +33,7 @@ def _options(
     data: DataOpt = None,
     target: TargetOpt = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Language models: a tokenizer directory (`bigmodel tokenizer train`); the model's vocabulary is sized from it. Default: bytes.", rich_help_panel=_M)] = None,
+    augment: Annotated[Optional[str], typer.Option("--augment", help="Augment training batches on the fly: 'default', or policies like shift=1,rotate=10,noise=0.05 (images: shift, rotate, scale, cutout, flip, noise, mixup; tabular: noise, mixup). See docs/data.md.", rich_help_panel=_O)] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the training split.", rich_help_panel=_O)] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps (wins over --epochs).", rich_help_panel=_O)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Samples per micro-batch (all ranks together).", rich_help_panel=_O)] = None,

@@ -37,12 +37,13 @@ class ClassificationTask:
     metric = "accuracy"
     higher_is_better = True
 
-    def __init__(self, data, batch_size: int, seed: int = 0):
+    def __init__(self, data, batch_size: int, seed: int = 0, augment: dict | None = None):
         import torch
 
         self.data = data
         self.batch_size = batch_size
         self.seed = seed
+        self.augment = augment or {}  # data/augment.py's checked policies; {}: plain batches
         x, y = data.arrays("train")
         self.x_train, self.y_train = torch.from_numpy(x), torch.from_numpy(y)
         self.micro_batches_per_epoch = math.ceil(len(self.y_train) / batch_size)
@@ -59,12 +60,22 @@ class ClassificationTask:
 
         epoch, i = divmod(micro_step, self.micro_batches_per_epoch)
         order = torch.randperm(len(self.y_train), generator=_generator(self.seed, epoch))
-        idx = order[i * self.batch_size:(i + 1) * self.batch_size][rank::world]
-        return self.x_train[idx], self.y_train[idx]
+        idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+        if not self.augment:
+            idx = idx[rank::world]
+            return self.x_train[idx], self.y_train[idx]
+        from ...data.augment import augment_batch
+
+        # The whole global batch is augmented, then sliced: every rank sees what one process sees.
+        x, y = augment_batch(self.x_train[idx], self.y_train[idx], self.augment, self.seed, micro_step,
+                             self.data.num_classes)
+        return x[rank::world], y[rank::world]
 
     def loss(self, logits, targets):
         from torch.nn import functional as F
 
+        if targets.dtype.is_floating_point:  # soft targets (mixup); the model may have spare outputs
+            targets = F.pad(targets, (0, logits.shape[-1] - targets.shape[-1]))
         return F.cross_entropy(logits.float(), targets)
 
     def evaluate(self, predict: Predict, split: str = "val", batch_size: int = 512, limit: int | None = None) -> dict:
@@ -137,10 +148,12 @@ class LanguageModelingTask:
                 "tokens": int(tokens), "text_bytes": int(text_bytes)}
 
 
-def make_task(data, batch_size: int, seed: int = 0, block_size: int | None = None, eval_windows: int = 64):
+def make_task(data, batch_size: int, seed: int = 0, block_size: int | None = None, eval_windows: int = 64,
+              augment: dict | None = None):
+    """``augment``: checked policies (data/augment.py's ``policy_for``), classification only."""
     if data.task == "language-modeling":
         return LanguageModelingTask(data, batch_size, block_size or 128, seed, eval_windows)
-    return ClassificationTask(data, batch_size, seed)
+    return ClassificationTask(data, batch_size, seed, augment)
 
 
 def torch_predict(model, device: str = "cpu", precision: str = "fp32") -> Predict:

@@ -198,6 +198,7 @@ def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob
     import torch
 
     from ...data import load_dataset, parse_data_arg
+    from ...data.augment import policy_from_option
 
     if not cfg.resume and launcher.env_rank() == 0:  # other ranks would race rank 0 creating it
         art.check_output(cfg.out, cfg.overwrite, input_paths(cfg, data_arg), lock_probe=lock is not None)
@@ -217,7 +218,8 @@ def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob
         block_size = cfg.block_size or (min(limit, 256) if limit else 128)
         if limit and block_size > limit:
             raise UserError(f"--block-size {block_size} is longer than the model's context ({limit}); lower it or raise block_size")
-    task = make_task(data, cfg.batch_size, cfg.seed, block_size, cfg.eval_windows)
+    augment = policy_from_option(cfg.augment, data)
+    task = make_task(data, cfg.batch_size, cfg.seed, block_size, cfg.eval_windows, augment)
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
     _probe(model, task, spec, data)
@@ -229,4 +231,4 @@ def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob
         extra_files[tokenizer_path.name] = tokenizer_path
     config = artifact_config(data, spec, block_size, tokenizer.section if tokenizer is not None else None)
     return TrainJob(cfg=cfg, model=model, data=data, task=task, artifact_config=config, extra_files=extra_files,
-                    lock=lock)
+                    lock=lock, manifest_extra={"augment": augment} if augment else {})

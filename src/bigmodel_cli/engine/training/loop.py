@@ -321,7 +321,8 @@ class _TrainingLoop:
         self.log = _MetricsLog(self.run_dir / METRICS_FILE, resume_step) if ranks.is_main else _NoLog()
         # run_dir is where the run will be; writing_to is where it is built (a staging directory with --overwrite)
         self.progress("start", total=self.total, step=self.state.step, runtime=self.runtime, run_dir=str(cfg.out),
-                      writing_to=str(self.run_dir), resumed_from=self.state.resumed_from)
+                      writing_to=str(self.run_dir), resumed_from=self.state.resumed_from,
+                      per_step=cfg.batch_size * cfg.grad_accum * self.tokens_per_sample)
 
     def train_step(self) -> bool:
         """One optimizer step over --grad-accum micro-batches, logged; False when the batch was

@@ -31,7 +31,8 @@ from bigmodel_cli.output_lock import hold
 from ...core.progress import Progress, no_progress
 from .options import DEFAULT_TEMPERATURE, DistillConfig, DistillPlan, DistillResult, parse_layer_map
 from .report import compare_models
-from .student import shared_block_size, student_spec_for, check_agreement, init_from_teacher
+from bigmodel_cli.data.augment import policy_from_option
+from .student import check_agreement, init_from_teacher, shared_block_size, student_budget, student_spec_for
 from .losses import KD_LOSSES, DistillLoss, RowsTask, build_hidden_match
 
 DISTILL_FILE = "distill.json"  # the distillation options of a run, checked on --resume
@@ -139,7 +140,11 @@ def _prepare_distill(cfg: DistillConfig) -> DistillPlan:
 
     spec, source_artifact = student_spec_for(cfg, teacher, data, width)
     block_size = shared_block_size(tc, teacher, spec)
-    task = make_task(data, tc.batch_size, tc.seed, block_size, tc.eval_windows)
+    augment = policy_from_option(tc.augment, data, mixing_allowed=False)
+    if augment and cfg.cache_teacher:
+        raise UserError("--cache-teacher computes the teacher's outputs once, on the unaugmented inputs; "
+                        "drop --cache-teacher or --augment")
+    task = make_task(data, tc.batch_size, tc.seed, block_size, tc.eval_windows, augment)
     torch.manual_seed(tc.seed)
     base_dir = source_artifact.path if source_artifact is not None else None
     if source_artifact is not None:  # its config.json against its weights, before building (a hostile size)
@@ -154,6 +159,9 @@ def _prepare_distill(cfg: DistillConfig) -> DistillPlan:
         load_into(student, source_artifact.load_state_dict(), source=source_artifact.path / art.WEIGHTS_FILE)
         source["artifact"] = art.parent_ref(source_artifact)
     check_agreement(teacher_model, student, task)
+    budget = student_budget(data.task, count_parameters(student), _train_samples(task), tc.epochs, tc.max_steps,
+                            None if cfg.choose_lr else tc.lr)
+    tc = cfg.train = replace(tc, epochs=budget["epochs"], max_steps=budget["max_steps"], lr=budget["lr"])
     if cfg.init_from_teacher:
         source["init_from_teacher"] = init_from_teacher(student, teacher_model, spec, teacher.model_spec)
 
@@ -184,6 +192,7 @@ def _prepare_distill(cfg: DistillConfig) -> DistillPlan:
         "projection_params": count_parameters(hidden.projections) if hidden and hidden.projections is not None else 0,
         "cache_teacher": cfg.cache_teacher, "teacher_params": teacher_params, "student_params": student_params,
         "param_ratio": student_params / teacher_params if teacher_params else None,
+        "budget": budget, **({"augment": augment} if augment else {}),
     }
     job = TrainJob(cfg=tc, model=student, data=data, task=task, artifact_config=config, stage="distill",
                    parent=teacher, loss_fn=loss, aux=loss.projections, extra_files=extra_files,
@@ -192,6 +201,11 @@ def _prepare_distill(cfg: DistillConfig) -> DistillPlan:
         check_resume(job)  # the trainer's options, before any work (distill's were checked above)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
     return DistillPlan(cfg, teacher, job, loss, spec, source, initial, record, fingerprint, base_dir)
+
+
+def _train_samples(task) -> int:
+    """Training samples (classification) or windows' worth of tokens (language models)."""
+    return len(task.y_train) if hasattr(task, "y_train") else task.micro_batches_per_epoch * task.batch_size
 
 
 def _recording(progress: Progress, fingerprint: dict, fresh: bool) -> Progress:

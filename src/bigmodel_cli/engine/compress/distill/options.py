@@ -40,6 +40,9 @@ class DistillConfig:
     report_split: str = "test"
     bench_iterations: int = 30  # latency runs per model in the report; 0 skips latency
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out="runs/distill"))
+    # student_budget chooses the rate (the CLI, when --lr was not given); False keeps train.lr as a
+    # Python caller set it. Epochs/steps are chosen whenever train.epochs and train.max_steps are None.
+    choose_lr: bool = False
 
     def validate(self) -> None:
         """Every problem with the options at once (the models are checked later, before any work)."""

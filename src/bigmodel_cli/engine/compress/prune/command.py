@@ -26,7 +26,8 @@ from bigmodel_cli.models import USER_ARCH
 from ...core.progress import Progress, no_progress
 from . import report as measure
 from .magnitude import SCOPES, check_nm, hold_masks, layer_sparsity, prunable_layers, prune_unstructured
-from .plan import cubic_schedule, parse_pattern, split_ignored, torch_pruning_scheduler
+from .plan import (cubic_schedule, finetune_plan, original_lr, parse_pattern, split_ignored,
+                   torch_pruning_scheduler)
 from .structured import ARCHS, CRITERIA, accumulate_gradients, check_ignore, prune_builtin, unit_groups
 
 METHODS = ("magnitude", "structured")
@@ -42,8 +43,8 @@ class PruneConfig:
     head_sparsity: float = 0.0  # structured gpt: fraction of attention heads per block
     round_to: int = 1  # structured: kept widths are multiples of this
     ignore: list[str] = field(default_factory=list)  # fnmatch patterns of layer names to leave alone
-    steps: int = 1  # increments along the cubic schedule
-    finetune_epochs: int = 0  # training epochs after each step
+    steps: int | None = None  # increments along the cubic schedule; None: plan.finetune_plan chooses
+    finetune_epochs: int = 0  # training epochs after each step (a gradual default raises it, see plan.py)
     calibration_batches: int = 8  # taylor: training batches whose gradients score the units
     distill: bool = False  # fine-tune against the unpruned model as teacher (compress/distill/command.py's loss)
     temperature: float | None = None  # --distill: softening of both distributions (default 2)
@@ -73,7 +74,7 @@ class PruneConfig:
                 p.append(str(exc))
             if structured:
                 p.append("--pattern is N:M sparsity inside weight matrices; use it with --method magnitude")
-            if self.steps > 1:
+            if (self.steps or 1) > 1:
                 p.append("--pattern is applied in one step; drop --steps")
         elif self.sparsity is None and not (structured and self.head_sparsity):
             p.append("give --sparsity S (the fraction to remove, e.g. 0.5)" + ("" if structured else " or --pattern N:M"))
@@ -109,7 +110,7 @@ class PruneConfig:
                                     ("--kd-loss", self.kd_loss)) if v is not None]
             if given:
                 p.append(f"{', '.join(given)} set(s) the distillation loss; add --distill (and --finetune-epochs)")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             p.append(f"--steps must be at least 1, got {self.steps}")
         if self.finetune_epochs < 0:
             p.append(f"--finetune-epochs must not be negative, got {self.finetune_epochs}")
@@ -234,15 +235,18 @@ def _check_request(artifact: art.Artifact, cfg: PruneConfig, spec: dict, finetun
         raise UserError(f"--method structured knows {', '.join(ARCHS)} and user models; this model is {arch!r}")
     if cfg.head_sparsity and arch != "gpt":
         raise UserError(f"--head-sparsity removes attention heads of gpt models; this model is {arch}")
-    if cfg.steps > 1 and not finetune:
+    if (cfg.steps or 1) > 1 and not finetune:
         raise UserError(f"--steps {cfg.steps} needs --finetune-epochs E: the training between steps is what makes gradual pruning work")
     if cfg.distill and not finetune:
         raise UserError("--distill fine-tunes against the unpruned model; give --finetune-epochs E (or --max-steps N)")
 
 
 def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainConfig | None = None,
-                   progress: Progress | None = None) -> PruneResult:
-    """Prune ``artifact`` as ``cfg`` says, fine-tune with ``train_cfg``, write ``cfg.out``."""
+                   progress: Progress | None = None, choose_lr: bool = False) -> PruneResult:
+    """Prune ``artifact`` as ``cfg`` says, fine-tune with ``train_cfg``, write ``cfg.out``.
+
+    ``choose_lr``: choose the fine-tuning rate from the original run's (the CLI, when --lr was not
+    given); False keeps ``train_cfg.lr``, as a Python caller set it."""
     import torch
 
     from ...core import hardware
@@ -257,11 +261,17 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
     spec = copy.deepcopy(artifact.model_spec)
     finetune = cfg.finetune_epochs > 0 or bool(train_cfg.max_steps)
     _check_request(artifact, cfg, spec, finetune)
+    cfg, train_cfg, defaults = _choose_schedule(artifact, cfg, train_cfg, choose_lr)
+    if defaults:
+        progress("defaults", **defaults)
 
     from ...core.tasks import make_task
+    from bigmodel_cli.data.augment import policy_from_option
 
     data = open_data(artifact)
-    task = make_task(data, train_cfg.batch_size, train_cfg.seed, artifact.data_spec.get("block_size"), train_cfg.eval_windows)
+    augment = policy_from_option(train_cfg.augment, data, mixing_allowed=not cfg.distill)
+    task = make_task(data, train_cfg.batch_size, train_cfg.seed, artifact.data_spec.get("block_size"),
+                     train_cfg.eval_windows, augment)
     if task.name == "classification" and len(data.arrays(cfg.split)[1]) == 0:
         raise UserError(f"the artifact's {cfg.split} split is empty; measure on another one with --split val or train")
     threads = hardware.set_threads(train_cfg.threads)
@@ -306,7 +316,7 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
         config = _pruned_config(artifact, spec)
         report, after_metrics = _report(artifact, dense, model, task, cfg, staging / "best", config, files, threads,
                                         before, progress)
-        report.update(layers=rows, schedule=schedule)
+        report.update(layers=rows, schedule=schedule, **({"defaults": defaults} if defaults else {}))
         after = report["after"]
         metrics = {f"{cfg.split}_{k}": v for k, v in after_metrics.items()}
         metrics.update(params=after["params"], nonzero_params=after["nonzero_params"],
@@ -316,6 +326,18 @@ def prune_artifact(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainCon
         art.write_metadata(staging / "best", config=config, stage="prune", parent=artifact, options=options,
                            metrics=metrics, extra={"prune": report})
     return PruneResult(run_dir=out, artifact=out / "best", report=report, seconds=time.perf_counter() - started)
+
+
+def _choose_schedule(artifact: art.Artifact, cfg: PruneConfig, train_cfg: TrainConfig,
+                     choose_lr: bool) -> tuple[PruneConfig, TrainConfig, dict | None]:
+    """cfg and train_cfg with the schedule and rate plan.finetune_plan chooses when --finetune-epochs
+    is given, and what was chosen and why (None: nothing chosen, e.g. no fine-tuning or --pattern)."""
+    if cfg.finetune_epochs <= 0 or cfg.pattern is not None or train_cfg.max_steps:
+        return dataclasses.replace(cfg, steps=cfg.steps or 1), train_cfg, None
+    chosen = finetune_plan(cfg.target, cfg.finetune_epochs, original_lr(artifact.manifest.get("options")),
+                           steps=cfg.steps, lr=None if choose_lr else train_cfg.lr)
+    cfg = dataclasses.replace(cfg, steps=chosen["steps"], finetune_epochs=chosen["epochs_per_step"])
+    return cfg, dataclasses.replace(train_cfg, lr=chosen["lr"]), chosen
 
 
 def _report(artifact, dense, model, task, cfg: PruneConfig, best: Path, config: dict, files: dict, threads: int,
