@@ -24,7 +24,7 @@ from .output_staging import clean_stale, is_bookkeeping
 
 MANIFEST_FILE = "manifest.json"  # artifact.py's name for it (artifact.py imports this module)
 RUN_FILE = "run.json"  # a training run directory (engine/training/run_dir.py)
-RECIPE_STATE_FILE = "run-state.json"  # a recipe run directory (cli/recipe_run.py)
+RECIPE_STATE_FILE = "run-state.json"  # a recipe run directory (cli/recipe.py)
 CHECKPOINT_STATE_FILE = "state.json"  # a checkpoint directory (engine/training/checkpoint.py)
 # What a training run directory may hold besides hidden staging: the trainer's files, distill's
 # options and its --baseline run. ("metrics.tmp" and the recipe's ".tmp" names below are the

@@ -1,322 +1,210 @@
-"""``bigmodel run RECIPE``: an ordered list of commands, each writing ``RUN_DIR/<step-name>``.
-
-A step is the command line it stands for. Its options are checked against the real command's
-parameters (names and types) before anything runs, so a recipe and the CLI cannot drift apart:
-there is no second list of options to keep in sync. Each step then runs through the same entry
-point as the command line.
-
-This module reads and checks a recipe; ``recipe_run.py`` runs it.
-
-Reruns are cheap: a step is skipped only when it completed, with exactly this fingerprint — its
-command line plus the manifests of the artifacts it reads — and its output is complete and valid
-(manifest hashes match). A step that failed is recorded as incomplete, so a rerun runs it again
-rather than passing off the previous output as its result. A training step that crashed is
-continued with ``--resume``. Changing a step reruns it and, through the fingerprints, everything
-downstream of it.
-
-A model file named in the recipe (``model = "net.py:Net"``) is code chosen by whoever wrote the
-recipe, so the run refuses it unless ``--trust-model-code`` is given (or the user names it on the
-command line with ``--set``); that trust then holds for every step of the run.
+"""``bigmodel run``'s runner: the steps of a parsed recipe (``recipe_file.py``) in order, each skipped,
+resumed or rerun by its fingerprint, through the CLI's own entry point; the run directory locked,
+and an --overwrite'd old run set aside until the new one has finished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
-import tomllib
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
-from ..engine.core.recipe_state import STATE_FILE
-from ..errors import ConfigErrors
-from ..models.user import names_model_file
+from ..engine.core.recipe_state import STATE_FILE, load_state, save_state
+from ..errors import UserError
+from ..output_file import write_atomic
+from .recipe_file import Recipe, Step, command_group, command_params, step_argv
 
-# Commands that write an artifact (or a training run) directory: the runner gives them --out.
-ARTIFACT_COMMANDS = ("train", "prune", "distill", "export", "quantize")
-# Commands that only report: their --json output is saved as RUN_DIR/<name>.json.
-REPORT_COMMANDS = ("eval", "info", "predict", "generate", "explain")
-# Options the runner sets itself.
-MANAGED = {"out", "overwrite", "json_out", "resume", "help"}
-# Step keys that name another step's output.
-REFERENCES = {"from": None, "teacher": "--teacher", "student": "--student", "compare": "--compare"}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# Files the run itself keeps in RUN_DIR: no step's output may take one of these names.
-RUN_FILES = (STATE_FILE, STATE_FILE + ".tmp", "compare.png", "compare.md")
+
+def _output_complete(path: Path) -> bool:
+    """The step's output exists, verifies, and (for a training run) reached its last step."""
+    from ..artifact import open_artifact
+
+    if not path.exists():
+        return False
+    if (path / "run.json").exists() and not (path / "last" / "manifest.json").exists():
+        return False
+    try:
+        open_artifact(path)
+        return True
+    except UserError:
+        return False
+
+
+def _manifest_digest(path: Path) -> str:
+    from ..artifact import resolve_artifact_dir, sha256_file
+
+    try:
+        return sha256_file(resolve_artifact_dir(path) / "manifest.json")
+    except UserError:
+        return "missing"
+
+
+def _fingerprint(step: Step, argv: list[str], run_dir: Path) -> str:
+    inputs = {key: _manifest_digest(run_dir / target) for key, target in sorted(step.refs.items())}
+    blob = json.dumps({"argv": argv, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _run_file_digest(output: Path) -> str | None:
+    """sha256 of a training run's run.json (None without one): tells whose run the directory holds."""
+    from ..artifact import sha256_file
+
+    try:
+        return sha256_file(output / "run.json") if (output / "run.json").is_file() else None
+    except OSError:
+        return None
+
+
+def _decide(step: Step, previous: dict, fingerprint: str, output: Path, can_resume: bool) -> str:
+    """skipped, resumed or ran. Skipped only when the step completed with exactly this fingerprint
+    and its output is still whole: an attempt that failed was recorded as incomplete."""
+    same = previous.get("fingerprint") == fingerprint
+    done = same and previous.get("complete") is True
+    if not step.writes_artifact:
+        return "skipped" if done and output.is_file() else "ran"
+    if done and _output_complete(output):
+        return "skipped"
+    # Resume only a run this fingerprint started: after a failed attempt that never got to write,
+    # the directory still holds the previous run (other options), which --resume would refuse.
+    run_file = _run_file_digest(output)
+    if same and can_resume and run_file is not None and (done or run_file != previous.get("replaces")):
+        return "resumed"
+    return "ran"
+
+
+def check_model_code_trust(recipe: Recipe) -> None:
+    """A model file the recipe names runs only with --trust-model-code (or when --set named it)."""
+    from ..models.user import require_trust_for_file_reference
+
+    for step in recipe.steps:
+        for reference in step.code_named_in_toml:
+            require_trust_for_file_reference(
+                reference, f"recipe {recipe.path}, step {step.name!r}",
+                f"name it on the command line yourself (--set {step.name}.model={reference})")
 
 
 @dataclass
-class Step:
+class StepOutcome:
     name: str
     command: str
-    options: dict[str, Any]
-    refs: dict[str, str] = field(default_factory=dict)  # key -> earlier step name
-    # The command's arguments after the artifact (predict's INPUT), parameter name -> value.
-    arguments: dict[str, Any] = field(default_factory=dict)
-    # Model files (path.py:Name) that the recipe file names, rather than the user's --set.
-    code_named_in_toml: list[str] = field(default_factory=list)
-
-    @property
-    def writes_artifact(self) -> bool:
-        return self.command in ARTIFACT_COMMANDS
-
-    @property
-    def output_name(self) -> str:
-        """Its output in RUN_DIR: a directory for an artifact step, NAME.json for a report step."""
-        return self.name if self.writes_artifact else f"{self.name}.json"
+    status: str  # "ran", "resumed", "skipped"
+    output: Path
+    argv: list[str]
 
 
-@dataclass
-class Recipe:
-    path: Path
-    steps: list[Step]
-    out: str | None = None
-    description: str = ""
+def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
+               announce: Callable[[int, int, Step, str, list[str]], None] | None = None) -> list[StepOutcome]:
+    """Run the steps in order; skip the complete and unchanged; resume a crashed training step.
 
+    The run directory is locked for the whole run. With --overwrite an existing run is set aside
+    (``.NAME.old-*``), not deleted: it is removed when the new run has finished and put back if the
+    new run fails. It cannot be built elsewhere and renamed, as the steps record the paths they read."""
+    from .. import outputs
+    from ..output_lock import hold
+    from ..output_staging import aside_path
 
-def command_group():
-    import typer
-
-    from . import app
-
-    return typer.main.get_command(app)
-
-
-def command_params(command) -> dict[str, Any]:
-    """Option name (python name) → the command's parameter, with ``kind`` set to its Python type."""
-    import inspect
-    import typing
-
-    hints = {}
-    if command.callback is not None:
-        for name, parameter in inspect.signature(command.callback, eval_str=True).parameters.items():
-            kind = parameter.annotation
-            if typing.get_origin(kind) is typing.Annotated:
-                kind = typing.get_args(kind)[0]
-            args = [a for a in typing.get_args(kind) if a is not type(None)]
-            if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType) and len(args) == 1:
-                kind = args[0]
-            hints[name] = typing.get_origin(kind) or kind
-    params = {}
-    for p in command.params:
-        p.kind = hints.get(p.name, str)
-        params[p.name] = p
-    return params
-
-
-def _argument_key(param) -> str:
-    """The recipe key for a command argument after the artifact: its metavar (INPUT → input)."""
-    return (param.metavar or param.name).strip("[].").lower()
-
-
-def _flag(param) -> str:
-    longs = [o for o in param.opts if o.startswith("--")]
-    return longs[0] if longs else param.opts[0]
-
-
-def _type_problem(param, value: Any) -> str | None:
-    """None if ``value`` (from TOML) fits the parameter, else what it should be."""
-    kind = param.kind
-    if kind is bool or getattr(param, "is_flag", False):
-        return None if isinstance(value, bool) else "true or false"
-    if kind is list or getattr(param, "multiple", False):
-        items = value if isinstance(value, list) else [value]
-        return None if all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items) else "a list of strings"
-    if kind is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-    if kind is float:
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
-    if isinstance(value, dict):  # JSON options such as model-args, student-config
-        return None
-    if isinstance(value, list):  # comma lists such as hidden-sizes, dynamic
-        return None if all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value) else "a list"
-    return None if isinstance(value, (str, int, float)) and not isinstance(value, bool) else "a string"
-
-
-def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
-    """Read and validate a recipe; every problem is reported at once."""
-    from ..config import read_toml
-
-    path = Path(path)
-    data = read_toml(path)
-    problems: list[str] = []
-    for key in data:
-        if key not in ("run", "steps", "description"):
-            problems.append(f"unknown top-level key {key!r} (a recipe has [run], description and [[steps]])")
-    run = data.get("run", {})
-    if not isinstance(run, dict) or any(k not in ("out",) for k in run):
-        problems.append("[run] may only set out = \"RUN_DIR\"")
-        run = {}
-    raw_steps = data.get("steps")
-    if not isinstance(raw_steps, list) or not raw_steps or not all(isinstance(s, dict) for s in raw_steps):
-        raise ConfigErrors(problems + ["a recipe needs at least one [[steps]] table"], f"recipe {path}")
-    from_command_line = _apply_overrides(raw_steps, overrides or [], problems)
-
-    group = command_group()
-    steps: list[Step] = []
-    seen: list[str] = []
-    outputs: dict[str, str] = {name.casefold(): "the run itself" for name in RUN_FILES}
-    for index, raw in enumerate(raw_steps, start=1):
-        raw = dict(raw)
-        name = raw.pop("name", None)
-        where = f"step {index}" + (f" ({name})" if isinstance(name, str) else "")
-        command = raw.pop("command", None)
-        if not isinstance(name, str) or not _NAME.match(name):
-            problems.append(f"{where}: needs a name made of letters, digits, '-', '_' or '.'")
-            name = f"#{index}"
-        elif name in seen:
-            problems.append(f"{where}: the name {name!r} is used twice")
-        elif command in ARTIFACT_COMMANDS + REPORT_COMMANDS:
-            _claim_output(Step(name, command, {}), outputs, where, problems)
-        if command not in ARTIFACT_COMMANDS + REPORT_COMMANDS or command not in group.commands:
-            known = [c for c in ARTIFACT_COMMANDS + REPORT_COMMANDS if c in group.commands]
-            problems.append(f"{where}: unknown command {command!r} (a step runs one of: {', '.join(known)})")
-            seen.append(name)
-            continue
-        params = command_params(group.commands[command])
-        refs: dict[str, str] = {}
-        for key in list(raw):
-            if key not in REFERENCES:
-                continue
-            target = raw.pop(key)
-            if not isinstance(target, str):
-                problems.append(f"{where}: {key} must name an earlier step")
-            elif target == name:
-                problems.append(f"{where}: {key} = {target!r} refers to itself (a cycle)")
-            elif target not in seen:
-                later = any(isinstance(s, dict) and s.get("name") == target for s in raw_steps)
-                problems.append(f"{where}: {key} = {target!r} names no earlier step"
-                                + (" (it comes later: steps run in order, so this would be a cycle)" if later else ""))
-            else:
-                refs[key] = target
-        positional = [p for p in params.values() if p.param_type_name == "argument"]
-        reads_artifact = bool(positional)
-        arguments = _take_arguments(raw, positional[1:], where, command, problems)
-        if reads_artifact and "from" not in refs:
-            problems.append(f"{where}: {command} needs from = \"STEP\" (the step whose output it reads)")
-        if command == "distill" and "teacher" not in refs and "from" in refs:
-            refs["teacher"] = refs.pop("from")
-        if command == "distill" and "teacher" not in refs:
-            problems.append(f"{where}: distill needs teacher = \"STEP\"")
-        options: dict[str, Any] = {}
-        for key, value in raw.items():
-            pname = key.replace("-", "_")
-            param = params.get(pname) or params.get(f"{pname}_out")
-            if param is None or param.name in MANAGED or param.param_type_name == "argument":
-                reason = "set by `bigmodel run` itself" if param is not None else f"{command} has no option --{key.replace('_', '-')}"
-                problems.append(f"{where}: {key!r} is not allowed ({reason})")
-                continue
-            expected = _type_problem(param, value)
-            if expected:
-                problems.append(f"{where}: {key} must be {expected}, got {value!r}")
-                continue
-            options[param.name] = value
-        code = [value for key, value in options.items()
-                if key == "model" and isinstance(value, str) and names_model_file(value)
-                and (name, key) not in from_command_line]
-        steps.append(Step(name=name, command=command, options=options, refs=refs, arguments=arguments,
-                          code_named_in_toml=code))
-        seen.append(name)
-    if problems:
-        raise ConfigErrors(problems, f"recipe {path}")
-    out = run.get("out")
-    return Recipe(path=path, steps=steps, out=out if isinstance(out, str) else None,
-                  description=str(data.get("description", "")))
-
-
-def _claim_output(step: Step, outputs: dict[str, str], where: str, problems: list[str]) -> None:
-    """Two steps must not write the same file or directory (report step x writes x.json, so an
-    artifact step named x.json would take it), nor one of the run's own files. Compared without case:
-    on a case-insensitive disk, Train and train are one directory."""
-    key = step.output_name.casefold()
-    owner = outputs.get(key)
-    if owner == "the run itself":
-        problems.append(f"{where}: its output RUN_DIR/{step.output_name} is a file the run keeps itself; rename the step")
-    elif owner is not None:
-        problems.append(f"{where}: its output RUN_DIR/{step.output_name} is also the output of step {owner!r} "
-                        "(a report step NAME writes NAME.json); rename one of them")
-    else:
-        outputs[key] = step.name
-
-
-def _take_arguments(raw: dict, params: list, where: str, command: str, problems: list[str]) -> dict[str, Any]:
-    """The command's arguments after the artifact (predict's INPUT), given as e.g. input = "x.npy";
-    a required one that is missing is a problem now, not a failure when the step runs."""
-    arguments: dict[str, Any] = {}
-    for param in params:
-        key = _argument_key(param)
-        if key not in raw:
-            if param.required:
-                problems.append(f"{where}: {command} needs {key} = \"PATH\" (its {key.upper()} argument)")
-            continue
-        value = raw.pop(key)
-        if not isinstance(value, str) or not value:
-            problems.append(f"{where}: {key} must be a non-empty string, got {value!r}")
-            continue
-        arguments[param.name] = value
-    return arguments
-
-
-def _apply_overrides(raw_steps: list[dict], overrides: list[str], problems: list[str]) -> set[tuple[str, str]]:
-    """--set STEP.OPTION=VALUE (VALUE in TOML syntax, bare words as strings). Returns the
-    (step, option) pairs set, which the user named on the command line."""
-    by_name = {s.get("name"): s for s in raw_steps}
-    given: set[tuple[str, str]] = set()
-    for item in overrides:
-        target, eq, value = item.partition("=")
-        step, dot, key = target.partition(".")
-        if not eq or not dot or not key:
-            problems.append(f"--set {item!r}: write it as STEP.OPTION=VALUE")
-            continue
-        if step not in by_name:
-            problems.append(f"--set {item!r}: no step named {step!r}")
-            continue
+    run_dir = Path(run_dir)
+    check_model_code_trust(recipe)  # before anything is touched
+    with hold(run_dir):
+        if run_dir.exists() and not overwrite and (run_dir / STATE_FILE).exists():
+            return _run_steps(recipe, run_dir, announce)  # a rerun continues the run
+        outputs.check_output(run_dir, overwrite, [recipe.path])  # refuses what bigmodel did not write
+        aside = aside_path(run_dir) if run_dir.exists() else None
         try:
-            parsed = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed = value
-        except RecursionError:  # tomllib recurses per level of nesting
-            problems.append(f"--set {target}=...: the value is nested too deeply")
-            continue
-        by_name[step][key] = parsed
-        given.add((step, key.replace("-", "_")))
-    return given
+            if aside is not None:
+                run_dir.rename(aside)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{run_dir}: cannot create the run directory ({exc.strerror}); "
+                            "choose another --out") from None
+        try:
+            outcomes = _run_steps(recipe, run_dir, announce)
+        except BaseException:
+            if aside is not None:  # the new run failed: the old one comes back as it was
+                shutil.rmtree(run_dir, ignore_errors=True)
+                aside.rename(run_dir)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return outcomes
 
 
-def _to_argv_value(value: Any) -> list[str]:
-    if isinstance(value, dict):
-        return [json.dumps(value)]
-    if isinstance(value, list):
-        return [",".join(str(v) for v in value)]
-    return [str(value)]
+def _run_steps(recipe: Recipe, run_dir: Path,
+               announce: Callable[[int, int, Step, str, list[str]], None] | None) -> list[StepOutcome]:
+    """run_recipe's loop, in a locked run directory."""
+    state = load_state(run_dir)
+    group = command_group()
+    outcomes: list[StepOutcome] = []
+    for index, step in enumerate(recipe.steps, start=1):
+        command = group.commands[step.command]
+        argv = step_argv(step, run_dir, command_params(command))
+        fingerprint = _fingerprint(step, argv, run_dir)
+        output = run_dir / step.output_name
+        previous = state.get(step.name, {})
+        status = _decide(step, previous, fingerprint, output, "resume" in command_params(command))
+        extra = {"resumed": ["--resume"], "skipped": []}.get(
+            status, ["--overwrite"] if output.exists() and step.writes_artifact else [])
+        if announce:
+            announce(index, len(recipe.steps), step, status, argv + extra)
+        if status != "skipped":
+            # Recorded before running: if this attempt fails, the step is incomplete with this
+            # fingerprint, so the rerun runs it again (a training run it started is resumed).
+            replaces = _run_file_digest(output) if status == "ran" else previous.get("replaces")
+            state[step.name] = {"fingerprint": fingerprint, "argv": argv, "complete": False, "replaces": replaces}
+            save_state(run_dir, state)
+            _invoke(group, argv + extra, output if not step.writes_artifact else None, step)
+            # Inputs may have been rewritten by this very run: fingerprint what was actually read.
+            state[step.name] = {"fingerprint": _fingerprint(step, argv, run_dir), "argv": argv, "complete": True}
+            save_state(run_dir, state)
+        outcomes.append(StepOutcome(step.name, step.command, status, output, argv))
+    return outcomes
 
 
-def step_argv(step: Step, run_dir: Path, params: dict) -> list[str]:
-    """The exact command line a step stands for (without --overwrite/--resume)."""
-    argv = [step.command]
-    if "from" in step.refs:
-        argv.append(str(run_dir / step.refs["from"]))
-    for key, target in step.refs.items():
-        if key != "from":
-            argv += [REFERENCES[key], str(run_dir / target)]
-    for name, value in step.options.items():
-        param = params[name]
-        flag = _flag(param)
-        if getattr(param, "is_flag", False) or isinstance(value, bool):
-            if value:
-                argv.append(flag)
-            elif getattr(param, "secondary_opts", None):
-                argv.append(param.secondary_opts[0])
-        elif getattr(param, "multiple", False):
-            for item in value if isinstance(value, list) else [value]:
-                argv += [flag, str(item)]
-        else:
-            argv += [flag, *_to_argv_value(value)]
-    if step.writes_artifact:
-        argv += ["--out", str(run_dir / step.name)]
-    elif "json_out" in params:
-        argv.append("--json")
-    if step.arguments:
-        # After "--", so an input whose name starts with "-" is still read as the input.
-        argv += ["--", *(str(step.arguments[p.name]) for p in params.values() if p.name in step.arguments)]
-    return argv
+def _invoke(group, argv: list[str], report_file: Path | None, step: Step) -> None:
+    """Run one command through the CLI's own entry point; its failure is the run's failure,
+    reported as one line that names the step."""
+    import contextlib
+    import io
+
+    from . import BigModelGroup, describe_failure
+    from ..errors import BigModelError
+    from ..models.user import trust_model_code_enabled
+
+    import sys
+
+    # A report step's stdout is its result (saved); an artifact step's tables are progress for the
+    # person watching, so they go to stderr and stdout stays the run's own result (or JSON).
+    buffer = io.StringIO()
+    # Each step starts a new invocation, which resets trust: `bigmodel --trust-model-code run`
+    # keeps it for every step (the export after a user-model train loads that model's code).
+    if trust_model_code_enabled():
+        argv = ["--trust-model-code", *argv]
+    BigModelGroup.pass_through = True
+    try:
+        with contextlib.redirect_stdout(buffer if report_file else sys.stderr):
+            code = group.main(args=argv, prog_name="bigmodel", standalone_mode=False)
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] in ("typer", "click"):
+            raise
+        message, code = describe_failure(exc)
+        error = BigModelError(f"step {step.name!r} ({step.command}): {message}; fix it and rerun (finished steps are skipped)")
+        error.exit_code = code
+        raise error from exc
+    finally:
+        BigModelGroup.pass_through = False
+    if code not in (None, 0):
+        error = BigModelError(f"step {step.name!r} ({step.command}) exited with code {code}")
+        error.exit_code = code
+        raise error
+    if report_file is not None:
+        # The temporary name is dot-first: no step's output can have it (step names start with a
+        # letter or digit).
+        write_atomic(report_file, buffer.getvalue())
+
+
+def artifact_outputs(recipe: Recipe, run_dir: Path) -> list[tuple[str, Path]]:
+    """(step name, output dir) of the steps that wrote artifacts, in recipe order."""
+    return [(s.name, run_dir / s.name) for s in recipe.steps if s.writes_artifact and (run_dir / s.name).exists()]

@@ -21,8 +21,8 @@ def run(
     json_out: JsonOpt = False,
 ) -> None:
     """Run a recipe (train → prune → distill → quantize → export …); finished steps are skipped on a rerun."""
-    from .recipe import command_group, command_params, parse_recipe, step_argv
-    from .recipe_run import artifact_outputs, check_model_code_trust, run_recipe
+    from .recipe import artifact_outputs, check_model_code_trust, run_recipe
+    from .recipe_file import command_group, command_params, parse_recipe, step_argv
     from ..engine.compare import compare_artifacts
     from .compare import print_comparison, write_reports
 

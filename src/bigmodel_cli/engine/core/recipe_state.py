@@ -1,6 +1,6 @@
 """The state file of a ``bigmodel run`` directory: each step's command line and fingerprint.
 
-``cli/recipe_run.py`` writes it; ``engine/compare.py`` reads it to expand a run directory into its
+``cli/recipe.py`` writes it; ``engine/compare.py`` reads it to expand a run directory into its
 artifact steps. It lives here, below both, so that reading it never imports the CLI.
 """
 
