@@ -67,6 +67,8 @@ class TrainConfig:
     data: str | None = None  # None: digits for classifiers, text:stdlib for gpt
     target: str | None = None  # csv class column
     tokenizer: str | None = None  # language models: a `bigmodel tokenizer train` directory; None = bytes
+    # an artifact (or run directory) to continue from: its model section, weights and tokenizer
+    init: str | None = None
     # how long
     epochs: int | None = None
     max_steps: int | None = None
