@@ -71,7 +71,7 @@ def test_transformers_loads_the_export_with_our_logits(cli, artifacts, tmp_path,
     assert torch.allclose(hf_logits(out, ids), our_logits(artifacts[case], ids), atol=1e-5, rtol=0)
     # not an artifact: no manifest, so no command takes it for one
     assert not (out / "manifest.json").exists()
-    assert_one_error_line(cli("eval", out), "manifest.json")
+    assert_one_error_line(cli("eval", out), "not a bigmodel artifact", "bigmodel import")
     # and back: bit-identical weights, the same model section
     again = imported(cli, out, tmp_path / "again")
     first, second = artifacts[case] / "model.safetensors", again / "model.safetensors"
