@@ -183,3 +183,26 @@ def test_output_policy(cli, artifacts, tmp_path):
     shutil.copytree(artifacts["llama-tied"], copy)
     assert_one_error_line(cli("export", copy, "--format", "hf", "--out", copy, "--overwrite"))
     assert (copy / "manifest.json").exists()
+
+
+def test_weight_only_and_onnx_only_artifacts_are_refused(cli, tiny_gpt, tmp_path):
+    quantized = cli("quantize", tiny_gpt, "--mode", "weight-only", "--out", tmp_path / "w8")
+    assert quantized.exit_code == 0, quantized.output
+    assert_one_error_line(cli("export", tmp_path / "w8", "--format", "hf", "--out", tmp_path / "hf"),
+                          "weight-only quantized", "float parent")
+    onnx = cli("export", tiny_gpt, "--no-weights", "--out", tmp_path / "onnx")
+    assert onnx.exit_code == 0, onnx.output
+    assert_one_error_line(cli("export", tmp_path / "onnx", "--format", "hf", "--out", tmp_path / "hf"), "ONNX-only")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_our_own_llama_exports_as_llama(cli, corpus, tmp_path, one_torch_thread):
+    run = tmp_path / "run"
+    trained = cli("train", "--model", "llama", "--preset", "tiny", "--data", f"text:{corpus}", "--block-size", "16",
+                  "--batch-size", "4", "--max-steps", "2", "--eval-windows", "2", "--out", run)
+    assert trained.exit_code == 0, trained.output
+    out = export_hf(cli, run, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["tie_word_embeddings"] is True
+    ids = torch.tensor([list(b"def main():")])
+    assert torch.allclose(hf_logits(out, ids), our_logits(run / "best", ids), atol=1e-5, rtol=0)
