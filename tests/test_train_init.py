@@ -120,3 +120,30 @@ def test_tokenizer_conflicts_and_wrong_data(cli, tiny_gpt, digits_mlp, tmp_path)
                           "classification model")
     assert_one_error_line(cli("train", "--init", tmp_path / "missing", "--out", tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_recipe_step_initialised_from_an_earlier_step(cli, tmp_path):
+    recipe = tmp_path / "ft.toml"
+    recipe.write_text("""
+[[steps]]
+name = "base"
+command = "train"
+max-steps = 2
+
+[[steps]]
+name = "tuned"
+command = "train"
+init = "base"
+max-steps = 2
+lr = 1e-4
+""")
+    result = cli("run", recipe, "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    parent = manifest(tmp_path / "r" / "tuned" / "best")["parent"]["path"]
+    assert parent == str((tmp_path / "r" / "base" / "best").resolve())
+    # a rerun skips both: the base's manifest is part of the tuned step's fingerprint
+    again = cli("run", recipe, "--out", tmp_path / "r", "--json")
+    assert again.exit_code == 0, again.output
+    steps = json.loads(again.stdout)["steps"]
+    assert [s["status"] for s in steps] == ["skipped", "skipped"]
+    assert steps[1]["argv"][:3] == ["train", "--init", str(tmp_path / "r" / "base")]
