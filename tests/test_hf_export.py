@@ -126,9 +126,9 @@ def test_our_byte_level_gpt_gets_a_byte_tokenizer(cli, tiny_gpt, tmp_path, one_t
 
 
 @pytest.mark.parametrize("case", ["llama-untied-gqa", "gpt2"])
-def test_import_eval_generate_quantize_export_eval(cli, artifacts, tmp_path, one_torch_thread, case):
+def test_import_eval_generate_quantize_export_eval(cli, artifacts, corpus, tmp_path, one_torch_thread, case):
     art = artifacts[case]
-    data = ("--data", "text:stdlib", "--limit", "4")
+    data = ("--data", f"text:{corpus}", "--limit", "4")
     assert cli("eval", art, *data, "--json").exit_code == 0
     generated = cli("generate", art, "--prompt", "def ", "--max-new-tokens", "3", "--json")
     assert generated.exit_code == 0, generated.output
@@ -206,3 +206,14 @@ def test_our_own_llama_exports_as_llama(cli, corpus, tmp_path, one_torch_thread)
     assert config["model_type"] == "llama" and config["tie_word_embeddings"] is True
     ids = torch.tensor([list(b"def main():")])
     assert torch.allclose(hf_logits(out, ids), our_logits(run / "best", ids), atol=1e-5, rtol=0)
+
+
+def test_per_layer_widths_are_refused():
+    from bigmodel_cli.engine.pretrained.hf_export import check_expressible
+    from bigmodel_cli.errors import UserError
+
+    spec = {"arch": "llama", "n_layer": 2, "n_head": 4, "n_embd": 32, "head_dim": 8, "mlp_hidden": [64, 48]}
+    with pytest.raises(UserError, match="mlp_hidden differ from layer to layer.*--format onnx"):
+        check_expressible(spec, "llama", "ART")
+    with pytest.raises(UserError, match="no biases"):
+        check_expressible({"arch": "gpt", "bias": False, "n_head": 2, "head_dim": 16, "n_embd": 32}, "gpt2", "ART")

@@ -69,7 +69,7 @@ def _imported_type(artifact: art.Artifact) -> str | None:
     return None
 
 
-def _expressible(spec: dict, kind: str, where: str) -> None:
+def check_expressible(spec: dict, kind: str, where: str) -> None:
     """Refuse what Hugging Face's config for ``kind`` has no way to say."""
     per_layer = sorted(key for key, value in spec.items() if isinstance(value, list))
     if per_layer:
@@ -194,7 +194,7 @@ def export_hf(artifact: art.Artifact, out: Path | str, overwrite: bool = False, 
         raise UserError(f"{where}: holds weight-only quantized tensors, which Hugging Face's model classes do not "
                         "read; export its float parent with --format hf")
     kind = source_model_type(artifact)
-    _expressible(spec, kind, where)
+    check_expressible(spec, kind, where)
     planned = planned_tensors(artifact, kind)
     dtypes = sorted({p.dtype for p in planned})
     art.check_output(out, overwrite, inputs=[artifact.path])
@@ -216,5 +216,5 @@ def export_hf(artifact: art.Artifact, out: Path | str, overwrite: bool = False, 
     return HFExportResult(Path(out), kind, len(planned), dtypes, how, files)
 
 
-__all__ = ["HFExportResult", "export_hf", "byte_level_tokenizer_json", "hf_config", "source_model_type",
+__all__ = ["HFExportResult", "export_hf", "check_expressible", "byte_level_tokenizer_json", "hf_config", "source_model_type",
            "planned_tensors"]
