@@ -278,6 +278,9 @@ def resolve_artifact_dir(path: Path | str) -> Path:
     for sub in ("best", "last"):
         if (path / sub / MANIFEST_FILE).is_file():
             return path / sub
+    if (path / outputs.HF_EXPORT_FILE).is_file():  # `export --format hf` wrote it for other tools
+        raise UserError(f"{path}: is a Hugging Face directory (export --format hf), not a bigmodel artifact; "
+                        f"run `bigmodel import {path} --out ART` to use it here")
     raise UserError(f"{path}: no {MANIFEST_FILE} here; this is not a bigmodel artifact (or training run) directory")
 
 

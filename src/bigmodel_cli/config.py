@@ -68,6 +68,8 @@ class TrainConfig:
     target: str | None = None  # csv class column
     tokenizer: str | None = None  # language models: a `bigmodel tokenizer train` directory; None = bytes
     augment: str | None = None  # data/augment.py's policies, e.g. "shift=1,rotate=10" or "default"
+    # an artifact (or run directory) to continue from: its model section, weights and tokenizer
+    init: str | None = None
     # how long
     epochs: int | None = None
     max_steps: int | None = None

@@ -26,6 +26,9 @@ MANIFEST_FILE = "manifest.json"  # artifact.py's name for it (artifact.py import
 RUN_FILE = "run.json"  # a training run directory (engine/training/run_dir.py)
 RECIPE_STATE_FILE = "run-state.json"  # a recipe run directory (cli/recipe.py)
 CHECKPOINT_STATE_FILE = "state.json"  # a checkpoint directory (engine/training/checkpoint.py)
+# A Hugging Face directory from `export --format hf` (engine/pretrained/hf_export.py): not an
+# artifact, but its files and hashes are listed here so --overwrite may replace it.
+HF_EXPORT_FILE = "bigmodel-export.json"
 # What a training run directory may hold besides hidden staging: the trainer's files, distill's
 # options and its --baseline run. ("metrics.tmp" and the recipe's ".tmp" names below are the
 # temporary files of versions before output_file.atomic_path: runs they left can still be replaced.)
@@ -114,6 +117,8 @@ def foreign(path: Path) -> str | None:
         return _foreign_run(path, visible)
     if RECIPE_STATE_FILE in visible:
         return _foreign_recipe_run(path, visible)
+    if HF_EXPORT_FILE in visible:
+        return _foreign_listed(path, path / HF_EXPORT_FILE, HF_EXPORT_FILE)
     if CHECKPOINT_STATE_FILE in visible and path.name.startswith("step-"):
         return _foreign_listed(path, path / CHECKPOINT_STATE_FILE, CHECKPOINT_STATE_FILE)
     return (f"was not written by bigmodel (no {MANIFEST_FILE}, {RUN_FILE} or {RECIPE_STATE_FILE}; "

@@ -1,4 +1,5 @@
-"""bigmodel export: a PyTorch artifact → a verified ONNX artifact (engine.onnx.export.export_artifact)."""
+"""bigmodel export: a PyTorch artifact → a verified ONNX artifact (engine.onnx.export.export_artifact), or with
+--format hf a Hugging Face directory for other tools (engine.pretrained.hf_export.export_hf)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import UserError
 from . import console
 from .options import ArtifactArg, JsonOpt, OverwriteOpt, ThreadsOpt
 
@@ -21,9 +23,13 @@ def parse_dynamic(value: Optional[str]) -> Optional[list[str]]:
     return [] if items == ["none"] else items
 
 
+FORMATS = ("onnx", "hf")
+
+
 def export(
     artifact: ArtifactArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output artifact directory (must not exist unless --overwrite).")],
+    format_: Annotated[str, typer.Option("--format", help="onnx (a verified ONNX artifact) or hf (a Hugging Face directory that transformers loads; not an artifact).")] = "onnx",
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset, 18 (the default) up to the installed onnx's newest.")] = None,
     dynamic: Annotated[Optional[str], typer.Option("--dynamic", help="Symbolic axes: batch,seq (default: batch, and seq for language models), or none.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, or fp16 weights and compute (inputs and outputs stay float32).")] = "fp32",
@@ -36,8 +42,21 @@ def export(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Export an artifact to ONNX, verify it against PyTorch, and write it as a new artifact."""
+    """Export an artifact to ONNX, verify it against PyTorch, and write it as a new artifact (or, with
+    --format hf, write a Hugging Face directory)."""
     from ..artifact import open_artifact
+
+    if format_ not in FORMATS:
+        raise UserError(f"--format {format_!r} is not one of {', '.join(FORMATS)}")
+    if format_ == "hf":
+        onnx_only = {"--opset": opset is not None, "--dynamic": dynamic is not None, "--dtype": dtype != "fp32",
+                     "--device": device != "cpu", "--optimize": optimize != "basic", "--atol": atol is not None,
+                     "--exporter": exporter != "auto", "--no-weights": not weights, "--threads": threads is not None}
+        given = [flag for flag, used in onnx_only.items() if used]
+        if given:
+            raise UserError(f"{', '.join(given)} applies to --format onnx only; drop it for --format hf")
+        export_hf_dir(open_artifact(artifact), out, overwrite, json_out)
+        return
     from ..engine.onnx.export import ExportOptions, export_artifact
     from .progress import status_stages
 
@@ -77,3 +96,20 @@ def export(
     if result.fallback_reason:
         console.warn(f"the dynamo exporter failed, TorchScript was used ({result.fallback_reason})")
     console.out.print(console.key_value_table("bigmodel export · verified", rows))
+
+
+def export_hf_dir(source, out: Path, overwrite: bool, json_out: bool) -> None:
+    from ..engine.pretrained.hf_export import export_hf
+
+    with console.err.status("writing the Hugging Face directory"):
+        result = export_hf(source, out, overwrite=overwrite)
+    summary = {"path": str(result.path), "format": "hf", "model_type": result.model_type, "tensors": result.tensors,
+               "dtypes": result.dtypes, "tokenizer": result.tokenizer,
+               "files": {name: entry["bytes"] for name, entry in result.files.items()}}
+    if json_out:
+        console.print_json(summary)
+        return
+    rows = [("directory", summary["path"]), ("model_type", result.model_type), ("tensors", result.tensors),
+            ("dtypes", ", ".join(result.dtypes)), ("tokenizer", result.tokenizer),
+            ("model.safetensors bytes", summary["files"].get("model.safetensors"))]
+    console.out.print(console.key_value_table("bigmodel export · Hugging Face", rows))

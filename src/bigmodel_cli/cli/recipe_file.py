@@ -39,7 +39,7 @@ REPORT_COMMANDS = ("eval", "info", "predict", "generate", "explain")
 # Options the runner sets itself.
 MANAGED = {"out", "overwrite", "json_out", "resume", "help"}
 # Step keys that name another step's output.
-REFERENCES = {"from": None, "teacher": "--teacher", "student": "--student", "compare": "--compare"}
+REFERENCES = {"from": None, "teacher": "--teacher", "student": "--student", "compare": "--compare", "init": "--init"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Files the run itself keeps in RUN_DIR: no step's output may take one of these names.
 RUN_FILES = (STATE_FILE, STATE_FILE + ".tmp", "compare.png", "compare.md")
@@ -178,6 +178,8 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
         for key in list(raw):
             if key not in REFERENCES:
                 continue
+            if key == "init" and (command != "train" or raw[key] not in seen):
+                continue  # train's --init PATH outside the recipe: an ordinary option
             target = raw.pop(key)
             if not isinstance(target, str):
                 problems.append(f"{where}: {key} must name an earlier step")

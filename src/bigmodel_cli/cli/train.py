@@ -105,6 +105,7 @@ def train_flags_from(given: dict) -> dict:
 def train(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of these options (a \\[train] table or top-level keys); flags win.", rich_help_panel=_R)] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Continue from this artifact (or run directory): its architecture, weights and tokenizer; the result records it as its parent.", rich_help_panel=_M)] = None,
     nproc: Annotated[Optional[int], typer.Option("--nproc", help="Train with N processes on this machine (starts torchrun workers; --batch-size stays the global batch).", rich_help_panel=_D)] = None,
     strategy: Annotated[Optional[str], typer.Option("--strategy", help="With several processes: ddp (replicate the model, default) or fsdp (shard parameters, gradients and optimizer state).", rich_help_panel=_D)] = None,
     json_out: JsonOpt = False,
@@ -118,7 +119,7 @@ def train(
     from ..models.user import names_model_file, require_trust_for_file_reference
 
     file_values = read_toml(config, "train") if config else {}
-    cfg = build_config(TrainConfig, file_values, train_flags, source=str(config or "config"))
+    cfg = build_config(TrainConfig, file_values, {**(train_flags or {}), "init": init}, source=str(config or "config"))
     if config is not None and (train_flags or {}).get("model") is None and names_model_file(cfg.model):
         # The model file came from the TOML file, not from the user's command line.
         require_trust_for_file_reference(cfg.model, str(config), f"give it on the command line (--model {cfg.model})")

@@ -111,7 +111,7 @@ class HFTokenizer:
         return [self.tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
 
 
-def _gpt2_byte_chars() -> dict[str, int]:
+def gpt2_byte_chars() -> dict[str, int]:
     """GPT-2's byte-level alphabet: the character standing for each byte, inverted (char → byte)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
@@ -128,7 +128,7 @@ def byte_level_lengths(tokenizer) -> list[int] | None:
     """Bytes of text per id for a tokenizer whose decoder is ByteLevel (special tokens: 0), else None."""
     if type(tokenizer.decoder).__name__ != "ByteLevel":
         return None
-    alphabet = _gpt2_byte_chars()
+    alphabet = gpt2_byte_chars()
     lengths = [0] * tokenizer.get_vocab_size(with_added_tokens=True)
     added = tokenizer.get_added_tokens_decoder()
     for token, index in tokenizer.get_vocab(with_added_tokens=True).items():

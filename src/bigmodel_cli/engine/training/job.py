@@ -36,6 +36,7 @@ class TrainJob:
     manifest_extra: dict = field(default_factory=dict)
     strategy: str | None = None  # under torchrun: "ddp" (default) or "fsdp"; one process ignores it
     lock: Any = None  # output_lock.OutputLock on cfg.out, held from the checks to the end of the run
+    init_sha256: str | None = None  # train --init: the sha256 of the weights the run starts from
 
     def release_output(self) -> None:
         """Let another process write cfg.out (run_job calls it when the run ends)."""
@@ -138,6 +139,28 @@ def artifact_config(data, spec: dict, block_size: int | None, tokenizer: dict | 
     return art.new_config(data.task, spec, data_spec, **extra)
 
 
+# Flags that choose the architecture or the tokenizer: with --init, the artifact has chosen them.
+INIT_CONFLICTS = ("preset", "model_args", "input_size", "hidden_size", "hidden_sizes", "output_size", "tokenizer")
+
+
+def open_init(cfg: TrainConfig) -> art.Artifact | None:
+    """--init's artifact (a run directory gives its best/), with weights to start from; None
+    without --init. A flag that would change its architecture or tokenizer is refused."""
+    if not cfg.init:
+        return None
+    parent = art.open_artifact(cfg.init)
+    given = [f"--{key.replace('_', '-')}" for key in INIT_CONFLICTS if getattr(cfg, key) not in (None, {}, [])]
+    # --model may only name what the artifact already is (TrainConfig.model is the default, "mlp")
+    if cfg.model not in (TrainConfig.model, parent.model_spec.get("arch")):
+        given.insert(0, "--model")
+    if given:
+        raise UserError(f"--init {cfg.init}: {', '.join(given)} would change the model or tokenizer the artifact "
+                        f"fixes; drop {'it' if len(given) == 1 else 'them'} (the architecture and the tokenizer "
+                        "come from the artifact)")
+    parent.require_weights()
+    return parent
+
+
 def prepare_training(cfg: TrainConfig) -> TrainJob:
     """Validate the whole configuration and build data, model and task. No training yet.
 
@@ -145,12 +168,17 @@ def prepare_training(cfg: TrainConfig) -> TrainJob:
     writer is refused before it does any work."""
     cfg.validate()
     overrides = cfg.model_overrides()
-    is_user = names_model_file(cfg.model)
-    arch_task = None if is_user else get_arch(cfg.model).task
+    init = open_init(cfg)
+    if init is not None:
+        arch_task = init.task
+    else:
+        arch_task = None if names_model_file(cfg.model) else get_arch(cfg.model).task
     data_arg = default_data(cfg, arch_task, overrides)
     # Workers started by --nproc write into the output their launching process holds.
     lock = None if launcher.under_torchrun() else hold(cfg.out)
     try:
+        if init is not None:
+            return _prepare_from(cfg, init, data_arg, lock)
         return _prepare(cfg, overrides, data_arg, lock)
     except BaseException:
         if lock is not None:
@@ -168,6 +196,8 @@ def input_paths(cfg: TrainConfig, data_arg: str | None) -> list[str]:
         paths.append(cfg.model.split(":")[0])
     if cfg.tokenizer:
         paths.append(cfg.tokenizer)
+    if cfg.init:
+        paths.append(cfg.init)
     return paths
 
 
@@ -193,6 +223,59 @@ def check_vocab_fits(spec: dict, tokenizer) -> None:
                         f"{tokenizer.vocab_size:,}")
 
 
+def lm_block_size(cfg: TrainConfig, spec: dict) -> int:
+    """Tokens per training window: --block-size, else the model's context up to 256."""
+    limit = spec.get("block_size")
+    block_size = cfg.block_size or (min(limit, 256) if limit else 128)
+    if limit and block_size > limit:
+        raise UserError(f"--block-size {block_size} is longer than the model's context ({limit}); lower it or raise block_size")
+    return block_size
+
+
+def _prepare_from(cfg: TrainConfig, parent: art.Artifact, data_arg: str, lock) -> TrainJob:
+    """prepare_training for --init: the parent's model section, weights and tokenizer, the user's
+    data and optimisation. The result records the parent (manifest parent + lineage)."""
+    import torch
+
+    from ...data import load_dataset, parse_data_arg
+    from ...data.tokenizer import TOKENIZER_FILE
+
+    if not cfg.resume and launcher.env_rank() == 0:
+        art.check_output(cfg.out, cfg.overwrite, input_paths(cfg, data_arg), lock_probe=lock is not None)
+    tokenizer = parent.tokenizer() if parent.config.get("tokenizer") is not None else None
+    data = load_dataset(parse_data_arg(data_arg, cfg.target), tokenizer)
+    if data.task != parent.task:
+        raise UserError(f"--init {cfg.init} is a {parent.task} model but --data {data_arg} is {data.task} data; "
+                        "give data of the model's kind")
+    spec = dict(parent.model_spec)
+    block_size = None
+    if data.task == "classification":
+        data.check_trainable()
+        if spec["arch"] in ("mlp", "cnn"):
+            _check_fit(spec, data)
+    else:
+        block_size = lm_block_size(cfg, spec)
+    task = make_task(data, cfg.batch_size, cfg.seed, block_size, cfg.eval_windows)
+    torch.manual_seed(cfg.seed)
+    model = parent.build_model()  # the parent's weights, verified against its manifest
+    _probe(model, task, spec, data)
+    extra_files = {}
+    if spec["arch"] == USER_ARCH:
+        extra_files[art.MODEL_CODE_FILE] = parent.path / art.MODEL_CODE_FILE
+    data_spec = dict(data.spec)
+    if block_size:
+        data_spec["block_size"] = block_size
+    extra = {}
+    if tokenizer is not None:
+        extra["tokenizer"] = parent.config["tokenizer"]
+        extra_files[TOKENIZER_FILE] = parent.path / TOKENIZER_FILE
+    config = art.new_config(data.task, spec, data_spec, **extra)
+    weights = parent.manifest["files"][art.WEIGHTS_FILE]["sha256"]
+    return TrainJob(cfg=cfg, model=model, data=data, task=task, artifact_config=config, parent=parent,
+                    extra_files=extra_files, lock=lock, init_sha256=weights,
+                    manifest_extra={"init": {"path": str(parent.path), "stage": parent.stage, "weights_sha256": weights}})
+
+
 def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob:
     """prepare_training's work, once the output is locked."""
     import torch
@@ -212,12 +295,7 @@ def _prepare(cfg: TrainConfig, overrides: dict, data_arg: str, lock) -> TrainJob
     spec = resolve_model(cfg, data, overrides)
     if tokenizer is not None:
         check_vocab_fits(spec, tokenizer)
-    block_size = None
-    if data.task == "language-modeling":
-        limit = spec.get("block_size")
-        block_size = cfg.block_size or (min(limit, 256) if limit else 128)
-        if limit and block_size > limit:
-            raise UserError(f"--block-size {block_size} is longer than the model's context ({limit}); lower it or raise block_size")
+    block_size = lm_block_size(cfg, spec) if data.task == "language-modeling" else None
     augment = policy_from_option(cfg.augment, data)
     task = make_task(data, cfg.batch_size, cfg.seed, block_size, cfg.eval_windows, augment)
     torch.manual_seed(cfg.seed)

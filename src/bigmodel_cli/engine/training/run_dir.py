@@ -25,6 +25,8 @@ def run_fingerprint(job) -> dict:
     tokenizer = getattr(job.data, "spec", {}).get("tokenizer_sha256")
     if tokenizer:  # the same --tokenizer path could hold another tokenizer by now
         record["tokenizer_sha256"] = tokenizer
+    if job.init_sha256:  # the same --init path could hold other weights by now
+        record["init_sha256"] = job.init_sha256
     return record
 
 
@@ -43,6 +45,9 @@ def check_resume(job) -> Path:
     if previous.get("tokenizer_sha256") != record.get("tokenizer_sha256"):
         raise UserError("--resume: the tokenizer is not the one the run started with (its tokenizer.json changed); "
                         "resume with the original tokenizer or start a new run")
+    if previous.get("init_sha256") != record.get("init_sha256"):
+        raise UserError("--resume: the --init artifact's weights are not the ones the run started from (its "
+                        "model.safetensors changed); resume with the original artifact or start a new run")
     return run_dir
 
 
