@@ -18,6 +18,12 @@ FAST = {
     "digits-cnn.toml": ["train.epochs=1", "prune.finetune-epochs=1", "quantize.calib-samples=32"],
     "tiny-gpt.toml": ["train.max-steps=8", "train.data='text:{corpus}'", "train.warmup-steps=0",
                       "distill.max-steps=4", "sample.max-new-tokens=8"],
+    "tiny-llama.toml": ["tokenizer.data='text:{corpus}'", "tokenizer.vocab-size=300", "train.data='text:{corpus}'",
+                        "train.max-steps=6", "train.warmup-steps=0", "prune.max-steps=2", "distill.max-steps=2",
+                        # short windows and batches, 2 layers distilled into 1: about half the CPU of the
+                        # recipe's own sizes with the same few steps
+                        "train.block-size=32", "distill.block-size=32", "train.batch-size=4", "prune.batch-size=4",
+                        "distill.batch-size=4", "train.model-args={n_layer=2}", "distill.student-config={n_layer=1}"],
 }
 
 
@@ -119,6 +125,28 @@ from = "nowhere"
                      "'quantize' names no earlier step (it comes later", "'nowhere' names no earlier step"):
         assert fragment in error, fragment
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tokenizer_step_is_skipped_when_unchanged_and_refused_where_no_option_takes_it(cli, tmp_path, corpus):
+    recipe = tmp_path / "tok.toml"
+    recipe.write_text(f"""
+[[steps]]
+name = "tok"
+command = "tokenizer"
+data = "text:{corpus}"
+vocab-size = 300
+""")
+    first = _json(cli("run", recipe, "--out", tmp_path / "run", "--json"))
+    assert [s["status"] for s in first["steps"]] == ["ran"] and first["compare"] is None  # not a model
+    assert (tmp_path / "run" / "tok" / "tokenizer.json").is_file()
+    again = _json(cli("run", recipe, "--out", tmp_path / "run", "--json"))
+    assert [s["status"] for s in again["steps"]] == ["skipped"]
+    changed = _json(cli("run", recipe, "--out", tmp_path / "run", "--json", "--set", "tok.vocab-size=301"))
+    assert [s["status"] for s in changed["steps"]] == ["ran"]
+    with recipe.open("a") as handle:
+        handle.write('[[steps]]\nname = "ev"\ncommand = "eval"\nfrom = "tok"\ntokenizer = "tok"\n')
+    assert_one_error_line(cli("run", recipe, "--out", tmp_path / "other"), "eval has no option --tokenizer")
+    assert not (tmp_path / "other").exists()
 
 
 def test_recipe_check_prints_the_commands(cli, tmp_path):

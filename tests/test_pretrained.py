@@ -183,12 +183,7 @@ def test_llama_from_scratch_trains_generates_and_estimates(cli, corpus, tmp_path
     assert cli("eval", run, "--json").exit_code == 0
     generated = cli("generate", run, "--prompt", "def ", "--max-new-tokens", "4", "--json")
     assert generated.exit_code == 0, generated.output
-    # not implemented for llama yet: one line each, nothing written
-    assert_one_error_line(cli("prune", run, "--method", "structured", "--sparsity", "0.5", "--out", tmp_path / "p"),
-                          "this model is 'llama'")
-    assert_one_error_line(cli("distill", "--teacher", run, "--student-preset", "tiny", "--init-from-teacher",
-                              "--max-steps", "1", "--block-size", "32", "--out", tmp_path / "d"), "not llama")
-    assert not (tmp_path / "p").exists() and not (tmp_path / "d").exists()
+    # structured pruning and distillation of llama: tests/test_llama_compress.py
     estimate = cli("estimate", "--model", "llama", "--preset", "8b", "--json")
     assert estimate.exit_code == 0, estimate.output
     assert json.loads(estimate.stdout)["params"] == 8_030_261_248  # Llama-3-8B's published count

@@ -19,7 +19,7 @@ from bigmodel_cli.artifact import write_metadata
 from bigmodel_cli.engine.compress.prune.plan import cubic_schedule, kept_width, parse_pattern
 from bigmodel_cli.engine.compress.prune.structured import prune_builtin, unit_groups
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.models import build_model, resolve_spec
+from bigmodel_cli.models import build_model, parameter_count, resolve_spec
 
 USER_MODEL = '''
 import torch
@@ -207,6 +207,9 @@ def _dead_units(model, spec, groups, fraction):
     ("mlp", {"hidden_sizes": [16, 8]}, (3, 1, 8, 8)),
     ("cnn", {"channels": [8, 16], "hidden_sizes": [16]}, (3, 1, 8, 8)),
     ("gpt", {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 16, "vocab_size": 64}, (2, 12)),
+    # llama: GQA with a tied head (a kv group = its kv head + 2 query heads); MHA, untied, Qwen2's qkv bias
+    ("llama", {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32, "vocab_size": 64, "tie_weights": True}, (2, 12)),
+    ("llama", {"n_layer": 2, "n_head": 4, "n_embd": 32, "vocab_size": 64, "qkv_bias": True}, (2, 12)),
 ])
 def test_structured_removes_exactly_the_dead_units(arch, overrides, shape):
     torch.manual_seed(0)
@@ -214,8 +217,9 @@ def test_structured_removes_exactly_the_dead_units(arch, overrides, shape):
     model = build_model(spec).eval()
     groups = unit_groups(model, spec)
     _dead_units(model, spec, groups, 0.5)
-    x = torch.randint(0, 64, shape) if arch == "gpt" else torch.randn(shape)
-    pruned, new_spec, rows = prune_builtin(model, spec, sparsity=0.5, head_sparsity=0.5 if arch == "gpt" else 0.0,
+    lm = arch in ("gpt", "llama")
+    x = torch.randint(0, 64, shape) if lm else torch.randn(shape)
+    pruned, new_spec, rows = prune_builtin(model, spec, sparsity=0.5, head_sparsity=0.5 if lm else 0.0,
                                            criterion="l1", round_to=1, ignore=[], original={})
     assert torch.allclose(model(x), pruned.eval()(x), atol=1e-5)
     assert all(r["after"] == r["before"] // 2 for r in rows)
@@ -223,6 +227,10 @@ def test_structured_removes_exactly_the_dead_units(arch, overrides, shape):
     rebuilt.load_state_dict(pruned.state_dict())
     if arch == "gpt":
         assert new_spec["mlp_hidden"] == 64 and new_spec["n_head"] == 2 and new_spec["head_dim"] == 8
+    elif arch == "llama":
+        assert new_spec["mlp_hidden"] == spec["mlp_hidden"] // 2 and new_spec["head_dim"] == 8
+        assert new_spec["n_kv_head"] == spec["n_kv_head"] // 2 and new_spec["n_head"] == 2  # groups stay whole
+        assert sum(p.numel() for p in pruned.parameters()) == parameter_count(new_spec)
     else:
         assert new_spec["hidden_sizes"][0] == overrides["hidden_sizes"][0] // 2
 

@@ -172,6 +172,17 @@ def test_tokenizer_train_refuses_an_existing_output(cli, corpus, tmp_path):
     assert (tmp_path / "t" / "mine.txt").read_text() == "keep"
 
 
+def test_overwrite_replaces_a_tokenizer_directory_but_not_one_with_other_files(cli, corpus, tmp_path):
+    args = ("tokenizer", "train", f"text:{corpus}", "--vocab-size", "300", "--out", tmp_path / "t")
+    assert cli(*args).exit_code == 0
+    replaced = cli(*args[:4], "301", *args[5:], "--overwrite", "--json")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(replaced.stdout)["requested_vocab_size"] == 301
+    (tmp_path / "t" / "mine.txt").write_text("keep")
+    assert_one_error_line(cli(*args, "--overwrite"), "mine.txt")
+    assert (tmp_path / "t" / "mine.txt").read_text() == "keep"
+
+
 def test_tokenizer_dir_without_tokenizer_json(cli, corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     result = cli("train", "--model", "gpt", "--data", f"text:{corpus}", "--tokenizer", tmp_path / "empty",

@@ -29,6 +29,9 @@ CHECKPOINT_STATE_FILE = "state.json"  # a checkpoint directory (engine/training/
 # A Hugging Face directory from `export --format hf` (engine/pretrained/hf_export.py): not an
 # artifact, but its files and hashes are listed here so --overwrite may replace it.
 HF_EXPORT_FILE = "bigmodel-export.json"
+# A `tokenizer train` directory (data/tokenizer.py's TOKENIZER_INFO_FILE and INFO_FORMAT)
+TOKENIZER_INFO_FILE = "bigmodel-tokenizer.json"
+TOKENIZER_FORMAT = "bigmodel-tokenizer"
 # What a training run directory may hold besides hidden staging: the trainer's files, distill's
 # options and its --baseline run. ("metrics.tmp" and the recipe's ".tmp" names below are the
 # temporary files of versions before output_file.atomic_path: runs they left can still be replaced.)
@@ -119,6 +122,8 @@ def foreign(path: Path) -> str | None:
         return _foreign_recipe_run(path, visible)
     if HF_EXPORT_FILE in visible:
         return _foreign_listed(path, path / HF_EXPORT_FILE, HF_EXPORT_FILE)
+    if TOKENIZER_INFO_FILE in visible:
+        return _foreign_tokenizer(path, visible)
     if CHECKPOINT_STATE_FILE in visible and path.name.startswith("step-"):
         return _foreign_listed(path, path / CHECKPOINT_STATE_FILE, CHECKPOINT_STATE_FILE)
     return (f"was not written by bigmodel (no {MANIFEST_FILE}, {RUN_FILE} or {RECIPE_STATE_FILE}; "
@@ -160,6 +165,18 @@ def _foreign_listed(path: Path, record_file: Path, record_name: str) -> str | No
                 extra.append(relative)
     if extra:
         return f"holds files its {record_name} does not list ({_sample(sorted(extra))})"
+    return None
+
+
+def _foreign_tokenizer(path: Path, visible: list[str]) -> str | None:
+    """A tokenizer directory holds its description and the tokenizer file it names, nothing else."""
+    info = _read_object(path / TOKENIZER_INFO_FILE)
+    section = info.get("tokenizer") if info and info.get("format") == TOKENIZER_FORMAT else None
+    if not isinstance(section, dict):
+        return f"its {TOKENIZER_INFO_FILE} cannot be read, so what it holds is unknown"
+    extra = [n for n in visible if n not in (TOKENIZER_INFO_FILE, section.get("file"))]
+    if extra:
+        return f"holds files a tokenizer directory does not ({_sample(extra)})"
     return None
 
 

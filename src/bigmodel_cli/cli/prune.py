@@ -27,7 +27,7 @@ def prune(
     pattern: Annotated[Optional[str], typer.Option("--pattern", help="magnitude: N:M semi-structured sparsity, e.g. 2:4.", rich_help_panel=_P)] = None,
     scope: Annotated[Optional[str], typer.Option("--scope", help="magnitude: layer (every layer to --sparsity, default) or global (one threshold for all layers).", rich_help_panel=_P)] = None,
     importance: Annotated[Optional[str], typer.Option("--importance", help="structured: l1, l2 (group magnitude, default) or taylor (gradients on calibration batches).", rich_help_panel=_P)] = None,
-    head_sparsity: Annotated[float, typer.Option("--head-sparsity", help="structured gpt: fraction of attention heads to remove per block.", rich_help_panel=_P)] = 0.0,
+    head_sparsity: Annotated[float, typer.Option("--head-sparsity", help="structured gpt: fraction of attention heads to remove per block (llama: of key/value groups, each with its query heads).", rich_help_panel=_P)] = 0.0,
     round_to: Annotated[int, typer.Option("--round-to", help="structured: keep widths that are multiples of this (e.g. 8).", rich_help_panel=_P)] = 1,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Layer-name pattern to leave unpruned, e.g. 'net.0' or 'blocks.*.attn.*' (repeatable).", rich_help_panel=_P)] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Prune in K increments along a cubic schedule, fine-tuning after each (default: 1, or a gradual schedule at sparsity ≥ 0.8 with --finetune-epochs; see docs/prune.md).", rich_help_panel=_P, show_default=False)] = None,

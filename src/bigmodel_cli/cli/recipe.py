@@ -15,15 +15,22 @@ from typing import Callable
 from ..engine.core.recipe_state import STATE_FILE, load_state, save_state
 from ..errors import UserError
 from ..output_file import write_atomic
-from .recipe_file import Recipe, Step, command_group, command_params, step_argv
+from .recipe_file import DIRECTORY_COMMANDS, Recipe, Step, command_group, command_params, step_argv, step_command
 
 
-def _output_complete(path: Path) -> bool:
+def _output_complete(path: Path, step: Step) -> bool:
     """The step's output exists, verifies, and (for a training run) reached its last step."""
     from ..artifact import open_artifact
+    from ..data.tokenizer import open_tokenizer_dir
 
     if not path.exists():
         return False
+    if step.command in DIRECTORY_COMMANDS:  # a tokenizer directory: complete when it loads
+        try:
+            open_tokenizer_dir(path)
+            return True
+        except UserError:
+            return False
     if (path / "run.json").exists() and not (path / "last" / "manifest.json").exists():
         return False
     try:
@@ -34,8 +41,17 @@ def _output_complete(path: Path) -> bool:
 
 
 def _manifest_digest(path: Path) -> str:
+    """What a step read, in one hash: an artifact's manifest, or a tokenizer directory's files (it
+    has no manifest), so a retrained tokenizer reruns the steps that read it."""
     from ..artifact import resolve_artifact_dir, sha256_file
+    from ..data.tokenizer import TOKENIZER_FILE, TOKENIZER_INFO_FILE
 
+    if (path / TOKENIZER_INFO_FILE).is_file() and not (path / "manifest.json").exists():
+        try:
+            return hashlib.sha256("".join(sha256_file(path / name) for name in (TOKENIZER_FILE, TOKENIZER_INFO_FILE))
+                                  .encode()).hexdigest()
+        except OSError:
+            return "missing"
     try:
         return sha256_file(resolve_artifact_dir(path) / "manifest.json")
     except UserError:
@@ -63,9 +79,9 @@ def _decide(step: Step, previous: dict, fingerprint: str, output: Path, can_resu
     and its output is still whole: an attempt that failed was recorded as incomplete."""
     same = previous.get("fingerprint") == fingerprint
     done = same and previous.get("complete") is True
-    if not step.writes_artifact:
+    if not step.writes_directory:
         return "skipped" if done and output.is_file() else "ran"
-    if done and _output_complete(output):
+    if done and _output_complete(output, step):
         return "skipped"
     # Resume only a run this fingerprint started: after a failed attempt that never got to write,
     # the directory still holds the previous run (other options), which --resume would refuse.
@@ -139,28 +155,38 @@ def _run_steps(recipe: Recipe, run_dir: Path,
     group = command_group()
     outcomes: list[StepOutcome] = []
     for index, step in enumerate(recipe.steps, start=1):
-        command = group.commands[step.command]
+        command = step_command(group, step.command)
         argv = step_argv(step, run_dir, command_params(command))
         fingerprint = _fingerprint(step, argv, run_dir)
         output = run_dir / step.output_name
         previous = state.get(step.name, {})
         status = _decide(step, previous, fingerprint, output, "resume" in command_params(command))
         extra = {"resumed": ["--resume"], "skipped": []}.get(
-            status, ["--overwrite"] if output.exists() and step.writes_artifact else [])
+            status, ["--overwrite"] if output.exists() and step.writes_directory else [])
+        full = _with_flags(argv, extra)
         if announce:
-            announce(index, len(recipe.steps), step, status, argv + extra)
+            announce(index, len(recipe.steps), step, status, full)
         if status != "skipped":
             # Recorded before running: if this attempt fails, the step is incomplete with this
             # fingerprint, so the rerun runs it again (a training run it started is resumed).
             replaces = _run_file_digest(output) if status == "ran" else previous.get("replaces")
             state[step.name] = {"fingerprint": fingerprint, "argv": argv, "complete": False, "replaces": replaces}
             save_state(run_dir, state)
-            _invoke(group, argv + extra, output if not step.writes_artifact else None, step)
+            _invoke(group, full, output if not step.writes_directory else None, step)
             # Inputs may have been rewritten by this very run: fingerprint what was actually read.
             state[step.name] = {"fingerprint": _fingerprint(step, argv, run_dir), "argv": argv, "complete": True}
             save_state(run_dir, state)
         outcomes.append(StepOutcome(step.name, step.command, status, output, argv))
     return outcomes
+
+
+def _with_flags(argv: list[str], flags: list[str]) -> list[str]:
+    """``argv`` plus the runner's --overwrite/--resume, which go before a ``--`` (after it they
+    would be read as the step's arguments, e.g. a tokenizer step's data)."""
+    if "--" not in argv:
+        return argv + flags
+    cut = argv.index("--")
+    return argv[:cut] + flags + argv[cut:]
 
 
 def _invoke(group, argv: list[str], report_file: Path | None, step: Step) -> None:

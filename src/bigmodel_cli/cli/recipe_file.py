@@ -36,10 +36,16 @@ from ..models.user import names_model_file
 ARTIFACT_COMMANDS = ("train", "prune", "distill", "export", "quantize")
 # Commands that only report: their --json output is saved as RUN_DIR/<name>.json.
 REPORT_COMMANDS = ("eval", "info", "predict", "generate", "explain")
+# Steps that write a directory that is not an artifact, and the command line each stands for: a
+# `tokenizer` step trains a BPE tokenizer (`bigmodel tokenizer train`) that a later train step
+# reads with tokenizer = "STEP". It is not a model, so compare leaves it out.
+DIRECTORY_COMMANDS = {"tokenizer": ("tokenizer", "train")}
+STEP_COMMANDS = ARTIFACT_COMMANDS + REPORT_COMMANDS + tuple(DIRECTORY_COMMANDS)
 # Options the runner sets itself.
 MANAGED = {"out", "overwrite", "json_out", "resume", "help"}
 # Step keys that name another step's output.
-REFERENCES = {"from": None, "teacher": "--teacher", "student": "--student", "compare": "--compare", "init": "--init"}
+REFERENCES = {"from": None, "teacher": "--teacher", "student": "--student", "compare": "--compare", "init": "--init",
+              "tokenizer": "--tokenizer"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Files the run itself keeps in RUN_DIR: no step's output may take one of these names.
 RUN_FILES = (STATE_FILE, STATE_FILE + ".tmp", "compare.png", "compare.md")
@@ -61,9 +67,19 @@ class Step:
         return self.command in ARTIFACT_COMMANDS
 
     @property
+    def writes_directory(self) -> bool:
+        """It writes RUN_DIR/NAME with --out: an artifact, or a directory such as a tokenizer's."""
+        return self.writes_artifact or self.command in DIRECTORY_COMMANDS
+
+    @property
+    def command_words(self) -> tuple[str, ...]:
+        """The words that name its command on the command line (`tokenizer train`)."""
+        return DIRECTORY_COMMANDS.get(self.command, (self.command,))
+
+    @property
     def output_name(self) -> str:
-        """Its output in RUN_DIR: a directory for an artifact step, NAME.json for a report step."""
-        return self.name if self.writes_artifact else f"{self.name}.json"
+        """Its output in RUN_DIR: a directory for an artifact (or tokenizer) step, NAME.json for a report step."""
+        return self.name if self.writes_directory else f"{self.name}.json"
 
 
 @dataclass
@@ -80,6 +96,13 @@ def command_group():
     from . import app
 
     return typer.main.get_command(app)
+
+
+def step_command(group, command: str):
+    """The click command a step's ``command`` stands for (a `tokenizer` step: `tokenizer train`)."""
+    for word in DIRECTORY_COMMANDS.get(command, (command,)):
+        group = group.commands[word]
+    return group
 
 
 def command_params(command) -> dict[str, Any]:
@@ -166,14 +189,14 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
             name = f"#{index}"
         elif name in seen:
             problems.append(f"{where}: the name {name!r} is used twice")
-        elif command in ARTIFACT_COMMANDS + REPORT_COMMANDS:
+        elif command in STEP_COMMANDS:
             _claim_output(Step(name, command, {}), outputs, where, problems)
-        if command not in ARTIFACT_COMMANDS + REPORT_COMMANDS or command not in group.commands:
-            known = [c for c in ARTIFACT_COMMANDS + REPORT_COMMANDS if c in group.commands]
+        if command not in STEP_COMMANDS or command not in group.commands:
+            known = [c for c in STEP_COMMANDS if c in group.commands]
             problems.append(f"{where}: unknown command {command!r} (a step runs one of: {', '.join(known)})")
             seen.append(name)
             continue
-        params = command_params(group.commands[command])
+        params = command_params(step_command(group, command))
         refs: dict[str, str] = {}
         for key in list(raw):
             if key not in REFERENCES:
@@ -189,11 +212,16 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
                 later = any(isinstance(s, dict) and s.get("name") == target for s in raw_steps)
                 problems.append(f"{where}: {key} = {target!r} names no earlier step"
                                 + (" (it comes later: steps run in order, so this would be a cycle)" if later else ""))
+            elif REFERENCES[key] and not any(REFERENCES[key] in p.opts for p in params.values()):
+                problems.append(f"{where}: {command} has no option {REFERENCES[key]}, so {key} = {target!r} "
+                                "cannot be passed to it; remove it")
             else:
                 refs[key] = target
         positional = [p for p in params.values() if p.param_type_name == "argument"]
-        reads_artifact = bool(positional)
-        arguments = _take_arguments(raw, positional[1:], where, command, problems)
+        # An artifact command's first argument is the artifact (from = "STEP"); a directory
+        # command's arguments are all the recipe's to give (the tokenizer's data = "text:...").
+        reads_artifact = bool(positional) and command not in DIRECTORY_COMMANDS
+        arguments = _take_arguments(raw, positional[1:] if reads_artifact else positional, where, command, problems)
         if reads_artifact and "from" not in refs:
             problems.append(f"{where}: {command} needs from = \"STEP\" (the step whose output it reads)")
         if command == "distill" and "teacher" not in refs and "from" in refs:
@@ -295,7 +323,7 @@ def _to_argv_value(value: Any) -> list[str]:
 
 def step_argv(step: Step, run_dir: Path, params: dict) -> list[str]:
     """The exact command line a step stands for (without --overwrite/--resume)."""
-    argv = [step.command]
+    argv = list(step.command_words)
     if "from" in step.refs:
         argv.append(str(run_dir / step.refs["from"]))
     for key, target in step.refs.items():
@@ -314,7 +342,7 @@ def step_argv(step: Step, run_dir: Path, params: dict) -> list[str]:
                 argv += [flag, str(item)]
         else:
             argv += [flag, *_to_argv_value(value)]
-    if step.writes_artifact:
+    if step.writes_directory:
         argv += ["--out", str(run_dir / step.name)]
     elif "json_out" in params:
         argv.append("--json")

@@ -22,7 +22,7 @@ def run(
 ) -> None:
     """Run a recipe (train → prune → distill → quantize → export …); finished steps are skipped on a rerun."""
     from .recipe import artifact_outputs, check_model_code_trust, run_recipe
-    from .recipe_file import command_group, command_params, parse_recipe, step_argv
+    from .recipe_file import command_group, command_params, parse_recipe, step_argv, step_command
     from ..engine.compare import compare_artifacts
     from .compare import print_comparison, write_reports
 
@@ -31,7 +31,7 @@ def run(
     if check:
         group = command_group()
         for step in parsed.steps:
-            argv = step_argv(step, run_dir, command_params(group.commands[step.command]))
+            argv = step_argv(step, run_dir, command_params(step_command(group, step.command)))
             console.out.print(f"[bold]{step.name}[/]: bigmodel " + " ".join(argv), highlight=False)
         check_model_code_trust(parsed)  # after the commands: they show what the code would be run by
         return

@@ -17,7 +17,7 @@ from typing import Any
 
 from bigmodel_cli.errors import UserError
 
-HIDDEN_ARCHS = ("mlp", "cnn", "gpt")  # the built-in models whose layers the hooks know
+HIDDEN_ARCHS = ("mlp", "cnn", "gpt", "llama")  # the built-in models whose layers the hooks know
 # --cache-teacher keeps the teacher's outputs for the whole training split in memory; refuse when
 # that would take more than this share of the machine's RAM.
 CACHE_MEMORY_SHARE = 0.25
@@ -108,8 +108,8 @@ def hidden_loss(student_hidden, teacher_hidden, kind: str = "mse", targets=None)
 def hidden_layers(model, arch: str) -> list:
     """The modules whose outputs count as the model's hidden states, in order.
 
-    mlp: each hidden layer's activation; cnn: each conv stage's output (after pooling); gpt: each
-    transformer block's output (the residual stream).
+    mlp: each hidden layer's activation; cnn: each conv stage's output (after pooling); gpt and
+    llama: each transformer block's output (the residual stream).
     """
     from torch import nn
 
@@ -124,7 +124,7 @@ def hidden_layers(model, arch: str) -> list:
         if current is not None:
             stages.append(current)
         return stages
-    if arch == "gpt":
+    if arch in ("gpt", "llama"):
         return list(model.blocks)
     raise UserError(
         f"hidden-state distillation reads the layers of the built-in models ({', '.join(HIDDEN_ARCHS)}); "

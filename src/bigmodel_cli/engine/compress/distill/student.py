@@ -7,6 +7,8 @@ the public names.
 
 from __future__ import annotations
 
+import math
+
 from bigmodel_cli import artifact as art
 from bigmodel_cli.config import TrainConfig
 from bigmodel_cli.errors import UserError, first_line
@@ -59,6 +61,8 @@ def _layer_pairs(student, teacher, arch: str, stride: int, s_spec: dict, t_spec:
         if not student.config.tie_weights:  # a tied head is the embedding, already copied
             pairs.append(("lm_head", student.lm_head, teacher.lm_head))
         pairs += [(f"blocks.{i}", block, teacher.blocks[i * stride]) for i, block in enumerate(student.blocks)]
+    elif arch == "llama":
+        pairs += _llama_pairs(student, teacher, stride, s_spec, t_spec)
     elif arch == "mlp":
         s_lin = [m for m in student.net if isinstance(m, nn.Linear)]
         t_lin = [m for m in teacher.net if isinstance(m, nn.Linear)]
@@ -77,10 +81,24 @@ def _layer_pairs(student, teacher, arch: str, stride: int, s_spec: dict, t_spec:
     return pairs
 
 
+def _llama_pairs(student, teacher, stride: int, s_spec: dict, t_spec: dict) -> list:
+    """A llama's every k-th block, its embedding, final norm and (untied) head. The widths and the
+    rotary settings must be the teacher's: a copied block computes what it computed only with the
+    same heads, groups and positions."""
+    for key in ("n_head", "n_kv_head", "head_dim", "rope_theta", "rope_scaling", "qkv_bias"):
+        if s_spec.get(key) != t_spec.get(key):
+            raise UserError(f"--init-from-teacher: the student's {key} ({s_spec.get(key)}) differs from the teacher's "
+                            f"({t_spec.get(key)}); keep the teacher's widths and change only n_layer")
+    pairs = [("tok_emb", student.tok_emb, teacher.tok_emb), ("norm", student.norm, teacher.norm)]
+    if not student.config.tie_weights:  # a tied head is the embedding, already copied
+        pairs.append(("lm_head", student.lm_head, teacher.lm_head))
+    return pairs + [(f"blocks.{i}", block, teacher.blocks[i * stride]) for i, block in enumerate(student.blocks)]
+
+
 def _depth(model, arch: str) -> int:
     from torch import nn
 
-    if arch == "gpt":
+    if arch in ("gpt", "llama"):
         return len(model.blocks)
     if arch == "mlp":
         return sum(isinstance(m, nn.Linear) for m in model.net) - 1
@@ -97,9 +115,6 @@ def init_from_teacher(student, teacher, student_spec: dict, teacher_spec: dict) 
     import torch
 
     arch = student_spec.get("arch")
-    if arch == teacher_spec.get("arch") and arch not in HIDDEN_ARCHS:  # e.g. llama: its layers are not mapped yet
-        raise UserError(f"--init-from-teacher copies the layers of {', '.join(HIDDEN_ARCHS)} models, not {arch}; "
-                        "drop it to train the student from scratch")
     if arch != teacher_spec.get("arch") or arch not in HIDDEN_ARCHS:
         raise UserError(f"--init-from-teacher needs a student of the teacher's built-in architecture "
                         f"({teacher_spec.get('arch')}); the student is {arch}")
@@ -177,6 +192,11 @@ def _inheritable(spec: dict) -> dict:
         if values.get("head_dim") == values["n_embd"] // values["n_head"]:
             values.pop("head_dim")
         if values.get("mlp_hidden") == 4 * values["n_embd"]:
+            values.pop("mlp_hidden")
+    if spec.get("arch") == "llama":
+        if values.get("head_dim") == values["n_embd"] // values["n_head"]:
+            values.pop("head_dim")
+        if values.get("mlp_hidden") == 64 * math.ceil(8 * values["n_embd"] / 3 / 64):  # LlamaConfig's default
             values.pop("mlp_hidden")
     return values
 

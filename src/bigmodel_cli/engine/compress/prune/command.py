@@ -233,8 +233,8 @@ def _check_request(artifact: art.Artifact, cfg: PruneConfig, spec: dict, finetun
     arch = spec.get("arch")
     if cfg.method == "structured" and arch not in ARCHS + (USER_ARCH,):
         raise UserError(f"--method structured knows {', '.join(ARCHS)} and user models; this model is {arch!r}")
-    if cfg.head_sparsity and arch != "gpt":
-        raise UserError(f"--head-sparsity removes attention heads of gpt models; this model is {arch}")
+    if cfg.head_sparsity and arch not in ("gpt", "llama"):
+        raise UserError(f"--head-sparsity removes attention heads of gpt and llama models; this model is {arch}")
     if (cfg.steps or 1) > 1 and not finetune:
         raise UserError(f"--steps {cfg.steps} needs --finetune-epochs E: the training between steps is what makes gradual pruning work")
     if cfg.distill and not finetune:

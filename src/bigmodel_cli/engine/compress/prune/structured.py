@@ -22,7 +22,8 @@ from bigmodel_cli.errors import UserError
 from .plan import kept_width, split_ignored
 
 CRITERIA = ("l1", "l2", "taylor")
-ARCHS = ("mlp", "cnn", "gpt")
+ARCHS = ("mlp", "cnn", "gpt", "llama")
+HEAD_KINDS = ("heads", "kv groups")  # pruned by --head-sparsity, one whole unit at a time
 
 
 @dataclass
@@ -32,6 +33,7 @@ class UnitGroup:
     size: int
     members: list  # (tensor name, dim, positions): positions[u] = indices of unit u along dim; None = u itself
     width_key: tuple  # where the width lives in the model spec: ("hidden_sizes", i), ("mlp_hidden",), ...
+    linked: tuple = ()  # (spec key, multiple of the width): other widths that follow this one (llama's n_head)
 
 
 def _linear_names(container, prefix: str) -> list[str]:
@@ -89,7 +91,36 @@ def unit_groups(model, spec: dict) -> list[UnitGroup]:
                                     [(f"{p}.attn.qkv.weight", 0, qkv_rows), (f"{p}.attn.qkv.bias", 0, qkv_rows),
                                      (f"{p}.attn.proj.weight", 1, proj_cols)], ("n_head",)))
         return groups
-    raise UserError(f"structured pruning knows mlp, cnn and gpt; this artifact's model is {arch!r}")
+    if arch == "llama":
+        return _llama_groups(spec)
+    raise UserError(f"structured pruning knows mlp, cnn, gpt and llama; this artifact's model is {arch!r}")
+
+
+def _llama_groups(spec: dict) -> list[UnitGroup]:
+    """A llama's MLP units (gate and up rows, down columns) and its key/value groups.
+
+    Attention is pruned one whole GQA group at a time: a key/value head together with the
+    ``n_head // n_kv_head`` query heads that read it (their q rows, the kv head's k and v rows, the
+    query heads' o_proj columns). Every group stays the same size, as ``repeat_interleave`` in the
+    forward needs; the KV cache shrinks with the query heads; and plain multi-head attention
+    (groups of one) is pruned head by head exactly as gpt is. Pruning query heads inside each group
+    instead would leave the KV cache whole and could not prune an MHA model at all.
+    """
+    kv, dim = spec["n_kv_head"], spec["head_dim"]
+    per_group = spec["n_head"] // kv
+    q_rows = [list(range(g * per_group * dim, (g + 1) * per_group * dim)) for g in range(kv)]
+    kv_rows = [list(range(g * dim, (g + 1) * dim)) for g in range(kv)]
+    groups = []
+    for layer in range(spec["n_layer"]):
+        p = f"blocks.{layer}"
+        groups.append(UnitGroup(f"{p}.mlp", "units", spec["mlp_hidden"],
+                                [(f"{p}.mlp.gate_proj.weight", 0, None), (f"{p}.mlp.up_proj.weight", 0, None),
+                                 (f"{p}.mlp.down_proj.weight", 1, None)], ("mlp_hidden",)))
+        attention = [(f"{p}.attn.q_proj.{kind}", 0, q_rows) for kind in ("weight", "bias")]
+        attention += [(f"{p}.attn.{proj}.{kind}", 0, kv_rows) for proj in ("k_proj", "v_proj") for kind in ("weight", "bias")]
+        attention.append((f"{p}.attn.o_proj.weight", 1, q_rows))
+        groups.append(UnitGroup(f"{p}.attn", "kv groups", kv, attention, ("n_kv_head",), (("n_head", per_group),)))
+    return groups
 
 
 def accumulate_gradients(model, task, batches: int, device: str = "cpu") -> None:
@@ -169,14 +200,16 @@ def prune_builtin(model, spec: dict, *, sparsity: float, head_sparsity: float, c
     selections: dict[str, list] = {}
     rows = []
     widths: dict[tuple, set] = {}
+    linked: dict[tuple, tuple] = {}
     for group in groups:
-        fraction = head_sparsity if group.kind == "heads" else sparsity
+        fraction = head_sparsity if group.kind in HEAD_KINDS else sparsity
         start = original.get(group.name, group.size)
         target = group.size
         if group.name in pruned_names and fraction > 0:
-            target = min(group.size, kept_width(start, fraction, 1 if group.kind == "heads" else round_to))
+            target = min(group.size, kept_width(start, fraction, 1 if group.kind in HEAD_KINDS else round_to))
         rows.append({"layer": group.name, "kind": group.kind, "original": start, "before": group.size, "after": target})
         widths.setdefault(group.width_key, set()).add(target)
+        linked[group.width_key] = group.linked
         if target == group.size:
             continue
         scores = importance(group, state, grads or {}, criterion)
@@ -189,7 +222,10 @@ def prune_builtin(model, spec: dict, *, sparsity: float, head_sparsity: float, c
             index = keep if positions is None else torch.tensor(sorted(i for u in keep.tolist() for i in positions[u]))
             selections.setdefault(name, []).append((dim, index))
     for key, values in widths.items():
-        _set_width(new_spec, key, values.pop())
+        width = values.pop()
+        _set_width(new_spec, key, width)
+        for other, multiple in linked[key]:
+            new_spec[other] = width * multiple
     new_state = {}
     for name, tensor in state.items():
         for dim, index in selections.get(name, []):
