@@ -15,6 +15,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# A KV cache: one (key, value) pair per layer, each (batch, kv_heads, past_length, head_dim) — the
+# layout of Hugging Face's past_key_values and of the ONNX decoder's past/present tensors.
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of ``q`` (the last T positions) over ``k``/``v`` (past + those T).
+
+    Without a past the fused causal kernel applies; one new query may see every key, so it needs no
+    mask; several new queries after a past need the causal mask shifted by the past's length.
+    """
+    new, total = q.shape[-2], k.shape[-2]
+    if new == total:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    if new == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(diagonal=total - new)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
 
 @dataclass
 class GPTConfig:
@@ -58,6 +77,18 @@ class CausalSelfAttention(nn.Module):
         )
         return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim))
 
+    def forward_cached(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``forward`` for the new positions only, attending over ``past`` keys/values as well;
+        returns the output and the keys/values including the new positions (the ``present``)."""
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).split(self.n_head * self.head_dim, dim=2)
+        q, k, v = (t.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        y = cached_attention(q, k, v, self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim)), (k, v)
+
 
 class MLPBlock(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -82,6 +113,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
+
+    def forward_cached(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None):
+        attended, present = self.attn.forward_cached(self.ln1(x), past)
+        x = x + attended
+        return x + self.mlp(self.ln2(x)), present
 
 
 class GPT(nn.Module):
@@ -111,13 +147,30 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) → next-token logits (B, T, vocab)."""
-        positions = torch.arange(idx.shape[1], device=idx.device)
+    def forward(self, idx: torch.Tensor, past: KVCache | None = None, use_cache: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+        """Token ids (B, T) → next-token logits (B, T, vocab).
+
+        With ``use_cache`` (decoding): ``idx`` holds the positions after ``past``'s, and the result
+        is (logits, present), present being ``past`` extended by them. Learned positions end at
+        ``block_size``: a caller whose context slides past it re-prefills the last window.
+        """
+        if not use_cache and past is None:
+            positions = torch.arange(idx.shape[1], device=idx.device)
+            x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+            for block in self.blocks:
+                x = block(x)
+            return self.lm_head(self.ln_f(x))
+        start = past[0][0].shape[2] if past else 0
+        if start + idx.shape[1] > self.config.block_size:
+            raise ValueError(f"{start + idx.shape[1]} positions exceed the model's {self.config.block_size}")
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
+        present: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, layer = block.forward_cached(x, past[i] if past else None)
+            present.append(layer)
+        return self.lm_head(self.ln_f(x)), present
 
 
 # Presets as data. Parameter counts are for the byte vocabulary where vocab_size is 256.

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .gpt import KVCache, cached_attention
+
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -116,6 +118,25 @@ class Attention(nn.Module):
         )
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim))
 
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       past: tuple[torch.Tensor, torch.Tensor] | None):
+        """``forward`` for the new positions (``cos``/``sin`` are theirs), attending over ``past``
+        as well. The cache holds the rotated keys of the ``n_kv_head`` heads, before GQA repeats
+        them, as Hugging Face's does: n_head // n_kv_head times smaller."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        present = (k, v)
+        if self.n_kv_head != self.n_head:
+            groups = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        y = cached_attention(q, k, v, self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim)), present
+
 
 class SwiGLU(nn.Module):
     def __init__(self, config: LlamaConfig):
@@ -140,6 +161,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       past: tuple[torch.Tensor, torch.Tensor] | None):
+        attended, present = self.attn.forward_cached(self.attn_norm(x), cos, sin, past)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), present
 
 
 class Llama(nn.Module):
@@ -171,20 +198,33 @@ class Llama(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def rope(self, seq: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of every position's rotation, (T, head_dim), in ``like``'s dtype."""
-        positions = torch.arange(seq, device=like.device, dtype=torch.float32)
+    def rope(self, seq: int, like: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the rotation of positions start..start+seq-1, (T, head_dim), in ``like``'s dtype."""
+        positions = torch.arange(start, start + seq, device=like.device, dtype=torch.float32)
         freqs = positions[:, None] * self.inv_freq.to(like.device)[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) → next-token logits (B, T, vocab)."""
+    def forward(self, idx: torch.Tensor, past: KVCache | None = None, use_cache: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+        """Token ids (B, T) → next-token logits (B, T, vocab).
+
+        With ``use_cache`` (decoding): ``idx`` holds the positions after ``past``'s, and the result
+        is (logits, present), present being ``past`` extended by them.
+        """
         x = self.drop(self.tok_emb(idx))
-        cos, sin = self.rope(idx.shape[1], x)
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        if not use_cache and past is None:
+            cos, sin = self.rope(idx.shape[1], x)
+            for block in self.blocks:
+                x = block(x, cos, sin)
+            return self.lm_head(self.norm(x))
+        start = past[0][0].shape[2] if past else 0
+        cos, sin = self.rope(idx.shape[1], x, start)
+        present: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, layer = block.forward_cached(x, cos, sin, past[i] if past else None)
+            present.append(layer)
+        return self.lm_head(self.norm(x)), present
 
 
 # Presets as data. Parameter counts are for the byte vocabulary where vocab_size is 256.
