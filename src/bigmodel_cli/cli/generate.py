@@ -1,7 +1,8 @@
-"""bigmodel generate: text from a byte-level language model (engine.generate)."""
+"""bigmodel generate: text from a language model (engine.generate), streamed to stdout as it comes."""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -9,34 +10,85 @@ import typer
 from . import console
 from .options import ArtifactArg, BackendOpt, JsonOpt, ThreadsOpt
 
+INTERRUPTED = 130  # the shell's code for a Ctrl-C
+
 
 def generate(
     artifact: ArtifactArg,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Bytes to generate.")] = 200,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 200,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 50,
+    top_p: Annotated[float, typer.Option("--top-p", help="Sample among the most likely tokens holding this "
+                                         "much probability, in (0, 1]; 1 keeps all.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="Above 1 makes tokens already in "
+                                                      "the context less likely; 1 is none.")] = 1.0,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="End the text before this string "
+                                                      "(repeatable).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed: the same seed gives the same text.")] = 0,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context for every token "
+                                           "(PyTorch; ONNX Runtime always does).")] = False,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text once, at the end (for scripts).")] = False,
     backend: BackendOpt = "auto",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Continue a prompt with a language-model artifact (PyTorch or ONNX); the text goes to stdout."""
+    """Continue a prompt with a language-model artifact (PyTorch or ONNX); the text goes to stdout as it
+    is generated, timings to stderr. Ctrl-C stops it, keeps what was generated, and exits 130."""
     from ..artifact import open_artifact
     from ..engine.generate import GenerateConfig, generate_text
-    from .progress import CountProgress
 
     cfg = GenerateConfig(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         seed=seed, backend=backend, device=device, threads=threads)
+                         top_p=top_p, repetition_penalty=repetition_penalty, stop=tuple(stop or ()),
+                         use_cache=not no_cache, seed=seed, backend=backend, device=device, threads=threads)
     source = open_artifact(artifact)
-    with CountProgress("generate", total=max_new_tokens) as progress:
-        result = generate_text(source, cfg, progress=progress)
+    if json_out or no_stream:
+        result = generate_quietly(source, cfg)
+    else:
+        # Plain writes, not rich: generated text must not be read as markup.
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        result = generate_text(source, cfg, on_text=write_now)
+        sys.stdout.write("\n")
     if json_out:
         console.print_json(result)
-        return
+    else:
+        if no_stream:
+            print(result["prompt"] + result["text"])
+        console.note(summary(result))
+    if result["interrupted"]:
+        console.error(f"interrupted after {result['new_tokens']} tokens; the text above is what was generated")
+        raise typer.Exit(INTERRUPTED)
+
+
+def write_now(chunk: str) -> None:
+    sys.stdout.write(chunk)
+    sys.stdout.flush()
+
+
+def generate_quietly(source, cfg) -> dict:
+    """The whole text at once, with a progress bar on stderr meanwhile."""
+    from ..engine.generate import generate_text
+    from .progress import CountProgress
+
+    with CountProgress("generate", total=cfg.max_new_tokens) as progress:
+        return generate_text(source, cfg, progress=progress)
+
+
+def summary(result: dict) -> str:
+    """One stderr line: how many tokens, how fast (prefill, first token, decode), where, the cache."""
     where = result["backend"] + (f" ({result['provider']})" if "provider" in result else "")
-    note = " · prompt cropped to the model's context" if result["prompt_cropped"] else ""
-    console.note(f"{result['new_tokens']} tokens in {result['seconds']:.2f} s ({result['tokens_per_s']:.1f}/s) on {where}{note}")
-    # Plain print: generated text must not be read as rich markup.
-    print(result["prompt"] + result["text"])
+    parts = [f"{result['new_tokens']} tokens in {result['seconds']:.2f} s on {where}"]
+    if result["prefill_tokens_per_s"]:
+        parts.append(f"prefill {result['prefill_tokens_per_s']:.0f} tok/s")
+    if result["time_to_first_token_s"] is not None:
+        parts.append(f"first token {result['time_to_first_token_s'] * 1000:.0f} ms")
+    if result["decode_tokens_per_s"]:
+        parts.append(f"decode {result['decode_tokens_per_s']:.1f} tok/s")
+    parts.append(f"KV cache {result['cache_bytes'] / 2**20:.2f} MiB" if result["cache"] else "no KV cache")
+    if result["stopped"]:
+        parts.append("stopped at a --stop string")
+    if result["prompt_cropped"]:
+        parts.append("prompt cropped to the model's context")
+    return " · ".join(parts)
