@@ -148,6 +148,13 @@ def test_bad_decoding_options_are_one_line(cli, tiny_gpt, args, fragment):
     assert_one_error_line(cli("generate", tiny_gpt, "--prompt", "x", *args), fragment)
 
 
+def test_no_truncate_refuses_a_context_beyond_the_window(cli, tiny_gpt):
+    long = cli("generate", tiny_gpt, "--prompt", "x" * 70, "--no-truncate")  # a 64-token window
+    assert_one_error_line(long, "70 tokens", "window of 64", "--no-truncate")
+    assert_one_error_line(cli("generate", tiny_gpt, "--prompt", "x" * 60, "-n", "5", "--no-truncate"), "window of 64")
+    assert run_json(cli, tiny_gpt, "--no-truncate")["new_tokens"] == 30
+
+
 def test_ctrl_c_prints_the_text_so_far_and_exits_130(tiny_gpt, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", "generate", str(tiny_gpt), "--prompt", "def ",

@@ -28,6 +28,8 @@ def generate(
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed: the same seed gives the same text.")] = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context for every token "
                                            "(PyTorch; ONNX Runtime always does).")] = False,
+    no_truncate: Annotated[bool, typer.Option("--no-truncate", help="Refuse a prompt plus new tokens longer than "
+                                              "the model's window instead of sliding it.")] = False,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text once, at the end (for scripts).")] = False,
     backend: BackendOpt = "auto",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
@@ -41,7 +43,7 @@ def generate(
 
     cfg = GenerateConfig(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                          top_p=top_p, repetition_penalty=repetition_penalty, stop=tuple(stop or ()),
-                         use_cache=not no_cache, seed=seed, backend=backend, device=device, threads=threads)
+                         use_cache=not no_cache, truncate=not no_truncate, seed=seed, backend=backend, device=device, threads=threads)
     source = open_artifact(artifact)
     if json_out or no_stream:
         result = generate_quietly(source, cfg)

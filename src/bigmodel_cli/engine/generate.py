@@ -35,6 +35,7 @@ class GenerateConfig:
     repetition_penalty: float = 1.0  # >1 discourages tokens already in the context (CTRL's rule)
     stop: tuple[str, ...] = field(default_factory=tuple)  # the text ends before the first of these
     use_cache: bool = True  # PyTorch's KV cache; False recomputes the context every token
+    truncate: bool = True  # False: refuse a context that would not fit the window, rather than crop it
     seed: int = 0
     backend: str = "auto"
     device: str = "cpu"
@@ -287,6 +288,10 @@ def generate_text(artifact: Artifact, cfg: GenerateConfig, progress: Callable[..
     prompt = tokenizer.encode(cfg.prompt)
     if not prompt:
         raise UserError("--prompt encodes to no tokens; give some text")
+    if not cfg.truncate and len(prompt) + cfg.max_new_tokens > context:
+        raise UserError(f"the prompt ({len(prompt)} tokens) and --max-new-tokens {cfg.max_new_tokens} exceed the "
+                        f"model's window of {context} tokens; shorten the prompt, lower --max-new-tokens, or drop "
+                        "--no-truncate to let the oldest tokens slide out")
     decoder = open_decoder(runner, cfg, context, fixed, tokenizer.vocab_size)
     stream = TextStream(tokenizer.decode, tuple(cfg.stop))
     clock: dict = {}
@@ -317,7 +322,7 @@ def generate_text(artifact: Artifact, cfg: GenerateConfig, progress: Callable[..
         "stopped": stream.stopped, "interrupted": interrupted,
         "context": context, "prompt_cropped": len(prompt) > context,
         "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
-        "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed,
+        "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed, "truncate": cfg.truncate,
         "backend": runner.name, "device": runner.device, "threads": runner.threads,
         **({"provider": runner.detail["provider"]} if "provider" in runner.detail else {}),
     }
