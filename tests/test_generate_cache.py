@@ -145,7 +145,9 @@ def test_stop_strings_end_the_text_and_are_held_back_while_streaming(cli, tiny_g
     (["--repetition-penalty", "0"], "--repetition-penalty"),
 ])
 def test_bad_decoding_options_are_one_line(cli, tiny_gpt, args, fragment):
-    assert_one_error_line(cli("generate", tiny_gpt, "--prompt", "x", *args), fragment)
+    result = cli("generate", tiny_gpt, "--prompt", "x", *args)
+    assert_one_error_line(result, fragment)
+    assert result.stdout == ""  # the streamed prompt waits for the first token
 
 
 def test_no_truncate_refuses_a_context_beyond_the_window(cli, tiny_gpt):

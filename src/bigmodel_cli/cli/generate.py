@@ -48,11 +48,9 @@ def generate(
     if json_out or no_stream:
         result = generate_quietly(source, cfg)
     else:
-        # Plain writes, not rich: generated text must not be read as markup.
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-        result = generate_text(source, cfg, on_text=write_now)
-        sys.stdout.write("\n")
+        out = StreamedText(prompt)
+        result = generate_text(source, cfg, on_text=out.write)
+        out.finish()
     if json_out:
         console.print_json(result)
     else:
@@ -64,9 +62,21 @@ def generate(
         raise typer.Exit(INTERRUPTED)
 
 
-def write_now(chunk: str) -> None:
-    sys.stdout.write(chunk)
-    sys.stdout.flush()
+class StreamedText:
+    """The prompt, then each piece of text as it comes, then a newline, on stdout. The prompt waits
+    for the first piece, so a command refused before any work (exit 2) writes nothing to stdout.
+    Plain writes, not rich: generated text must not be read as markup."""
+
+    def __init__(self, prompt: str):
+        self.pending = prompt
+
+    def write(self, chunk: str) -> None:
+        sys.stdout.write(self.pending + chunk)
+        sys.stdout.flush()
+        self.pending = ""
+
+    def finish(self) -> None:
+        self.write("\n")
 
 
 def generate_quietly(source, cfg) -> dict:
