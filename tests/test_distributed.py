@@ -114,6 +114,27 @@ def test_fsdp_via_torchrun_matches_one_process_and_its_artifact_evaluates_to_the
     assert reloaded["loss"] == pytest.approx(last_logged["val_loss"], abs=1e-6)
 
 
+LLAMA_ARGS = {"n_layer": 2, "n_embd": 16, "n_head": 4, "n_kv_head": 2, "block_size": 32, "tie_weights": False}
+
+
+@needs_two_cores
+def test_llama_with_grouped_query_attention_trains_on_two_processes_like_one(tmp_path, corpus):
+    """The Llama family through the same data-parallel path: RoPE's frequencies are not weights and
+    GQA's key/value heads are narrower than the queries; DDP on 2 ranks matches one process."""
+    from bigmodel_cli import TrainConfig, open_artifact, train
+
+    options = dict(model="llama", model_args=LLAMA_ARGS, data=f"text:{corpus}", block_size=16, batch_size=4,
+                   max_steps=6, eval_every=6, eval_windows=4, seed=2, threads=1)
+    single = train(TrainConfig(**options, out=str(tmp_path / "one")))
+    result = _bigmodel("--model", "llama", "--model-args", json.dumps(LLAMA_ARGS), "--data", f"text:{corpus}",
+                       "--block-size", 16, "--batch-size", 4, "--max-steps", 6, "--eval-every", 6,
+                       "--eval-windows", 4, "--seed", 2, "--nproc", 2, "--out", tmp_path / "two", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["world_size"] == 2
+    _assert_same_training(single.run_dir, tmp_path / "two")
+    assert open_artifact(tmp_path / "two" / "last").model_spec["arch"] == "llama"
+
+
 def _descendants(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
