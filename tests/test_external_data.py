@@ -488,3 +488,23 @@ def test_a_real_model_over_2_gb_quantizes_to_one_int8_file(big_export, tmp_path)
     assert {p.name for p in out.iterdir()} == BASE_FILES and not q.config["onnx"]["external_data"]
     assert report["report"]["size_ratio"] > 3.5
     assert _bigmodel("eval", out, "--limit", "64")["samples"] == 64
+
+
+def test_a_llama_goes_down_the_external_data_path_and_evaluates_like_its_one_file_export(
+        cli, export_external, tmp_path_factory, corpus):
+    """The Llama family through the >2 GB layout: RoPE tables and GQA projections end up in the one
+    data file, and ONNX Runtime reads the same model from it as from a single file."""
+    from bigmodel_cli import TrainConfig, train
+    from bigmodel_cli.engine.onnx.files import external_locations
+
+    run = tmp_path_factory.mktemp("llama") / "run"
+    train(TrainConfig(model="llama", model_args={"n_layer": 1, "n_embd": 16, "n_head": 4, "n_kv_head": 2,
+                                                 "block_size": 32}, data=f"text:{corpus}", block_size=16,
+                      batch_size=4, max_steps=3, eval_windows=4, out=str(run), seed=0))
+    external = export_external(run)
+    single = tmp_path_factory.mktemp("llama") / "onnx"
+    assert cli("export", run, "--out", single).exit_code == 0
+    assert external_locations(external / "model.onnx") == {"model.onnx.data"}
+    assert not (single / "model.onnx.data").exists()
+    losses = [_ok(cli("eval", path, "--backend", "onnx", "--limit", "4", "--json"))["loss"] for path in (external, single)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
