@@ -125,7 +125,7 @@ def test_our_byte_level_gpt_gets_a_byte_tokenizer(cli, tiny_gpt, tmp_path, one_t
     assert torch.allclose(hf_logits(out, batch), our_logits(tiny_gpt / "best", batch), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["llama-untied-gqa", "gpt2"])
+@pytest.mark.parametrize("case", ["llama-untied-gqa", "gpt2", "qwen2-qkv-bias", "mistral"])
 def test_import_eval_generate_quantize_export_eval(cli, artifacts, corpus, tmp_path, one_torch_thread, case):
     art = artifacts[case]
     data = ("--data", f"text:{corpus}", "--limit", "4")
