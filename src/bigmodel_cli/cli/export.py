@@ -38,6 +38,7 @@ def export(
     atol: Annotated[Optional[float], typer.Option("--atol", help="Largest allowed |PyTorch − ONNX Runtime| (default 1e-4 fp32, 5e-2 fp16).")] = None,
     exporter: Annotated[str, typer.Option("--exporter", help="auto (dynamo, then TorchScript), dynamo or torchscript.")] = "auto",
     weights: Annotated[bool, typer.Option("--weights/--no-weights", help="Also keep model.safetensors, so the directory runs on both backends.")] = True,
+    decoder: Annotated[bool, typer.Option("--decoder/--no-decoder", help="Language models: also write decoder.onnx, the graph with past key values that generate uses.")] = True,
     threads: ThreadsOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -61,7 +62,7 @@ def export(
     from .progress import status_stages
 
     options = ExportOptions(dynamic=parse_dynamic(dynamic), dtype=dtype, device=device, optimize=optimize,
-                            atol=atol, exporter=exporter, weights=weights)
+                            atol=atol, exporter=exporter, weights=weights, decoder=decoder)
     if opset is not None:  # the engine owns the default
         options.opset = opset
     source = open_artifact(artifact)
