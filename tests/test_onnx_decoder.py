@@ -95,3 +95,32 @@ def test_a_decoder_of_another_version_is_one_line_asking_for_a_re_export(cli, gp
     write_metadata(artifact, config=config, stage="export")
     result = cli("generate", artifact, "--backend", "onnx", "--prompt", "ab", "--max-new-tokens", "3")
     assert_one_error_line(result, "decoder.onnx", "re-export")
+
+
+def test_the_documented_cached_decoder_snippet_runs_without_torch_and_matches_generate(cli, gpt_onnx, tmp_path):
+    """docs/export.md's decode.py, in a process where torch and bigmodel cannot be imported, from
+    decoder.onnx and config.json alone, gives generate's greedy text (across the window sliding)."""
+    import re
+    import subprocess
+    import sys
+
+    from test_deploy import DOC, GUARD
+
+    code = re.search(r"<!-- cached-decoder-snippet -->\s*```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
+    assert code, "docs/export.md lost its cached-decoder snippet"
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    for name in ("decoder.onnx", "config.json"):
+        shutil.copyfile(gpt_onnx / name, deploy / name)
+    script = tmp_path / "decode.py"
+    script.write_text(GUARD + code.group(1))
+    prompt = "The quick brown fox jumps over the lazy dog; " * 1  # 45 bytes + 40 new > the 64 window
+    proc = subprocess.run([sys.executable, "-I", str(script), str(deploy), prompt], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    imported = set(proc.stderr.rsplit("IMPORTED:", 1)[1].strip().split(","))
+    assert "onnxruntime" in imported and not imported & {"torch", "bigmodel_cli", "safetensors"}
+    result = cli("generate", gpt_onnx, "--backend", "torch", "--prompt", prompt, "--max-new-tokens", "40",
+                 "--temperature", "0", "--json")
+    expected = bytes(list(prompt.encode()) + json.loads(result.stdout)["tokens"]).decode("utf-8", errors="replace")
+    assert proc.stdout.rstrip("\n") == expected
