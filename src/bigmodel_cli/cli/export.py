@@ -13,7 +13,8 @@ from . import console
 from .options import ArtifactArg, JsonOpt, OverwriteOpt, ThreadsOpt
 
 _STAGES = {"export": "exporting (dynamo, then TorchScript if needed)", "check": "running the ONNX checker",
-           "optimize": "optimizing with ONNX Runtime", "verify": "verifying against PyTorch", "write": "writing"}
+           "optimize": "optimizing with ONNX Runtime", "verify": "verifying against PyTorch",
+           "decoder": "exporting and verifying the cached decoder (decoder.onnx)", "write": "writing"}
 
 
 def parse_dynamic(value: Optional[str]) -> Optional[list[str]]:
@@ -75,6 +76,7 @@ def export(
         "optimize": o["optimize"], "inputs": o["inputs"], "outputs": o["outputs"], "portable": o["portable"],
         "external_data": o["external_data"], "verification": v, "exporter_fallback": result.fallback_reason,
         "files": {name: entry["bytes"] for name, entry in result.manifest["files"].items()},
+        "decoder": o.get("decoder"), "decoder_verification": result.manifest.get("decoder_verification"),
     }
     if json_out:
         console.print_json(summary)
@@ -92,6 +94,10 @@ def export(
         ("verified shapes", "; ".join("×".join(map(str, s)) for s in v["shapes"])), ("provider", v["provider"]),
         ("model.onnx bytes", summary["files"].get("model.onnx")),
     ]
+    if summary["decoder"]:  # language models: the graph with past key values
+        d = summary["decoder_verification"]
+        rows.append(("cached decoder", f"decoder.onnx, {summary['files'].get('decoder.onnx')} bytes; prefill + "
+                                       f"{d['decode_steps']} decode steps verified, max |diff| {d['max_abs_diff']:.3g}"))
     if "model.onnx.data" in summary["files"]:  # the weights of a model over 2 GB
         rows.append(("model.onnx.data bytes", summary["files"]["model.onnx.data"]))
     if result.fallback_reason:
