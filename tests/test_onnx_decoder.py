@@ -124,3 +124,36 @@ def test_the_documented_cached_decoder_snippet_runs_without_torch_and_matches_ge
                  "--temperature", "0", "--json")
     expected = bytes(list(prompt.encode()) + json.loads(result.stdout)["tokens"]).decode("utf-8", errors="replace")
     assert proc.stdout.rstrip("\n") == expected
+
+
+def test_a_recorded_decoder_whose_file_is_missing_is_one_line(cli, gpt_onnx, tmp_path):
+    from bigmodel_cli.artifact import open_artifact, write_metadata
+
+    artifact = tmp_path / "gone"
+    shutil.copytree(gpt_onnx, artifact)
+    (artifact / "decoder.onnx").unlink()
+    (artifact / "manifest.json").unlink()
+    write_metadata(artifact, config=open_artifact(gpt_onnx).config, stage="export")
+    result = cli("generate", artifact, "--backend", "onnx", "--prompt", "ab", "--max-new-tokens", "3")
+    assert_one_error_line(result, "decoder.onnx is missing", "re-export")
+    # --no-cache does not need it
+    assert cli("generate", artifact, "--backend", "onnx", "--no-cache", "--prompt", "ab", "--max-new-tokens", "3").exit_code == 0
+
+
+def test_a_decoder_that_points_at_external_data_is_refused(cli, gpt_onnx, tmp_path):
+    """Only model.onnx's data file is verified; a decoder.onnx naming any other data file is
+    refused before ONNX Runtime would read it."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from bigmodel_cli.artifact import open_artifact, write_metadata
+
+    artifact = tmp_path / "ext"
+    shutil.copytree(gpt_onnx, artifact)
+    model = onnx.load(str(artifact / "decoder.onnx"))
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="decoder.bin", size_threshold=0)
+    onnx.save(model, str(artifact / "decoder.onnx"))
+    (artifact / "manifest.json").unlink()
+    write_metadata(artifact, config=open_artifact(gpt_onnx).config, stage="export")
+    result = cli("generate", artifact, "--backend", "onnx", "--prompt", "ab", "--max-new-tokens", "3")
+    assert_one_error_line(result, "external data", "re-export")
