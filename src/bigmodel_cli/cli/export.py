@@ -53,7 +53,8 @@ def export(
     if format_ == "hf":
         onnx_only = {"--opset": opset is not None, "--dynamic": dynamic is not None, "--dtype": dtype != "fp32",
                      "--device": device != "cpu", "--optimize": optimize != "basic", "--atol": atol is not None,
-                     "--exporter": exporter != "auto", "--no-weights": not weights, "--threads": threads is not None}
+                     "--exporter": exporter != "auto", "--no-weights": not weights, "--no-decoder": not decoder,
+                     "--threads": threads is not None}
         given = [flag for flag, used in onnx_only.items() if used]
         if given:
             raise UserError(f"{', '.join(given)} applies to --format onnx only; drop it for --format hf")
