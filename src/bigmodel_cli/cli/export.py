@@ -13,7 +13,8 @@ from . import console
 from .options import ArtifactArg, JsonOpt, OverwriteOpt, ThreadsOpt
 
 _STAGES = {"export": "exporting (dynamo, then TorchScript if needed)", "check": "running the ONNX checker",
-           "optimize": "optimizing with ONNX Runtime", "verify": "verifying against PyTorch", "write": "writing"}
+           "optimize": "optimizing with ONNX Runtime", "verify": "verifying against PyTorch",
+           "decoder": "exporting and verifying the cached decoder (decoder.onnx)", "write": "writing"}
 
 
 def parse_dynamic(value: Optional[str]) -> Optional[list[str]]:
@@ -38,6 +39,7 @@ def export(
     atol: Annotated[Optional[float], typer.Option("--atol", help="Largest allowed |PyTorch − ONNX Runtime| (default 1e-4 fp32, 5e-2 fp16).")] = None,
     exporter: Annotated[str, typer.Option("--exporter", help="auto (dynamo, then TorchScript), dynamo or torchscript.")] = "auto",
     weights: Annotated[bool, typer.Option("--weights/--no-weights", help="Also keep model.safetensors, so the directory runs on both backends.")] = True,
+    decoder: Annotated[bool, typer.Option("--decoder/--no-decoder", help="Language models: also write decoder.onnx, the graph with past key values that generate uses.")] = True,
     threads: ThreadsOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -51,7 +53,8 @@ def export(
     if format_ == "hf":
         onnx_only = {"--opset": opset is not None, "--dynamic": dynamic is not None, "--dtype": dtype != "fp32",
                      "--device": device != "cpu", "--optimize": optimize != "basic", "--atol": atol is not None,
-                     "--exporter": exporter != "auto", "--no-weights": not weights, "--threads": threads is not None}
+                     "--exporter": exporter != "auto", "--no-weights": not weights, "--no-decoder": not decoder,
+                     "--threads": threads is not None}
         given = [flag for flag, used in onnx_only.items() if used]
         if given:
             raise UserError(f"{', '.join(given)} applies to --format onnx only; drop it for --format hf")
@@ -61,7 +64,7 @@ def export(
     from .progress import status_stages
 
     options = ExportOptions(dynamic=parse_dynamic(dynamic), dtype=dtype, device=device, optimize=optimize,
-                            atol=atol, exporter=exporter, weights=weights)
+                            atol=atol, exporter=exporter, weights=weights, decoder=decoder)
     if opset is not None:  # the engine owns the default
         options.opset = opset
     source = open_artifact(artifact)
@@ -74,6 +77,7 @@ def export(
         "optimize": o["optimize"], "inputs": o["inputs"], "outputs": o["outputs"], "portable": o["portable"],
         "external_data": o["external_data"], "verification": v, "exporter_fallback": result.fallback_reason,
         "files": {name: entry["bytes"] for name, entry in result.manifest["files"].items()},
+        "decoder": o.get("decoder"), "decoder_verification": result.manifest.get("decoder_verification"),
     }
     if json_out:
         console.print_json(summary)
@@ -91,6 +95,10 @@ def export(
         ("verified shapes", "; ".join("×".join(map(str, s)) for s in v["shapes"])), ("provider", v["provider"]),
         ("model.onnx bytes", summary["files"].get("model.onnx")),
     ]
+    if summary["decoder"]:  # language models: the graph with past key values
+        d = summary["decoder_verification"]
+        rows.append(("cached decoder", f"decoder.onnx, {summary['files'].get('decoder.onnx')} bytes; prefill + "
+                                       f"{d['decode_steps']} decode steps verified, max |diff| {d['max_abs_diff']:.3g}"))
     if "model.onnx.data" in summary["files"]:  # the weights of a model over 2 GB
         rows.append(("model.onnx.data bytes", summary["files"]["model.onnx.data"]))
     if result.fallback_reason:

@@ -24,7 +24,7 @@ _STAGES = {"export": "exporting to ONNX (--export)", "preprocess": "ONNX Runtime
 def quantize(
     artifact: ArtifactArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output artifact directory (must not exist unless --overwrite).")],
-    mode: Annotated[str, typer.Option("--mode", help="dynamic, static or weight-only; auto: static for cnn, dynamic otherwise.", rich_help_panel=_Q)] = "auto",
+    mode: Annotated[str, typer.Option("--mode", help="dynamic, static, weight-only (PyTorch int8/int4) or matmul-nbits (ONNX Runtime int4/int8 weights); auto: static for cnn, dynamic otherwise.", rich_help_panel=_Q)] = "auto",
     export: Annotated[bool, typer.Option("--export", help="Export a PyTorch artifact to ONNX first (else: run bigmodel export).", rich_help_panel=_Q)] = False,
     scheme: Annotated[str, typer.Option("--scheme", help="auto (chosen for this CPU), u8s8, s8s8 or u8u8: activation and weight types.", rich_help_panel=_Q)] = "auto",
     reduce_range: Annotated[Optional[bool], typer.Option("--reduce-range/--no-reduce-range", help="7-bit weights (default: on for x86 without VNNI).", show_default=False, rich_help_panel=_Q)] = None,
@@ -39,7 +39,9 @@ def quantize(
     max_metric_drop: Annotated[Optional[float], typer.Option("--max-metric-drop", help="Accuracy gate: most accuracy points (or perplexity %) to lose; beyond it the worst nodes are kept in float and retried.", rich_help_panel=_C)] = None,
     max_retries: Annotated[int, typer.Option("--max-retries", help="Accuracy gate: retries (1, 2, 4 … worst nodes in float).", rich_help_panel=_C)] = 3,
     bits: Annotated[int, typer.Option("--bits", help="weight-only: 8 or 4 bits per weight.", rich_help_panel=_W)] = 8,
-    group_size: Annotated[int, typer.Option("--group-size", help="weight-only --bits 4: weights per scale.", rich_help_panel=_W)] = 64,
+    group_size: Annotated[int, typer.Option("--group-size", help="weight-only --bits 4: weights per scale; matmul-nbits: the block size (power of two, 16+).", rich_help_panel=_W)] = 64,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="matmul-nbits: no zero point (asymmetric adds one per block).", rich_help_panel=_W)] = True,
+    accuracy_level: Annotated[Optional[int], typer.Option("--accuracy-level", help="matmul-nbits: kernel compute type, 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8.", rich_help_panel=_W)] = None,
     split: Annotated[str, typer.Option("--split", help="Split on which the metric is measured before and after.", rich_help_panel=_R)] = "val",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Measure on at most N samples (or windows).", rich_help_panel=_R)] = None,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Time fp32 and int8 side by side.", rich_help_panel=_R)] = True,
@@ -60,7 +62,8 @@ def quantize(
     options = QuantizeOptions(
         mode=mode, method=method, calib_samples=calib_samples, calib_data=calib_data, target=target,
         per_channel=per_channel, scheme=scheme, reduce_range=reduce_range, exclude=list(exclude or []),
-        exclude_sensitive=exclude_sensitive, bits=bits, group_size=group_size, max_metric_drop=max_metric_drop,
+        exclude_sensitive=exclude_sensitive, bits=bits, group_size=group_size, symmetric=symmetric,
+        accuracy_level=accuracy_level, max_metric_drop=max_metric_drop,
         max_retries=max_retries, export=export, preprocess=preprocess, split=split, limit=limit, bench=bench,
         bench_batch=bench_batch, seq_len=seq_len, iterations=iterations, warmup=warmup, threads=threads)
     source = open_artifact(artifact)
@@ -88,12 +91,20 @@ def _print_report(result) -> None:
     for key in ("latency_ms_p50", "latency_ms_p95"):
         if key in before and key in after:
             rows.append((key.replace("_ms_", " ms "), before[key], after[key], f"{after[key] / before[key]:.3f}×"))
-    kind = "int8" if result.mode != "weight-only" else f"int{q['bits']} weights"
+    kind = "int8" if result.mode not in ("weight-only", "matmul-nbits") else f"int{q['bits']} weights"
     title = f"bigmodel quantize · {result.mode} · {result.path}"
     console.out.print(console.rows_table(title, ["", "fp32", kind, "change"], rows))
 
     info = [("metric drop", f"{report['metric_drop']:.3g} {report['metric_drop_unit']}")]
-    if result.mode == "weight-only":
+    if result.mode == "matmul-nbits":
+        info += [("bits", q["bits"]), ("block size", q["block_size"]), ("symmetric", q["symmetric"]),
+                 ("accuracy level", q["accuracy_level"]), ("MatMulNBits", q["quantized_matmuls"]),
+                 ("output max |diff|", q["output_error"]["max_abs_diff"])]
+        for when in ("before", "after"):
+            if f"decode_{when}" in report:
+                d = report[f"decode_{when}"]
+                info.append((f"tokens/s {when}", f"prefill {d['prefill_tokens_per_s']:.0f}, decode {d['decode_tokens_per_s']:.0f}"))
+    elif result.mode == "weight-only":
         info += [("bits", q["bits"]), ("group size", q["group_size"]), ("quantized tensors", len(q["tensors"])),
                  ("output max |diff|", q["output_error"]["max_abs_diff"]),
                  ("output top-1 agreement", f"{q['output_error']['top1_agreement']:.2%}")]

@@ -3,8 +3,10 @@
 On PyTorch the ``gpt`` and ``llama`` modules keep a KV cache: the prompt is prefilled once, then
 each step feeds one token and the cached keys/values (``CachedTorchDecoder``). Once the context
 outgrows the model's window, every step re-prefills the last window, exactly as the cache-free
-path crops it, so both give the same tokens. ONNX Runtime (and ``--no-cache``) recompute the
-whole (cropped) context for every token (``RecomputeDecoder``). Sampling is numpy (temperature,
+path crops it, so both give the same tokens. On ONNX Runtime an export's ``decoder.onnx`` (the
+graph with past key values) does the same with the cache held in ORT (``onnx/decoder.py``); an
+export without one, and ``--no-cache``, recompute the whole (cropped) context for every token
+(``RecomputeDecoder``). Sampling is numpy (temperature,
 top-k, top-p, repetition penalty, a seeded generator), shared by every decoder, so the same seed
 gives the same text on both backends.
 """
@@ -254,10 +256,17 @@ class TextStream:
         return chunk
 
 
-def open_decoder(runner, cfg: GenerateConfig, context: int, fixed: int | None, vocab: int):
-    """The cached PyTorch decoder where the model has a cache and it is wanted; else recompute."""
+def open_decoder(runner, cfg: GenerateConfig, context: int, fixed: int | None, vocab: int,
+                 artifact: Artifact | None = None):
+    """The cached decoder where the model has one and it is wanted (PyTorch's KV cache, or an
+    export's decoder.onnx on ONNX Runtime); else recompute."""
     if runner.name == "torch" and cfg.use_cache and supports_cache(runner.model):
         return CachedTorchDecoder(runner.model, context, runner.device, runner.detail.get("precision", "fp32"), vocab)
+    onnx_meta = (artifact.config.get("onnx") or {}) if artifact is not None else {}
+    if runner.name == "onnx" and cfg.use_cache and "decoder" in onnx_meta:
+        from .onnx.decoder import open_ort_decoder
+
+        return open_ort_decoder(artifact.path, onnx_meta["decoder"], context, vocab, runner.device, runner.threads)
 
     def predict(batch: np.ndarray) -> np.ndarray:
         # Embedding rows past the tokenizer (a padded vocabulary) are ids no text decodes from.
@@ -292,7 +301,7 @@ def generate_text(artifact: Artifact, cfg: GenerateConfig, progress: Callable[..
         raise UserError(f"the prompt ({len(prompt)} tokens) and --max-new-tokens {cfg.max_new_tokens} exceed the "
                         f"model's window of {context} tokens; shorten the prompt, lower --max-new-tokens, or drop "
                         "--no-truncate to let the oldest tokens slide out")
-    decoder = open_decoder(runner, cfg, context, fixed, tokenizer.vocab_size)
+    decoder = open_decoder(runner, cfg, context, fixed, tokenizer.vocab_size, artifact)
     stream = TextStream(tokenizer.decode, tuple(cfg.stop))
     clock: dict = {}
     interrupted = False
@@ -318,7 +327,7 @@ def generate_text(artifact: Artifact, cfg: GenerateConfig, progress: Callable[..
         "new_tokens": len(stream.tokens), "seconds": seconds,
         "tokens_per_s": len(stream.tokens) / seconds if seconds else None,
         **decode_timing(clock, len(prompt), len(stream.tokens), seconds),
-        "cache": isinstance(decoder, CachedTorchDecoder), "cache_bytes": decoder.cache_bytes,
+        "cache": not isinstance(decoder, RecomputeDecoder), "cache_bytes": decoder.cache_bytes,
         "stopped": stream.stopped, "interrupted": interrupted,
         "context": context, "prompt_cropped": len(prompt) > context,
         "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,

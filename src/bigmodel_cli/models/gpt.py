@@ -27,6 +27,13 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     mask; several new queries after a past need the causal mask shifted by the past's length.
     """
     new, total = q.shape[-2], k.shape[-2]
+    if torch.onnx.is_in_onnx_export():
+        # One exported graph serves prefill (any past, even empty) and decode, so the branches
+        # below cannot be baked in: the mask (query i sees keys up to past + i) is built from the
+        # shapes, which the exporter keeps symbolic.
+        rows = torch.arange(new, device=q.device)[:, None] + (total - new)
+        mask = torch.arange(total, device=q.device)[None, :] <= rows
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if new == total:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     if new == 1:

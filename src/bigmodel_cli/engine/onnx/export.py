@@ -222,6 +222,33 @@ def onnx_section(path: Path, *, exporter: str, opset: int, dtype: str, optimize:
     }
 
 
+def _write_decoder(model, artifact: art.Artifact, options: ExportOptions, staging: Path, device: str,
+                   threads: int | None, atol: float, say) -> dict | None:
+    """decoder.onnx (the graph with past key values) for a gpt/llama language model in fp32 on the
+    CPU, verified for prefill and decode steps; None where it does not apply or was not asked for."""
+    from .decoder import DECODER_FILE, cache_shape, decoder_section, export_decoder, supports_decoder, verify_decoder
+    from .runtime import open_session
+
+    if not (options.decoder and artifact.task == "language-modeling" and options.dtype == "fp32"
+            and device == "cpu" and supports_decoder(model)):
+        return None
+    from .exporters import needs_external_data, weight_bytes
+
+    if needs_external_data(weight_bytes(model)):
+        # The artifact's one verified data file belongs to model.onnx; a second one for the
+        # decoder is not in the layout yet, so a model over 2 GB gets the cache-free graph only
+        # (config.json then has no onnx.decoder, and generate recomputes on ONNX Runtime).
+        return None
+    say("stage", name="decoder")
+    path = staging / DECODER_FILE
+    vocab = int(artifact.model_spec.get("vocab_size") or artifact.data_spec.get("vocab_size") or 256)
+    export_decoder(model, path, options.opset, vocab)
+    check_onnx_file(path)
+    session, _ = open_session(path, device=device, threads=threads)
+    figures = verify_decoder(model, session, vocab, atol)
+    return {"section": decoder_section(*cache_shape(model)), "verification": figures}
+
+
 # --- the command -------------------------------------------------------------------------------
 
 
@@ -275,6 +302,7 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
                 f"(--atol {atol:g}, {figures['top1_agreement']:.1%} top-1 agreement); nothing was written"
             )
         del session
+        decoder = _write_decoder(model, artifact, options, staging, device, threads, atol, say)
 
         section = onnx_section(path, exporter=exporter, opset=options.opset, dtype=options.dtype,
                                optimize=options.optimize, dynamic=layout.dynamic)
@@ -283,16 +311,19 @@ def export_artifact(artifact: art.Artifact, out: Path | str, options: ExportOpti
             if (artifact.path / art.MODEL_CODE_FILE).is_file():
                 shutil.copyfile(artifact.path / art.MODEL_CODE_FILE, staging / art.MODEL_CODE_FILE)
         artifact.copy_tokenizer(staging)  # config.json keeps the tokenizer section
+        if decoder:
+            section["decoder"] = decoder["section"]
         config = {**artifact.config, "onnx": section}
         say("stage", name="write")
         manifest = art.write_metadata(
             staging, config=config, stage="export", parent=artifact,
             options={"opset": options.opset, "dynamic": list(layout.dynamic), "dtype": options.dtype,
                      "device": options.device, "optimize": options.optimize, "atol": atol,
-                     "exporter": options.exporter, "weights": options.weights},
+                     "exporter": options.exporter, "weights": options.weights, "decoder": bool(decoder)},
             metrics={"verify_max_abs_diff": figures["max_abs_diff"], "verify_max_rel_diff": figures["max_rel_diff"],
                      "verify_top1_agreement": figures["top1_agreement"]},
             extra={"onnx": section, "verification": verification,
+                   **({"decoder_verification": decoder["verification"]} if decoder else {}),
                    **({"exporter_fallback": fallback} if fallback else {})},
         )
     return ExportResult(Path(out), exporter, section, verification, manifest, fallback)

@@ -44,13 +44,13 @@ def weight_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _quiet():
+def quiet_exporters():
     """The exporters print progress to stdout and warnings to stderr; their failures are reported
-    by us, in one line (``_reason``)."""
+    by us, in one line (``exporter_reason``)."""
     return silenced("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 
-def _reason(exc: BaseException) -> str:
+def exporter_reason(exc: BaseException) -> str:
     """One line from an exporter's (often multi-page) error: the operator when one is named."""
     text = _ANSI.sub("", f"{exc}\n{exc.__cause__ or ''}")
     for pattern in (r"No ONNX function found for <OpOverload\(op='([\w.:]+)'", r"operator '([\w.:]+)'",
@@ -136,7 +136,7 @@ def run_exporters(module, example, layout: IOLayout, options: ExportOptions, pat
             scratch.mkdir()
             written = scratch / path.name
             try:
-                with _quiet():
+                with quiet_exporters():
                     (_dynamo_export if name == "dynamo" else _torchscript_export)(module, example, layout, options,
                                                                                   written, external)
                 # an exporter's folded constants can push a model over the line after all
@@ -147,7 +147,7 @@ def run_exporters(module, example, layout: IOLayout, options: ExportOptions, pat
             except Exception as exc:  # the exporters raise many types; each failure is summarised below
                 if art.storage_problem(exc):  # a full disk is not the model's fault: say so (atomic_directory)
                     raise
-                failures[name] = _reason(exc)
+                failures[name] = exporter_reason(exc)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     detail = "; ".join(f"{k}: {v}" for k, v in failures.items())

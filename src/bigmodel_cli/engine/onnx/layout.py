@@ -25,6 +25,7 @@ class ExportOptions:
     atol: float | None = None  # default: DEFAULT_ATOL[dtype]
     exporter: str = "auto"
     weights: bool = True  # also carry model.safetensors so the torch backend runs the same directory
+    decoder: bool = True  # language models: also write decoder.onnx, the graph with past key values
 
 
 @dataclass

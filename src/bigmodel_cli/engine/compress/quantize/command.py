@@ -41,7 +41,7 @@ from .onnx_int8 import METHODS
 from .scheme import SCHEMES
 from bigmodel_cli.weights import BITS
 
-MODES = ("auto", "dynamic", "static", "weight-only")
+MODES = ("auto", "dynamic", "static", "weight-only", "matmul-nbits")
 TEMP_PREFIX = "bigmodel-quantize-"  # + pid + "-": the work directory in the system's temp folder
 # The issue's defaults: convolutions calibrate well and run as QLinearConv; dense layers and
 # transformers quantize their weights ahead of time and their activations at run time.
@@ -61,7 +61,9 @@ class QuantizeOptions:
     exclude: list[str] = field(default_factory=list)  # nodes (ONNX) or tensors (weight-only) kept in float
     exclude_sensitive: bool | None = None  # static transformers: LayerNorm, Softmax, GELU, residual Add (default on)
     bits: int = 8  # weight-only: 8 or 4
-    group_size: int = 64  # weight-only --bits 4
+    group_size: int = 64  # weight-only --bits 4; matmul-nbits: the block size (a power of two, 16+)
+    symmetric: bool = True  # matmul-nbits: no zero point (asymmetric adds one per block)
+    accuracy_level: int | None = None  # matmul-nbits: the kernel's compute type (4 = int8, fast with VNNI)
     max_metric_drop: float | None = None  # accuracy points, or perplexity increase in percent
     max_retries: int = 3
     export: bool = False  # export a PyTorch artifact to ONNX first
@@ -100,15 +102,21 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
         p.append(f"--mode {options.mode!r} is unknown; choose dynamic, static or weight-only (auto: static for cnn, dynamic otherwise)")
     mode = resolve_mode(options, artifact) if options.mode in MODES else None
     onnx_mode = mode in ("dynamic", "static")
+    if mode == "matmul-nbits":
+        from .onnx_nbits import options_problems
+
+        p += options_problems(options.bits, options.group_size, options.accuracy_level)
     if options.method is not None and options.method not in METHODS:
         p.append(f"--method {options.method!r} is unknown; choose one of {', '.join(METHODS)}")
     elif options.method is not None and mode != "static" and mode is not None:
         p.append(f"--method is the calibration method of --mode static; {mode} quantization does not calibrate")
-    if options.bits not in BITS:
+    if mode == "matmul-nbits":
+        pass  # checked above, with MatMulNBits' own limits
+    elif options.bits not in BITS:
         p.append(f"--bits {options.bits} is not possible; weight-only stores 8 or 4 bits per weight")
     elif options.bits != 8 and onnx_mode:
         p.append(f"--bits {options.bits} is for --mode weight-only; ONNX Runtime's {mode} quantization is int8")
-    if options.group_size < 2 or options.group_size % 2:
+    if mode != "matmul-nbits" and (options.group_size < 2 or options.group_size % 2):
         p.append(f"--group-size must be an even number of at least 2 (two 4-bit weights share a byte), got {options.group_size}")
     if options.calib_samples < 1:
         p.append(f"--calib-samples must be at least 1, got {options.calib_samples}")
@@ -129,6 +137,8 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
         p.append(f"--limit must be at least 1, got {options.limit}")
     if threads_problem(options.threads):
         p.append(threads_problem(options.threads))
+    if mode == "matmul-nbits" and (options.export or options.calib_data is not None):
+        p.append("--export and --calib-data are not for --mode matmul-nbits: quantize an export (bigmodel export ART --out DIR)")
     if options.export and mode == "weight-only":
         p.append("--export is for the ONNX modes; weight-only quantizes model.safetensors")
     if p:
@@ -140,6 +150,9 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
         parent = (artifact.manifest.get("parent") or {}).get("path", "its PyTorch parent")
         raise UserError(f"{artifact.path}: has no model.safetensors (an ONNX-only artifact); weight-only quantizes "
                         f"PyTorch weights: give the artifact it came from ({parent})")
+    if mode == "matmul-nbits" and not artifact.has_onnx:
+        raise UserError(f"{artifact.path}: was never exported to ONNX; --mode matmul-nbits quantizes an export: "
+                        f"run `bigmodel export {artifact.path} --out DIR` and quantize DIR")
     if onnx_mode and not artifact.has_onnx:
         if not options.export:
             raise UserError(f"{artifact.path}: was never exported to ONNX; run `bigmodel export {artifact.path} --out DIR` "
@@ -172,6 +185,12 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
         # name tells a dead owner from a live one).
         clean_stale_temp(TEMP_PREFIX)
         with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
+            if mode == "matmul-nbits":
+                from .onnx_nbits import quantize_nbits
+
+                report, section, gate, manifest = quantize_nbits(source, Path(out), options, overwrite, Path(tmp),
+                                                                 say, _options_record(options, mode))
+                return QuantizeResult(Path(out), mode, report, section, gate, manifest)
             if mode == "weight-only":
                 from .weight_only import quantize_weights
 
