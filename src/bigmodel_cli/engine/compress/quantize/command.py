@@ -143,9 +143,10 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
     if artifact.stage == "quantize":
         parent = (artifact.manifest.get("parent") or {}).get("path", "its parent")
         raise UserError(f"{artifact.path}: is already quantized; quantize the artifact it came from ({parent})")
-    if options.qat and not artifact.has_weights:
+    if options.qat and (artifact.has_onnx or not artifact.has_weights):
+        # An export's weights are a copy of its parent's: the parent is what QAT trains and writes.
         parent = (artifact.manifest.get("parent") or {}).get("path", "its PyTorch parent")
-        raise UserError(f"{artifact.path}: is an ONNX-only artifact; --qat fine-tunes PyTorch weights: give the "
+        raise UserError(f"{artifact.path}: is an ONNX artifact; --qat fine-tunes a PyTorch artifact's weights: give the "
                         f"artifact it came from ({parent})")
     if options.qat:
         return mode
@@ -428,6 +429,9 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     (qat.py), static QDQ of the trained weights with its own calibration, the accuracy gate against
     the fp32 model, the four-row report, and an artifact holding the int8 model.onnx and the fp32
     shadow weights (model.safetensors). Both int8 models are per channel, as simulated."""
+    from .qat import quantizable_layers
+
+    quantizable_layers(source.build_model())  # a layer the simulation cannot place: refused before any work
     options = dataclasses.replace(options, per_channel=True)
     calib = _calibration_inputs(source, options, "static")
     ptq = _static_attempt(source, options, calib, tmp / "ptq", say)

@@ -8,10 +8,12 @@ What is simulated is what ONNX Runtime's static QDQ flow (``onnx_int8.py``, per 
   holding 0 as ORT's minmax calibration makes it), at the inputs of every Linear and Conv (the
   MatMul, Gemm and Conv nodes the static flow quantizes).
 
-Activation ranges are calibrated once with minmax on the calibration set and then *frozen* (not LSQ
-learned scales): frozen minmax ranges are what the static flow computes from the same set, so the
-scales the exported model carries and the ones trained against stay the same kind of number, and the
-trained weights are then re-calibrated by that very flow. Gradients pass straight through
+Activation ranges are calibrated once with minmax on the calibration set and then *frozen* during
+fine-tuning (not LSQ learned scales): frozen minmax ranges are what the static flow computes from the
+same set, so the model trains against the kind of scale it will ship with, and no second optimiser
+state or scale-gradient heuristics are needed. After fine-tuning, the ranges are re-calibrated on the
+trained weights, in PyTorch and by the static flow on the same calibration set with the same
+minmax rule, so the exported scales and zero points are the ones the final simulation uses. Gradients pass straight through
 (``torch.fake_quantize_*``: identity inside the range, zero outside).
 
 The fake quantization replaces each layer's ``forward`` on the instance only: the state dict keeps
@@ -148,13 +150,26 @@ def unsimulate(layers) -> None:
 
 
 
+def _carried_files(source) -> dict:
+    """What every artifact of the run needs besides weights: the tokenizer, a user model's code."""
+    from bigmodel_cli import artifact as art
+
+    files = dict(source.tokenizer_files())
+    if (source.path / art.MODEL_CODE_FILE).is_file():
+        files[art.MODEL_CODE_FILE] = source.path / art.MODEL_CODE_FILE
+    return files
+
+
 def finetune(source, calib_batches: list[np.ndarray], scheme, train_cfg, run_dir, progress) -> dict:
     """Calibrate, simulate int8 and fine-tune ``source``'s model with the shared training loop
     (resume, progress, early stopping, --nproc). Returns the run's facts and ``best_dir``: the
     best step's artifact, whose model.safetensors holds the fp32 shadow weights."""
     import torch
+    from safetensors.torch import load_file
 
+    from bigmodel_cli import artifact as art
     from bigmodel_cli.data.augment import policy_from_option
+    from bigmodel_cli.weights import load_into
     from ...core.datasets import open_data
     from ...core.tasks import make_task
     from ...training.job import TrainJob
@@ -169,9 +184,17 @@ def finetune(source, calib_batches: list[np.ndarray], scheme, train_cfg, run_dir
     task = make_task(data, train_cfg.batch_size, train_cfg.seed, source.data_spec.get("block_size"),
                      train_cfg.eval_windows, policy_from_option(train_cfg.augment, data, mixing_allowed=True))
     job = TrainJob(cfg=train_cfg, model=model, data=data, task=task, artifact_config=dict(source.config),
-                   stage="train", parent=source, extra_files=dict(source.tokenizer_files()),
+                   stage="train", parent=source, extra_files=_carried_files(source),
                    manifest_extra={"qat": {"scheme": scheme.name, "layers": len(layers)}})
     result = run_job(job, progress)
+    # The best step's shadow weights, with activation ranges re-calibrated on them exactly as the
+    # static flow will calibrate the export: the simulated model is then the one that ships.
+    model.cpu()
+    best = result.best_dir / art.WEIGHTS_FILE
+    unsimulate(layers)
+    load_into(model, load_file(best), source=best)
+    calibrate(model, layers, calib_batches, scheme.activation_type)
+    simulate(layers, scheme.reduce_range)
     return {"best_dir": result.best_dir, "steps": result.steps, "best_step": result.best_step,
             "stopped_early": result.stopped_early, "resumed_from": result.resumed_from, "seconds": result.seconds,
             "layers": [name for name, _ in layers], "model": model, "quantized_layers": layers,
