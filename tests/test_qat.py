@@ -106,6 +106,25 @@ def test_qat_user_model_with_batchnorm_conv_linear(cli, tmp_path):
     assert (tmp_path / "q" / "model.py").is_file() and (tmp_path / "q" / "model.safetensors").is_file()
 
 
+def test_qat_cnn_agrees_with_onnx_runtime(cli, digits_cnn, tmp_path):
+    result = _ok(cli("quantize", digits_cnn / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 10,
+                     "--json", "--no-bench"))
+    agreement = result["report"]["qat"]["simulated_vs_onnx"]
+    assert agreement["top1_agreement"] >= 0.995
+    assert abs(agreement["simulated"]["accuracy"] - agreement["onnx"]["accuracy"]) <= 0.002
+
+
+def test_qat_llama(cli, corpus, tmp_path):
+    from bigmodel_cli import TrainConfig, train
+
+    train(TrainConfig(model="llama", preset="tiny", data=f"text:{corpus}", block_size=32, batch_size=8, max_steps=5,
+                      eval_windows=4, out=str(tmp_path / "llama"), seed=0, threads=1,
+                      model_args={"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 64}))
+    result = _ok(cli("quantize", tmp_path / "llama" / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 3,
+                     "--batch-size", 8, "--calib-samples", 8, "--limit", 8, "--json", "--no-bench"))
+    assert "perplexity" in result["report"]["after"] and result["quantization"]["qat"]["layers"]
+
+
 def test_qat_language_model(cli, tiny_gpt, tmp_path):
     result = _ok(cli("quantize", tiny_gpt / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 5,
                      "--batch-size", 8, "--calib-samples", 8, "--limit", 8, "--json", "--no-bench"))
