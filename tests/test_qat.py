@@ -98,6 +98,20 @@ def test_qat_artifact_holds_int8_onnx_and_fp32_shadow_weights(qat_mlp, digits_ml
     assert result["quantization"]["per_channel"] is True and result["quantization"]["qat"]["layers"]
 
 
+def test_qat_exported_activation_scales_are_the_simulated_ones(qat_mlp):
+    import onnx
+    from onnx import numpy_helper
+
+    out, result = qat_mlp
+    graph = onnx.load(str(out / "model.onnx")).graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    exported = [(float(values[n.input[1]]), int(values[n.input[2]])) for n in graph.node if n.op_type == "QuantizeLinear"]
+    simulated = result["quantization"]["qat"]["activations"]
+    assert simulated
+    for q in simulated.values():
+        assert any(np.isclose(scale, q["scale"], rtol=1e-6) and zp == q["zero_point"] for scale, zp in exported), (q, exported)
+
+
 def test_qat_user_model_with_batchnorm_conv_linear(cli, tmp_path):
     source = _user(tmp_path / "bn", BN_MODEL)
     result = _ok(cli("--trust-model-code", "quantize", source, "--out", tmp_path / "q", "--qat",

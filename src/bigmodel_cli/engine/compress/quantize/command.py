@@ -445,12 +445,13 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     say("stage", name="evaluate")
     agreement = _qat_agreement(trained["model"], final, qat.evaluator, options.threads)
     report = _qat_report(source, options, ptq, qat, ptq_final, final, say)
-    report["qat"] = {**{k: v for k, v in trained.items() if k not in ("best_dir", "model", "quantized_layers")},
+    report["qat"] = {**{k: v for k, v in trained.items() if k not in ("best_dir", "model", "quantized_layers", "activations")},
                      "simulated_vs_onnx": agreement}
     section = {**_quantization_section(qat.plan, options, calib, gate, final, None),
                "qat": {"activation_scales": "minmax-calibrated, frozen during fine-tuning, re-calibrated on the trained weights",
                        "weights": "per-channel symmetric int8, straight-through gradients",
-                       "layers": trained["layers"], "fp32_shadow_weights": art.WEIGHTS_FILE}}
+                       "layers": trained["layers"], "activations": trained["activations"],
+                       "fp32_shadow_weights": art.WEIGHTS_FILE}}
     say("stage", name="write")
     files = {art.WEIGHTS_FILE: shadow.path / art.WEIGHTS_FILE}
     if (shadow.path / art.MODEL_CODE_FILE).exists():

@@ -23,6 +23,7 @@ that load into the unmodified model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,5 +198,6 @@ def finetune(source, calib_batches: list[np.ndarray], scheme, train_cfg, run_dir
     simulate(layers, scheme.reduce_range)
     return {"best_dir": result.best_dir, "steps": result.steps, "best_step": result.best_step,
             "stopped_early": result.stopped_early, "resumed_from": result.resumed_from, "seconds": result.seconds,
-            "layers": [name for name, _ in layers], "model": model, "quantized_layers": layers,
+            "layers": [name for name, _ in layers], "model": model,
+            "activations": {name: dataclasses.asdict(getattr(m, ATTRIBUTE)) for name, m in layers}, "quantized_layers": layers,
             **{k: v for k, v in result.best_metrics.items() if k != "step"}}
