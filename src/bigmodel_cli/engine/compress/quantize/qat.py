@@ -6,7 +6,8 @@ What is simulated is what ONNX Runtime's static QDQ flow (``onnx_int8.py``, per 
   recomputed from the fp32 shadow weights at every step, as the quantizer does from the final ones;
 - activations: per tensor, the dtype the CPU scheme chose (uint8 or int8, asymmetric, the range
   holding 0 as ORT's minmax calibration makes it), at the inputs of every Linear and Conv (the
-  MatMul, Gemm and Conv nodes the static flow quantizes).
+  MatMul, Gemm and Conv nodes the static flow quantizes), and the model's output when a layer
+  returns it (the logits, which the QDQ flow quantizes as a graph output).
 
 Activation ranges are calibrated once with minmax on the calibration set and then *frozen* during
 fine-tuning (not LSQ learned scales): frozen minmax ranges are what the static flow computes from the
@@ -31,6 +32,7 @@ import numpy as np
 from bigmodel_cli.errors import UserError
 
 ATTRIBUTE = "qat_activation"  # where a layer keeps its frozen activation quantization
+OUTPUT_ATTRIBUTE = "qat_output"  # the layer that returns the model's output: that output's quantization
 # Layers without a fake-quant place that hold 2-D weights would run in float in the simulation but
 # not in the exported model's plan: refused rather than simulated wrongly.
 FLOAT_OK = ("Embedding", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "GroupNorm")
@@ -80,24 +82,39 @@ def quantizable_layers(model) -> list[tuple[str, object]]:
 
 
 def calibrate(model, layers, batches: list[np.ndarray], activation_type: str) -> None:
-    """Minmax ranges of every layer's input over the calibration batches, then frozen on the layer."""
+    """Minmax ranges of every layer's input over the calibration batches, then frozen on the layer;
+    and of the model's output when a layer returns it as is (ONNX Runtime's QDQ flow quantizes a
+    graph output that a quantized MatMul or Gemm produces: the logits)."""
     import torch
 
     seen: dict[int, list[float]] = {}
+    produced: dict[int, object] = {}  # id(output tensor) -> the layer that returned it (last batch)
 
-    def record(module, args):
-        x = args[0].detach()
+    def widen(key: int, x) -> None:
         low, high = float(x.min()), float(x.max())
-        old = seen.setdefault(id(module), [low, high])
+        old = seen.setdefault(key, [low, high])
         old[0], old[1] = min(old[0], low), max(old[1], high)
 
+    def record(module, args):
+        widen(id(module), args[0].detach())
+
+    def returned(module, _args, output):
+        produced[id(output)] = module
+
     handles = [m.register_forward_pre_hook(record) for _, m in layers]
+    handles += [m.register_forward_hook(returned) for _, m in layers]
+    last, out_range = None, None
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for batch in batches:
-                model(torch.from_numpy(np.asarray(batch)))
+                produced.clear()
+                y = model(torch.from_numpy(np.asarray(batch)))
+                last = produced.get(id(y)) if torch.is_tensor(y) else None
+                if last is not None:
+                    low, high = float(y.min()), float(y.max())
+                    out_range = [min(out_range[0], low), max(out_range[1], high)] if out_range else [low, high]
     finally:
         for h in handles:
             h.remove()
@@ -108,6 +125,9 @@ def calibrate(model, layers, batches: list[np.ndarray], activation_type: str) ->
                             "quantize this model with --mode static instead")
         low, high = seen[id(module)]
         setattr(module, ATTRIBUTE, activation_quant(low, high, activation_type))
+        module.__dict__.pop(OUTPUT_ATTRIBUTE, None)
+    if last is not None and out_range is not None:
+        setattr(last, OUTPUT_ATTRIBUTE, activation_quant(out_range[0], out_range[1], activation_type))
 
 
 def fake_quant_weight(weight, bound: int):
@@ -134,13 +154,27 @@ def simulate(layers, reduce_range: bool) -> None:
     bound = weight_bound(reduce_range)
     for _, module in layers:
         q = getattr(module, ATTRIBUTE)
+        out_q = getattr(module, OUTPUT_ATTRIBUTE, None)
         if isinstance(module, nn.Linear):
-            def forward(x, m=module, q=q):
+            def layer(x, m=module, q=q):
                 return F.linear(fake_quant_activation(x, q), fake_quant_weight(m.weight, bound), m.bias)
         else:
-            def forward(x, m=module, q=q):
+            def layer(x, m=module, q=q):
                 return m._conv_forward(fake_quant_activation(x, q), fake_quant_weight(m.weight, bound), m.bias)
-        module.forward = forward
+        if out_q is None:
+            module.forward = layer
+        else:
+            module.forward = lambda x, layer=layer, out_q=out_q: fake_quant_activation(layer(x), out_q)
+
+
+def activation_record(layers) -> dict:
+    """Each simulated activation quantization (scale, zero point, range), by layer input or output."""
+    record = {}
+    for name, module in layers:
+        record[name] = dataclasses.asdict(getattr(module, ATTRIBUTE))
+        if getattr(module, OUTPUT_ATTRIBUTE, None) is not None:
+            record[f"{name} (output)"] = dataclasses.asdict(getattr(module, OUTPUT_ATTRIBUTE))
+    return record
 
 
 def unsimulate(layers) -> None:
@@ -148,7 +182,7 @@ def unsimulate(layers) -> None:
     for _, module in layers:
         module.__dict__.pop("forward", None)
         module.__dict__.pop(ATTRIBUTE, None)
-
+        module.__dict__.pop(OUTPUT_ATTRIBUTE, None)
 
 
 def _carried_files(source) -> dict:
@@ -199,5 +233,5 @@ def finetune(source, calib_batches: list[np.ndarray], scheme, train_cfg, run_dir
     return {"best_dir": result.best_dir, "steps": result.steps, "best_step": result.best_step,
             "stopped_early": result.stopped_early, "resumed_from": result.resumed_from, "seconds": result.seconds,
             "layers": [name for name, _ in layers], "model": model,
-            "activations": {name: dataclasses.asdict(getattr(m, ATTRIBUTE)) for name, m in layers}, "quantized_layers": layers,
+            "activations": activation_record(layers), "quantized_layers": layers,
             **{k: v for k, v in result.best_metrics.items() if k != "step"}}
