@@ -170,3 +170,19 @@ def test_qat_refuses_a_layer_it_cannot_place(cli, tmp_path):
     assert_one_error_line(cli("--trust-model-code", "quantize", source, "--out", out, "--qat", "--finetune-steps", 5),
                           "cannot place", "Net")
     assert not out.exists()
+
+
+def test_qat_keeps_its_run_in_finetune_dir_and_resume_continues_it(cli, digits_mlp, tmp_path):
+    run = tmp_path / "run"
+    args = ("quantize", digits_mlp / "best", "--qat", "--finetune-steps", 6, "--finetune-dir", run, "--no-bench", "--json")
+    first = _ok(cli(*args, "--out", tmp_path / "q1"))
+    assert (run / "metrics.jsonl").is_file() and first["report"]["qat"]["resumed_from"] is None
+    assert_one_error_line(cli(*args, "--out", tmp_path / "q2"), "--finetune-dir", "--resume")
+    assert not (tmp_path / "q2").exists()
+    again = _ok(cli(*args, "--resume", "--out", tmp_path / "q3"))
+    assert again["report"]["qat"]["resumed_from"] is not None
+
+
+def test_qat_resume_needs_finetune_dir(cli, digits_mlp, tmp_path):
+    assert_one_error_line(cli("quantize", digits_mlp / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 5,
+                              "--resume"), "--resume", "--finetune-dir")

@@ -55,6 +55,8 @@ def quantize(
     batch_size: Annotated[int, typer.Option("--batch-size", help="--qat: fine-tuning batch size.", rich_help_panel=_T)] = 64,
     patience: Annotated[Optional[int], typer.Option("--patience", help="--qat: stop after N evaluations without improvement.", rich_help_panel=_T)] = None,
     seed: Annotated[int, typer.Option("--seed", help="--qat: fine-tuning seed.", rich_help_panel=_T)] = 0,
+    finetune_dir: Annotated[Optional[Path], typer.Option("--finetune-dir", help="--qat: keep the fine-tuning run (checkpoints, metrics.jsonl) in this directory.", rich_help_panel=_T)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="--qat: continue the run in --finetune-dir from its last checkpoint.", rich_help_panel=_T)] = False,
     threads: ThreadsOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -73,7 +75,8 @@ def quantize(
         max_retries=max_retries, export=export, preprocess=preprocess, split=split, limit=limit, bench=bench,
         bench_batch=bench_batch, seq_len=seq_len, iterations=iterations, warmup=warmup, threads=threads,
         qat=qat, finetune_epochs=finetune_epochs, finetune_steps=finetune_steps,
-        train=TrainConfig(lr=lr, batch_size=batch_size, patience=patience, seed=seed, threads=threads) if qat else None)
+        finetune_dir=str(finetune_dir) if finetune_dir else None,
+        train=TrainConfig(lr=lr, batch_size=batch_size, patience=patience, seed=seed, threads=threads, resume=resume) if qat else None)
     source = open_artifact(artifact)
     with StageProgress(_STAGES, enabled=not json_out) as progress:
         result = quantize_artifact(source, out, options, overwrite=overwrite, progress=progress)

@@ -78,6 +78,7 @@ class QuantizeOptions:
     finetune_epochs: int = 0  # --qat: the fine-tuning budget, in epochs …
     finetune_steps: int | None = None  # … or in steps
     train: Any = None  # --qat: the TrainConfig of the fine-tuning (lr, batch size, resume, …); None: defaults
+    finetune_dir: str | None = None  # --qat: keep the fine-tuning run here (checkpoints: --resume continues it)
 
 
 @dataclass
@@ -177,6 +178,12 @@ def _qat_problems(options: QuantizeOptions, mode: str | None) -> list[str]:
         p.append("--finetune-epochs and --finetune-steps must not be negative")
     elif options.finetune_epochs == 0 and not options.finetune_steps:
         p.append("--qat needs a fine-tuning budget: give --finetune-epochs N or --finetune-steps N (at least 1)")
+    resume = bool(options.train is not None and options.train.resume)
+    if resume and not options.finetune_dir:
+        p.append("--resume continues a kept fine-tuning run: give the --finetune-dir of the run to continue")
+    elif options.finetune_dir and not resume and Path(options.finetune_dir).exists():
+        p.append(f"--finetune-dir {options.finetune_dir} already exists; add --resume to continue that run, "
+                 "or choose a new directory")
     return p
 
 
@@ -192,7 +199,7 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
     say = progress or no_progress
     mode = validate(options, source)
     with hold(out):  # one writer per output, from the checks to the rename
-        inputs = [source.path, source.data_spec.get("path"), _calibration_path(options.calib_data)]
+        inputs = [source.path, source.data_spec.get("path"), _calibration_path(options.calib_data), options.finetune_dir]
         art.check_output(out, overwrite, inputs)
         if mode != "weight-only" and source.has_onnx:
             from ...onnx.files import check_external_data
@@ -481,9 +488,12 @@ def _qat_finetune(source: art.Artifact, options: QuantizeOptions, calib, scheme,
     from bigmodel_cli.config import TrainConfig
     from .qat import finetune
 
-    cfg = dataclasses.replace(options.train or TrainConfig(), model=str(source.path), out=str(run_dir),
+    train = options.train or TrainConfig()
+    if options.finetune_dir:
+        run_dir = Path(options.finetune_dir)  # kept, so that --resume can continue it
+    cfg = dataclasses.replace(train, model=str(source.path), out=str(run_dir),
                               epochs=options.finetune_epochs or None, max_steps=options.finetune_steps or None,
-                              overwrite=False, resume=False)
+                              overwrite=False, resume=bool(options.finetune_dir and train.resume))
     return finetune(source, calib.batches, scheme, cfg, run_dir, say)
 
 
