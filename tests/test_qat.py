@@ -150,6 +150,7 @@ def test_qat_language_model(cli, tiny_gpt, tmp_path):
     (("--qat", "--finetune-epochs", 0), ("--finetune-epochs",)),
     (("--qat", "--finetune-steps", 5, "--mode", "weight-only"), ("--qat", "weight-only")),
     (("--finetune-steps", 5), ("--qat",)),
+    (("--qat", "--finetune-steps", 5, "--lr", "nan"), ("--lr",)),
 ])
 def test_qat_bad_options(cli, digits_mlp, tmp_path, extra, fragments):
     out = tmp_path / "q"

@@ -144,6 +144,8 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
     if artifact.stage == "quantize":
         parent = (artifact.manifest.get("parent") or {}).get("path", "its parent")
         raise UserError(f"{artifact.path}: is already quantized; quantize the artifact it came from ({parent})")
+    if options.qat and options.train is not None:
+        options.train.validate()  # --lr, --batch-size, --patience: the training loop's own checks, before any work
     if options.qat and (artifact.has_onnx or not artifact.has_weights):
         # An export's weights are a copy of its parent's: the parent is what QAT trains and writes.
         parent = (artifact.manifest.get("parent") or {}).get("path", "its PyTorch parent")
