@@ -14,11 +14,12 @@ _Q = "Quantization"
 _C = "Calibration (static) and the accuracy gate"
 _W = "Weight-only"
 _R = "Report"
+_T = "Quantization-aware training"
 
 _STAGES = {"export": "exporting to ONNX (--export)", "preprocess": "ONNX Runtime pre-processing",
            "quantize": "quantizing", "calibrate": "calibrating", "evaluate": "evaluating before and after",
            "rank": "ranking nodes by quantization error", "bench": "timing fp32 and int8 (side by side)",
-           "load": "loading weights", "write": "writing"}
+           "load": "loading weights", "finetune": "fine-tuning with int8 simulated (--qat)", "write": "writing"}
 
 
 def quantize(
@@ -49,6 +50,15 @@ def quantize(
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Language models: sequence length for timing and calibration.", rich_help_panel=_R)] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Timed runs of each model.", rich_help_panel=_R)] = 30,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.", rich_help_panel=_R)] = 3,
+    qat: Annotated[bool, typer.Option("--qat", help="Quantization-aware training: fine-tune with int8 simulated, then static QDQ int8 of the trained weights (see docs/quantize.md).", rich_help_panel=_T)] = False,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="--qat: fine-tuning epochs.", rich_help_panel=_T)] = 0,
+    finetune_steps: Annotated[Optional[int], typer.Option("--finetune-steps", help="--qat: fine-tuning steps (instead of epochs).", rich_help_panel=_T)] = None,
+    lr: Annotated[float, typer.Option("--lr", help="--qat: fine-tuning learning rate.", rich_help_panel=_T)] = 1e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="--qat: fine-tuning batch size.", rich_help_panel=_T)] = 64,
+    patience: Annotated[Optional[int], typer.Option("--patience", help="--qat: stop after N evaluations without improvement.", rich_help_panel=_T)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="--qat: fine-tuning seed.", rich_help_panel=_T)] = 0,
+    finetune_dir: Annotated[Optional[Path], typer.Option("--finetune-dir", help="--qat: keep the fine-tuning run (checkpoints, metrics.jsonl) in this directory.", rich_help_panel=_T)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="--qat: continue the run in --finetune-dir from its last checkpoint.", rich_help_panel=_T)] = False,
     threads: ThreadsOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -56,6 +66,7 @@ def quantize(
     """Quantize to int8 (ONNX Runtime dynamic or static) or int8/int4 weights (weight-only), measure
     before and after, and write a new artifact."""
     from ..artifact import open_artifact
+    from ..config import TrainConfig
     from ..engine.compress.quantize.command import QuantizeOptions, quantize_artifact
     from .progress import StageProgress
 
@@ -65,7 +76,10 @@ def quantize(
         exclude_sensitive=exclude_sensitive, bits=bits, group_size=group_size, symmetric=symmetric,
         accuracy_level=accuracy_level, max_metric_drop=max_metric_drop,
         max_retries=max_retries, export=export, preprocess=preprocess, split=split, limit=limit, bench=bench,
-        bench_batch=bench_batch, seq_len=seq_len, iterations=iterations, warmup=warmup, threads=threads)
+        bench_batch=bench_batch, seq_len=seq_len, iterations=iterations, warmup=warmup, threads=threads,
+        qat=qat, finetune_epochs=finetune_epochs, finetune_steps=finetune_steps,
+        finetune_dir=str(finetune_dir) if finetune_dir else None,
+        train=TrainConfig(lr=lr, batch_size=batch_size, patience=patience, seed=seed, threads=threads, resume=resume) if qat else None)
     source = open_artifact(artifact)
     with StageProgress(_STAGES, enabled=not json_out) as progress:
         result = quantize_artifact(source, out, options, overwrite=overwrite, progress=progress)
@@ -76,6 +90,17 @@ def quantize(
                             "quantization": result.quantization, "gate": result.gate})
         return
     _print_report(result)
+
+
+def _print_qat(title: str, report: dict) -> None:
+    """fp32, post-training static int8 and QAT int8 side by side, and how the simulation matched."""
+    columns = [report["before"], report["ptq"], report["after"]]
+    rows = [(key.replace("_ms_", " ms "), *[c.get(key) for c in columns])
+            for key in ("accuracy", "perplexity", "loss", "file_bytes", "latency_ms_p50", "latency_ms_p95")
+            if all(key in c for c in columns)]
+    agreement = report["qat"]["simulated_vs_onnx"]
+    rows.append(("simulated vs ONNX top-1 agreement", "", "", f"{agreement['top1_agreement']:.2%}"))
+    console.out.print(console.rows_table(title + " · QAT", ["", "fp32", "int8 post-training", "int8 QAT"], rows))
 
 
 def _print_report(result) -> None:
@@ -93,7 +118,10 @@ def _print_report(result) -> None:
             rows.append((key.replace("_ms_", " ms "), before[key], after[key], f"{after[key] / before[key]:.3f}×"))
     kind = "int8" if result.mode not in ("weight-only", "matmul-nbits") else f"int{q['bits']} weights"
     title = f"bigmodel quantize · {result.mode} · {result.path}"
-    console.out.print(console.rows_table(title, ["", "fp32", kind, "change"], rows))
+    if "ptq" in report:
+        _print_qat(title, report)
+    else:
+        console.out.print(console.rows_table(title, ["", "fp32", kind, "change"], rows))
 
     info = [("metric drop", f"{report['metric_drop']:.3g} {report['metric_drop_unit']}")]
     if result.mode == "matmul-nbits":

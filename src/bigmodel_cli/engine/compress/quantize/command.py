@@ -76,6 +76,11 @@ class QuantizeOptions:
     iterations: int = 30
     warmup: int = 3
     threads: int | None = None
+    qat: bool = False  # quantization-aware training (qat.py), then static QDQ of the trained weights
+    finetune_epochs: int = 0  # --qat: the fine-tuning budget, in epochs …
+    finetune_steps: int | None = None  # … or in steps
+    train: Any = None  # --qat: the TrainConfig of the fine-tuning (lr, batch size, resume, …); None: defaults
+    finetune_dir: str | None = None  # --qat: keep the fine-tuning run here (checkpoints: --resume continues it)
 
 
 @dataclass
@@ -89,6 +94,8 @@ class QuantizeResult:
 
 
 def resolve_mode(options: QuantizeOptions, artifact: art.Artifact) -> str:
+    if options.qat and options.mode == "auto":
+        return "static"  # QAT simulates, and then exports, static QDQ int8
     if options.mode != "auto":
         return options.mode
     return AUTO_MODE.get(artifact.model_spec.get("arch"), "dynamic")
@@ -141,11 +148,21 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
         p.append("--export and --calib-data are not for --mode matmul-nbits: quantize an export (bigmodel export ART --out DIR)")
     if options.export and mode == "weight-only":
         p.append("--export is for the ONNX modes; weight-only quantizes model.safetensors")
+    p += _qat_problems(options, mode)
     if p:
         raise ConfigErrors(p, "quantize options")
     if artifact.stage == "quantize":
         parent = (artifact.manifest.get("parent") or {}).get("path", "its parent")
         raise UserError(f"{artifact.path}: is already quantized; quantize the artifact it came from ({parent})")
+    if options.qat and options.train is not None:
+        options.train.validate()  # --lr, --batch-size, --patience: the training loop's own checks, before any work
+    if options.qat and (artifact.has_onnx or not artifact.has_weights):
+        # An export's weights are a copy of its parent's: the parent is what QAT trains and writes.
+        parent = (artifact.manifest.get("parent") or {}).get("path", "its PyTorch parent")
+        raise UserError(f"{artifact.path}: is an ONNX artifact; --qat fine-tunes a PyTorch artifact's weights: give the "
+                        f"artifact it came from ({parent})")
+    if options.qat:
+        return mode
     if mode == "weight-only" and not artifact.has_weights:
         parent = (artifact.manifest.get("parent") or {}).get("path", "its PyTorch parent")
         raise UserError(f"{artifact.path}: has no model.safetensors (an ONNX-only artifact); weight-only quantizes "
@@ -163,6 +180,28 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
     return mode
 
 
+def _qat_problems(options: QuantizeOptions, mode: str | None) -> list[str]:
+    if not options.qat:
+        if options.finetune_epochs or options.finetune_steps is not None:
+            return ["--finetune-epochs/--finetune-steps are the fine-tuning budget of --qat; add --qat"]
+        return []
+    p = []
+    if mode is not None and mode != "static":
+        p.append(f"--qat trains for static QDQ int8; --mode {mode} cannot carry trained activation scales "
+                 "(drop --mode, or give --mode static)")
+    if options.finetune_epochs < 0 or (options.finetune_steps is not None and options.finetune_steps < 0):
+        p.append("--finetune-epochs and --finetune-steps must not be negative")
+    elif options.finetune_epochs == 0 and not options.finetune_steps:
+        p.append("--qat needs a fine-tuning budget: give --finetune-epochs N or --finetune-steps N (at least 1)")
+    resume = bool(options.train is not None and options.train.resume)
+    if resume and not options.finetune_dir:
+        p.append("--resume continues a kept fine-tuning run: give the --finetune-dir of the run to continue")
+    elif options.finetune_dir and not resume and Path(options.finetune_dir).exists():
+        p.append(f"--finetune-dir {options.finetune_dir} already exists; add --resume to continue that run, "
+                 "or choose a new directory")
+    return p
+
+
 def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOptions | None = None, *,
                       overwrite: bool = False, progress: Callable[..., Any] | None = None) -> QuantizeResult:
     """Quantize ``source`` into a new stage-"quantize" artifact at ``out`` (see the module docstring).
@@ -175,7 +214,7 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
     say = progress or no_progress
     mode = validate(options, source)
     with hold(out):  # one writer per output, from the checks to the rename
-        inputs = [source.path, source.data_spec.get("path"), _calibration_path(options.calib_data)]
+        inputs = [source.path, source.data_spec.get("path"), _calibration_path(options.calib_data), options.finetune_dir]
         art.check_output(out, overwrite, inputs)
         if mode != "weight-only" and source.has_onnx:
             from ...onnx.files import check_external_data
@@ -197,6 +236,8 @@ def quantize_artifact(source: art.Artifact, out: Path | str, options: QuantizeOp
                 report, section, gate, manifest = quantize_weights(source, Path(out), options, overwrite, Path(tmp),
                                                                    say, _options_record(options, mode))
                 return QuantizeResult(Path(out), mode, report, section, gate, manifest)
+            if options.qat:
+                return _qat_int8(source, Path(out), options, overwrite, Path(tmp), say)
             return _onnx_int8(source, Path(out), options, mode, overwrite, Path(tmp), say)
 
 
@@ -409,6 +450,118 @@ def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: 
     return QuantizeResult(out, mode, report, section, gate.as_dict(), manifest)
 
 
+def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwrite: bool, tmp: Path,
+              say: Callable) -> QuantizeResult:
+    """Quantization-aware training, in named steps: post-training static int8 of the source (the
+    row QAT must beat, and the scheme the simulation copies), fine-tuning with int8 simulated
+    (qat.py), static QDQ of the trained weights with its own calibration, the accuracy gate against
+    the fp32 model, the four-row report, and an artifact holding the int8 model.onnx and the fp32
+    shadow weights (model.safetensors). Both int8 models are per channel, as simulated."""
+    from .qat import quantizable_layers
+
+    quantizable_layers(source.build_model())  # a layer the simulation cannot place: refused before any work
+    options = dataclasses.replace(options, per_channel=True)
+    calib = _calibration_inputs(source, options, "static")
+    ptq = _static_attempt(source, options, calib, tmp / "ptq", say)
+    say("stage", name="finetune")
+    trained = _qat_finetune(source, options, calib, ptq.plan.scheme, tmp / "finetune", say)
+    shadow = art.open_artifact(trained["best_dir"])
+    qat = _static_attempt(shadow, options, calib, tmp / "qat", say, before=ptq.before)
+    gate = qat.gate()
+    final = _shipped_file(qat.path, tmp / "qat")
+    ptq_final = _shipped_file(ptq.path, tmp / "ptq")
+    say("stage", name="evaluate")
+    agreement = _qat_agreement(trained["model"], final, qat.evaluator, options.threads)
+    report = _qat_report(source, options, ptq, qat, ptq_final, final, say)
+    report["qat"] = {**{k: v for k, v in trained.items() if k not in ("best_dir", "model", "quantized_layers", "activations")},
+                     "simulated_vs_onnx": agreement}
+    section = {**_quantization_section(qat.plan, options, calib, gate, final, None),
+               "qat": {"activation_scales": "minmax-calibrated, frozen during fine-tuning, re-calibrated on the trained weights",
+                       "weights": "per-channel symmetric int8, straight-through gradients",
+                       "layers": trained["layers"], "activations": trained["activations"],
+                       "fp32_shadow_weights": art.WEIGHTS_FILE}}
+    say("stage", name="write")
+    files = {art.WEIGHTS_FILE: shadow.path / art.WEIGHTS_FILE}
+    if (shadow.path / art.MODEL_CODE_FILE).exists():
+        files[art.MODEL_CODE_FILE] = shadow.path / art.MODEL_CODE_FILE
+    onnx_artifact = art.open_artifact(qat.plan.fp32.parent)
+    manifest = _write_int8(source, onnx_artifact, out, overwrite, final, options, "static", report, section, gate,
+                           files)
+    return QuantizeResult(out, "static", report, section, gate.as_dict(), manifest)
+
+
+def _static_attempt(source: art.Artifact, options: QuantizeOptions, calib, tmp: Path, say: Callable,
+                    before: dict | None = None) -> _Int8Attempts:
+    """Static QDQ int8 of ``source`` in its own work directory, quantized and measured; ``before``
+    replaces its fp32 metrics (QAT measures against the original fp32 model)."""
+    tmp.mkdir()
+    onnx_artifact, _ = _fp32_artifact(source, options, tmp, say)
+    plan = _plan_int8(onnx_artifact.path / art.ONNX_FILE, tmp, options, "static", say)
+    attempts = _Int8Attempts(source, plan, calib, options, tmp, say)
+    attempts.quantize_first()
+    attempts.measure_first()
+    if before is not None:
+        attempts.before = before
+    return attempts
+
+
+def _qat_finetune(source: art.Artifact, options: QuantizeOptions, calib, scheme, run_dir: Path, say: Callable) -> dict:
+    from bigmodel_cli.config import TrainConfig
+    from .qat import finetune
+
+    train = options.train or TrainConfig()
+    if options.finetune_dir:
+        run_dir = Path(options.finetune_dir)  # kept, so that --resume can continue it
+    cfg = dataclasses.replace(train, model=str(source.path), out=str(run_dir),
+                              epochs=options.finetune_epochs or None, max_steps=options.finetune_steps or None,
+                              overwrite=False, resume=bool(options.finetune_dir and train.resume))
+    return finetune(source, calib.batches, scheme, cfg, run_dir, say)
+
+
+def _qat_agreement(model, int8: Path, evaluator: Evaluator, threads: int | None) -> dict:
+    """Top-1 agreement and metrics of the fake-quantized PyTorch model and the ONNX Runtime int8
+    model on the same split: the simulation is only worth training against if it is what runs."""
+    import numpy as np
+    import torch
+
+    outputs: dict[str, list] = {"simulated": [], "onnx": []}
+
+    def recording(name, predict):
+        def run(x):
+            y = np.asarray(predict(x))
+            outputs[name].append(y)
+            return y
+        return run
+
+    def simulated(x):
+        with torch.no_grad():
+            return model(torch.from_numpy(np.asarray(x))).float().numpy()
+
+    model.cpu().eval()
+    metrics = {"simulated": evaluator(recording("simulated", simulated)),
+               "onnx": evaluator(recording("onnx", onnx_predict(int8, threads)))}
+    a = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outputs["simulated"]]).argmax(-1)
+    b = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outputs["onnx"]]).argmax(-1)
+    return {"top1_agreement": float((a == b).mean()) if len(a) else 1.0, "predictions": int(len(a)), **metrics}
+
+
+def _qat_report(source: art.Artifact, options: QuantizeOptions, ptq: _Int8Attempts, qat: _Int8Attempts,
+                ptq_final: Path, final: Path, say: Callable) -> dict:
+    """fp32 (before), post-training static int8 (ptq) and QAT int8 (after), side by side."""
+    fp32 = ptq.plan.fp32
+    timing = None
+    if options.bench:
+        say("stage", name="bench")
+        cfg = BenchConfig(batch_size=options.bench_batch, warmup=options.warmup, iterations=options.iterations,
+                          seq_len=options.seq_len)
+        timing = latency({"before": fp32, "ptq": ptq_final, "after": final}, source, ptq.evaluator, cfg,
+                         options.threads, say)
+    report = build_report(source.task, {**ptq.before, "file_bytes": model_bytes(fp32)},
+                          {**qat.latest, "file_bytes": model_bytes(final)}, timing)
+    report["ptq"] = {**ptq.latest, "file_bytes": model_bytes(ptq_final), **((timing or {}).get("ptq") or {})}
+    return report
+
+
 def _calibration_inputs(source: art.Artifact, options: QuantizeOptions, mode: str):
     """Calibration batches for static quantization and the gate's ranking, else None. Read first:
     data that does not fit the model is the user's to fix, before any work. (An export made here
@@ -492,8 +645,10 @@ def _quantization_section(plan: _Int8Plan, options: QuantizeOptions, calib, gate
 
 
 def _write_int8(source: art.Artifact, onnx_artifact: art.Artifact, out: Path, overwrite: bool, final: Path,
-                options: QuantizeOptions, mode: str, report: dict, section: dict, gate: gating.GateResult) -> dict:
-    """The stage-"quantize" artifact, whose parent is ``source``, written whole or not at all; its manifest."""
+                options: QuantizeOptions, mode: str, report: dict, section: dict, gate: gating.GateResult,
+                files: dict[str, Path] | None = None) -> dict:
+    """The stage-"quantize" artifact, whose parent is ``source``, written whole or not at all; its
+    manifest. ``files``: more files it holds (QAT's fp32 shadow weights)."""
     from ...onnx import files as onnx_files
     from ...onnx.export import onnx_section
 
@@ -504,6 +659,8 @@ def _write_int8(source: art.Artifact, onnx_artifact: art.Artifact, out: Path, ov
                                  opset=_opset(staging / art.ONNX_FILE), dtype="int8",
                                  optimize=previous.get("optimize", "basic"), dynamic=tuple(previous.get("dynamic", ())))
         onnx_artifact.copy_tokenizer(staging)
+        for name, path in (files or {}).items():
+            shutil.copyfile(path, staging / name)
         config = {**onnx_artifact.config, "onnx": onnx_meta, "quantization": section}
         return art.write_metadata(
             staging, config=config, stage="quantize", parent=source, options=_options_record(options, mode),

@@ -1,0 +1,237 @@
+"""Quantization-aware training: fine-tune with int8 simulated, so the weights learn the int8 grid.
+
+What is simulated is what ONNX Runtime's static QDQ flow (``onnx_int8.py``, per channel) computes:
+
+- weights: per output channel, symmetric int8 (``[-127, 127]``, ``[-64, 64]`` with reduce_range),
+  recomputed from the fp32 shadow weights at every step, as the quantizer does from the final ones;
+- activations: per tensor, the dtype the CPU scheme chose (uint8 or int8, asymmetric, the range
+  holding 0 as ORT's minmax calibration makes it), at the inputs of every Linear and Conv (the
+  MatMul, Gemm and Conv nodes the static flow quantizes), and the model's output when a layer
+  returns it (the logits, which the QDQ flow quantizes as a graph output).
+
+Activation ranges are calibrated once with minmax on the calibration set and then *frozen* during
+fine-tuning (not LSQ learned scales): frozen minmax ranges are what the static flow computes from the
+same set, so the model trains against the kind of scale it will ship with, and no second optimiser
+state or scale-gradient heuristics are needed. After fine-tuning, the ranges are re-calibrated on the
+trained weights, in PyTorch and by the static flow on the same calibration set with the same
+minmax rule, so the exported scales and zero points are the ones the final simulation uses. Gradients pass straight through
+(``torch.fake_quantize_*``: identity inside the range, zero outside).
+
+The fake quantization replaces each layer's ``forward`` on the instance only: the state dict keeps
+its keys, so the training loop's checkpoints, resume and saved artifacts hold the fp32 shadow weights
+that load into the unmodified model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from bigmodel_cli.errors import UserError
+
+ATTRIBUTE = "qat_activation"  # where a layer keeps its frozen activation quantization
+OUTPUT_ATTRIBUTE = "qat_output"  # the layer that returns the model's output: that output's quantization
+# Layers without a fake-quant place that hold 2-D weights would run in float in the simulation but
+# not in the exported model's plan: refused rather than simulated wrongly.
+FLOAT_OK = ("Embedding", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "GroupNorm")
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+
+def activation_range(activation_type: str) -> tuple[int, int]:
+    return (0, 255) if activation_type == "uint8" else (-128, 127)
+
+
+def activation_quant(low: float, high: float, activation_type: str) -> ActivationQuant:
+    """ORT's minmax parameters for a tensor seen in [low, high]: the range widened to hold 0."""
+    qmin, qmax = activation_range(activation_type)
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = (high - low) / (qmax - qmin) or 1.0
+    zero_point = int(round(qmin - low / scale))
+    return ActivationQuant(float(scale), max(qmin, min(qmax, zero_point)), qmin, qmax)
+
+
+def weight_bound(reduce_range: bool) -> int:
+    return 64 if reduce_range else 127
+
+
+def quantizable_layers(model) -> list[tuple[str, object]]:
+    """The Linear and Conv layers (in module order), refusing a layer no fake-quant place fits."""
+    from torch import nn
+
+    layers, unplaceable = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            layers.append((name, module))
+        elif any(p.dim() >= 2 for p in module.parameters(recurse=False)) and type(module).__name__ not in FLOAT_OK:
+            unplaceable.append(f"{name or 'the model'} ({type(module).__name__})")
+    if unplaceable:
+        raise UserError(f"--qat cannot place fake quantization on {', '.join(unplaceable[:5])}: only Linear and Conv "
+                        "layers are simulated; quantize this model after training with --mode static instead")
+    if not layers:
+        raise UserError("--qat found no Linear or Conv layer to quantize in this model; there is nothing to train for int8")
+    return layers
+
+
+def calibrate(model, layers, batches: list[np.ndarray], activation_type: str) -> None:
+    """Minmax ranges of every layer's input over the calibration batches, then frozen on the layer;
+    and of the model's output when a layer returns it as is (ONNX Runtime's QDQ flow quantizes a
+    graph output that a quantized MatMul or Gemm produces: the logits)."""
+    import torch
+
+    seen: dict[int, list[float]] = {}
+    produced: dict[int, object] = {}  # id(output tensor) -> the layer that returned it (last batch)
+
+    def widen(key: int, x) -> None:
+        low, high = float(x.min()), float(x.max())
+        old = seen.setdefault(key, [low, high])
+        old[0], old[1] = min(old[0], low), max(old[1], high)
+
+    def record(module, args):
+        widen(id(module), args[0].detach())
+
+    def returned(module, _args, output):
+        produced[id(output)] = module
+
+    handles = [m.register_forward_pre_hook(record) for _, m in layers]
+    handles += [m.register_forward_hook(returned) for _, m in layers]
+    last, out_range = None, None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                produced.clear()
+                y = model(torch.from_numpy(np.asarray(batch)))
+                last = produced.get(id(y)) if torch.is_tensor(y) else None
+                if last is not None:
+                    low, high = float(y.min()), float(y.max())
+                    out_range = [min(out_range[0], low), max(out_range[1], high)] if out_range else [low, high]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for name, module in layers:
+        if id(module) not in seen:
+            raise UserError(f"--qat: layer {name} never ran on the calibration inputs, so it has no activation range; "
+                            "quantize this model with --mode static instead")
+        low, high = seen[id(module)]
+        setattr(module, ATTRIBUTE, activation_quant(low, high, activation_type))
+        module.__dict__.pop(OUTPUT_ATTRIBUTE, None)
+    if last is not None and out_range is not None:
+        setattr(last, OUTPUT_ATTRIBUTE, activation_quant(out_range[0], out_range[1], activation_type))
+
+
+def fake_quant_weight(weight, bound: int):
+    """Per output channel, symmetric: scale = max|w| / bound, zero point 0 (ORT's per-channel int8)."""
+    import torch
+
+    absmax = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
+    scale = (absmax / bound).clamp(min=1e-12).float()
+    zero = torch.zeros(weight.shape[0], dtype=torch.int32, device=weight.device)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -bound, bound)
+
+
+def fake_quant_activation(x, q: ActivationQuant):
+    import torch
+
+    return torch.fake_quantize_per_tensor_affine(x, q.scale, q.zero_point, q.qmin, q.qmax)
+
+
+def simulate(layers, reduce_range: bool) -> None:
+    """Give every layer a forward that fake-quantizes its input and its weight (on the instance only)."""
+    from torch import nn
+    import torch.nn.functional as F
+
+    bound = weight_bound(reduce_range)
+    for _, module in layers:
+        q = getattr(module, ATTRIBUTE)
+        out_q = getattr(module, OUTPUT_ATTRIBUTE, None)
+        if isinstance(module, nn.Linear):
+            def layer(x, m=module, q=q):
+                return F.linear(fake_quant_activation(x, q), fake_quant_weight(m.weight, bound), m.bias)
+        else:
+            def layer(x, m=module, q=q):
+                return m._conv_forward(fake_quant_activation(x, q), fake_quant_weight(m.weight, bound), m.bias)
+        if out_q is None:
+            module.forward = layer
+        else:
+            module.forward = lambda x, layer=layer, out_q=out_q: fake_quant_activation(layer(x), out_q)
+
+
+def activation_record(layers) -> dict:
+    """Each simulated activation quantization (scale, zero point, range), by layer input or output."""
+    record = {}
+    for name, module in layers:
+        record[name] = dataclasses.asdict(getattr(module, ATTRIBUTE))
+        if getattr(module, OUTPUT_ATTRIBUTE, None) is not None:
+            record[f"{name} (output)"] = dataclasses.asdict(getattr(module, OUTPUT_ATTRIBUTE))
+    return record
+
+
+def unsimulate(layers) -> None:
+    """Back to float layers (the fp32 shadow weights)."""
+    for _, module in layers:
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop(ATTRIBUTE, None)
+        module.__dict__.pop(OUTPUT_ATTRIBUTE, None)
+
+
+def _carried_files(source) -> dict:
+    """What every artifact of the run needs besides weights: the tokenizer, a user model's code."""
+    from bigmodel_cli import artifact as art
+
+    files = dict(source.tokenizer_files())
+    if (source.path / art.MODEL_CODE_FILE).is_file():
+        files[art.MODEL_CODE_FILE] = source.path / art.MODEL_CODE_FILE
+    return files
+
+
+def finetune(source, calib_batches: list[np.ndarray], scheme, train_cfg, run_dir, progress) -> dict:
+    """Calibrate, simulate int8 and fine-tune ``source``'s model with the shared training loop
+    (resume, progress, early stopping, --nproc). Returns the run's facts and ``best_dir``: the
+    best step's artifact, whose model.safetensors holds the fp32 shadow weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from bigmodel_cli import artifact as art
+    from bigmodel_cli.data.augment import policy_from_option
+    from bigmodel_cli.weights import load_into
+    from ...core.datasets import open_data
+    from ...core.tasks import make_task
+    from ...training.job import TrainJob
+    from ...training.loop import run_job
+
+    torch.manual_seed(train_cfg.seed)
+    model = source.build_model()
+    layers = quantizable_layers(model)
+    calibrate(model, layers, calib_batches, scheme.activation_type)
+    simulate(layers, scheme.reduce_range)
+    data = open_data(source)
+    task = make_task(data, train_cfg.batch_size, train_cfg.seed, source.data_spec.get("block_size"),
+                     train_cfg.eval_windows, policy_from_option(train_cfg.augment, data, mixing_allowed=True))
+    job = TrainJob(cfg=train_cfg, model=model, data=data, task=task, artifact_config=dict(source.config),
+                   stage="train", parent=source, extra_files=_carried_files(source),
+                   manifest_extra={"qat": {"scheme": scheme.name, "layers": len(layers)}})
+    result = run_job(job, progress)
+    # The best step's shadow weights, with activation ranges re-calibrated on them exactly as the
+    # static flow will calibrate the export: the simulated model is then the one that ships.
+    model.cpu()
+    best = result.best_dir / art.WEIGHTS_FILE
+    unsimulate(layers)
+    load_into(model, load_file(best), source=best)
+    calibrate(model, layers, calib_batches, scheme.activation_type)
+    simulate(layers, scheme.reduce_range)
+    return {"best_dir": result.best_dir, "steps": result.steps, "best_step": result.best_step,
+            "stopped_early": result.stopped_early, "resumed_from": result.resumed_from, "seconds": result.seconds,
+            "layers": [name for name, _ in layers], "model": model,
+            "activations": activation_record(layers), "quantized_layers": layers,
+            **{k: v for k, v in result.best_metrics.items() if k != "step"}}

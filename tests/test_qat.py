@@ -1,0 +1,189 @@
+"""bigmodel quantize --qat: fine-tuning with int8 simulated, exported as static QDQ int8 whose
+simulation agrees with ONNX Runtime, the fp32 shadow weights kept, four-row report, and bad input
+(exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_error_line
+
+FAST = ("--iterations", "2", "--warmup", "0")
+
+# BatchNorm, Conv and Linear: the user model the issue names.
+BN_MODEL = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], 1, 8, 8)
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+'''
+
+# A weight used by a bare matmul: no Linear or Conv for the fake-quant pass to wrap.
+BARE_MATMUL = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 10) * 0.1)
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], -1) @ self.w
+'''
+
+
+def _user(root: Path, code: str) -> Path:
+    from bigmodel_cli import TrainConfig, train
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "net.py").write_text(code)
+    train(TrainConfig(model=f"{root / 'net.py'}:Net", max_steps=20, out=str(root / "run"), seed=0))
+    return root / "run" / "best"
+
+
+def _ok(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def qat_mlp(cli, digits_mlp, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("qat") / "q"
+    report = _ok(cli("quantize", digits_mlp / "best", "--out", out, "--qat", "--finetune-steps", 30, "--json", *FAST))
+    return out, report
+
+
+def test_qat_simulation_agrees_with_onnx_runtime(qat_mlp):
+    _, result = qat_mlp
+    agreement = result["report"]["qat"]["simulated_vs_onnx"]
+    assert agreement["predictions"] > 100
+    assert agreement["top1_agreement"] >= 0.995
+    assert abs(agreement["simulated"]["accuracy"] - agreement["onnx"]["accuracy"]) <= 0.002
+
+
+def test_qat_artifact_holds_int8_onnx_and_fp32_shadow_weights(qat_mlp, digits_mlp):
+    import onnx
+    from bigmodel_cli.artifact import open_artifact
+
+    out, result = qat_mlp
+    report = result["report"]
+    assert {"before", "ptq", "after"} <= set(report) and "accuracy" in report["ptq"]
+    assert "latency_ms_p50" in report["ptq"] and "latency_ms_p50" in report["after"]
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    artifact = open_artifact(out)
+    assert artifact.stage == "quantize" and artifact.has_weights
+    model = artifact.build_model()  # the shadow weights load into the plain fp32 architecture
+    x = np.zeros((2, 64), dtype=np.float32)
+    import torch
+
+    assert model(torch.from_numpy(x)).shape == (2, 10)
+    assert result["quantization"]["per_channel"] is True and result["quantization"]["qat"]["layers"]
+
+
+def test_qat_exported_activation_scales_are_the_simulated_ones(qat_mlp):
+    import onnx
+    from onnx import numpy_helper
+
+    out, result = qat_mlp
+    graph = onnx.load(str(out / "model.onnx")).graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    exported = [(float(values[n.input[1]]), int(values[n.input[2]])) for n in graph.node if n.op_type == "QuantizeLinear"]
+    simulated = result["quantization"]["qat"]["activations"]
+    assert simulated
+    for q in simulated.values():
+        assert any(np.isclose(scale, q["scale"], rtol=1e-6) and zp == q["zero_point"] for scale, zp in exported), (q, exported)
+
+
+def test_qat_user_model_with_batchnorm_conv_linear(cli, tmp_path):
+    source = _user(tmp_path / "bn", BN_MODEL)
+    result = _ok(cli("--trust-model-code", "quantize", source, "--out", tmp_path / "q", "--qat",
+                     "--finetune-steps", 10, "--json", "--no-bench"))
+    assert result["report"]["qat"]["simulated_vs_onnx"]["top1_agreement"] >= 0.98
+    assert (tmp_path / "q" / "model.py").is_file() and (tmp_path / "q" / "model.safetensors").is_file()
+
+
+def test_qat_cnn_agrees_with_onnx_runtime(cli, digits_cnn, tmp_path):
+    result = _ok(cli("quantize", digits_cnn / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 10,
+                     "--json", "--no-bench"))
+    agreement = result["report"]["qat"]["simulated_vs_onnx"]
+    assert agreement["top1_agreement"] >= 0.995
+    assert abs(agreement["simulated"]["accuracy"] - agreement["onnx"]["accuracy"]) <= 0.002
+
+
+def test_qat_llama(cli, corpus, tmp_path):
+    from bigmodel_cli import TrainConfig, train
+
+    train(TrainConfig(model="llama", preset="tiny", data=f"text:{corpus}", block_size=32, batch_size=8, max_steps=5,
+                      eval_windows=4, out=str(tmp_path / "llama"), seed=0, threads=1,
+                      model_args={"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 64}))
+    result = _ok(cli("quantize", tmp_path / "llama" / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 3,
+                     "--batch-size", 8, "--calib-samples", 8, "--limit", 8, "--json", "--no-bench"))
+    assert "perplexity" in result["report"]["after"] and result["quantization"]["qat"]["layers"]
+
+
+def test_qat_language_model(cli, tiny_gpt, tmp_path):
+    result = _ok(cli("quantize", tiny_gpt / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 5,
+                     "--batch-size", 8, "--calib-samples", 8, "--limit", 8, "--json", "--no-bench"))
+    assert "perplexity" in result["report"]["after"] and "perplexity" in result["report"]["ptq"]
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (("--qat",), ("--finetune-epochs",)),
+    (("--qat", "--finetune-epochs", 0), ("--finetune-epochs",)),
+    (("--qat", "--finetune-steps", 5, "--mode", "weight-only"), ("--qat", "weight-only")),
+    (("--finetune-steps", 5), ("--qat",)),
+    (("--qat", "--finetune-steps", 5, "--lr", "nan"), ("--lr",)),
+])
+def test_qat_bad_options(cli, digits_mlp, tmp_path, extra, fragments):
+    out = tmp_path / "q"
+    assert_one_error_line(cli("quantize", digits_mlp / "best", "--out", out, *extra), *fragments)
+    assert not out.exists()
+
+
+def test_qat_on_onnx_artifact_names_its_pytorch_parent(cli, mlp_onnx, digits_mlp, tmp_path):
+    out = tmp_path / "q"
+    assert_one_error_line(cli("quantize", mlp_onnx, "--out", out, "--qat", "--finetune-steps", 5),
+                          "--qat", "ONNX artifact", str(digits_mlp))
+    assert not out.exists()
+
+
+def test_qat_refuses_a_layer_it_cannot_place(cli, tmp_path):
+    source = _user(tmp_path / "bare", BARE_MATMUL)
+    out = tmp_path / "q"
+    assert_one_error_line(cli("--trust-model-code", "quantize", source, "--out", out, "--qat", "--finetune-steps", 5),
+                          "cannot place", "Net")
+    assert not out.exists()
+
+
+def test_qat_keeps_its_run_in_finetune_dir_and_resume_continues_it(cli, digits_mlp, tmp_path):
+    run = tmp_path / "run"
+    args = ("quantize", digits_mlp / "best", "--qat", "--finetune-steps", 6, "--finetune-dir", run, "--no-bench", "--json")
+    first = _ok(cli(*args, "--out", tmp_path / "q1"))
+    assert (run / "metrics.jsonl").is_file() and first["report"]["qat"]["resumed_from"] is None
+    assert_one_error_line(cli(*args, "--out", tmp_path / "q2"), "--finetune-dir", "--resume")
+    assert not (tmp_path / "q2").exists()
+    again = _ok(cli(*args, "--resume", "--out", tmp_path / "q3"))
+    assert again["report"]["qat"]["resumed_from"] is not None
+
+
+def test_qat_resume_needs_finetune_dir(cli, digits_mlp, tmp_path):
+    assert_one_error_line(cli("quantize", digits_mlp / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 5,
+                              "--resume"), "--resume", "--finetune-dir")
