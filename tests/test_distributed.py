@@ -160,6 +160,26 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+def test_the_failure_named_is_the_root_cause_not_its_consequences():
+    """A rank killed from outside makes its peers abort (gloo) or get stopped (SIGTERM) within the
+    same second: the one line names the killed rank, whatever the rank numbers."""
+    import signal
+    from types import SimpleNamespace as F
+
+    from bigmodel_cli.engine.training.launcher import root_cause
+
+    same_second = 1_700_000_000
+    killed = {0: F(exitcode=-signal.SIGABRT, timestamp=same_second),
+              1: F(exitcode=-signal.SIGKILL, timestamp=same_second),
+              2: F(exitcode=-signal.SIGTERM, timestamp=same_second)}
+    assert root_cause(killed) == 1
+    raised = {0: F(exitcode=-signal.SIGABRT, timestamp=same_second), 1: F(exitcode=1, timestamp=same_second)}
+    assert root_cause(raised) == 1
+    # Failures seconds apart: the earlier one, among failures of the same kind.
+    apart = {0: F(exitcode=1, timestamp=same_second + 5), 1: F(exitcode=1, timestamp=same_second)}
+    assert root_cause(apart) == 1
+
+
 @needs_two_cores
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
 def test_a_dying_rank_stops_the_run_cleanly_and_it_resumes_on_one_process(tmp_path):

@@ -196,14 +196,32 @@ def _rank_error(logs: Path, local_rank: int) -> str | None:
     return None
 
 
+def root_cause(failures: dict) -> int:
+    """The rank whose failure most likely caused the others (``failures``: rank → a record with
+    ``exitcode`` and ``timestamp``, as torch's elastic agent reports them).
+
+    Most likely first: a rank killed from outside (SIGKILL from the OOM killer or a user, SIGSEGV),
+    then one that exited with an error, then one that aborted (gloo aborts a rank whose peer
+    vanished, so SIGABRT is usually a consequence), and last one that the agent itself stopped with
+    SIGTERM after the first failure. The agent's timestamps have one-second resolution, so they only
+    order failures that are seconds apart.
+    """
+
+    def consequence(exitcode: int) -> int:
+        if exitcode == -signal.SIGTERM:
+            return 3
+        if exitcode == -signal.SIGABRT:
+            return 2
+        return 1 if exitcode >= 0 else 0
+
+    return min(failures, key=lambda r: (consequence(failures[r].exitcode), failures[r].timestamp, r))
+
+
 def _failure(exc, logs: Path, out: Path) -> BigModelError:
     from .checkpoint import latest_checkpoint
 
     failures = exc.failures
-    # The root cause: not a rank that the agent itself stopped with SIGTERM after the first failure,
-    # and among the others a rank killed by a signal before one that exited with an error.
-    rank = min(failures, key=lambda r: (failures[r].exitcode == -signal.SIGTERM, failures[r].exitcode >= 0,
-                                        failures[r].timestamp, r))
+    rank = root_cause(failures)
     failure = failures[rank]
     if failure.exitcode < 0:
         try:
