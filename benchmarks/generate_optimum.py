@@ -78,11 +78,9 @@ def profile(call, top: int = 12) -> tuple[str, float]:
 
 
 def main() -> None:
-    import onnxruntime
-    import optimum.onnxruntime  # noqa: F401  (fail before the work if the venv lacks it)
-    import torch
-    import transformers
     from importlib.metadata import version
+
+    import torch
 
     from bigmodel_cli.artifact import open_artifact
     from bigmodel_cli.engine.onnx.export import export_artifact
@@ -131,7 +129,6 @@ def main() -> None:
             for name, (text, share) in profiles.items():
                 print(f"--- {name} (in ORT run: {share:.0%})\n{text}", flush=True)
     busy = contention(before, cpu_snapshot(), info.get("cores"))
-    del onnxruntime, transformers
 
     lines = [
         "## Decoding on ONNX Runtime: ours vs Optimum `ORTModelForCausalLM` (`benchmarks/generate_optimum.py`)",
