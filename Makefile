@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test bench bench-optimum clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,5 +29,22 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/run_all.py
 
+# Optimum's ORTModelForCausalLM (optimum-onnx pins transformers<4.58) cannot live beside the
+# project's transformers, so its benchmark gets its own venv. torch first for the same reason as
+# above; bigmodel without extras (transformers is only in its dev extra), so pip's resolver lets
+# optimum-onnx choose the transformers.
+OPT_VENV := .venv-optimum
+OPT_STAMP := $(OPT_VENV)/.installed
+
+$(OPT_STAMP): pyproject.toml
+	$(PY) -m venv $(OPT_VENV)
+	$(OPT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OPT_VENV)/bin/pip install --quiet $(TORCH)
+	$(OPT_VENV)/bin/pip install --quiet 'optimum-onnx[onnxruntime]' -e .
+	touch $(OPT_STAMP)
+
+bench-optimum: $(OPT_STAMP)
+	$(OPT_VENV)/bin/python benchmarks/generate_optimum.py
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(OPT_VENV) runs build *.egg-info src/*.egg-info

@@ -10,7 +10,8 @@ generate` runs (engine/generate.py's decode_stream with the cached decoders), no
 Perplexity of fp32 and int4 on the same text (the quantize report) bounds the int4 cost.
 
 Optimum's `ORTModelForCausalLM` (the issue's ONNX reference) is not run here: `optimum-onnx` pins
-an older transformers than the one installed; it remains to be run in a separate environment.
+an older transformers than the one installed; `benchmarks/generate_optimum.py` (`make
+bench-optimum`, its own venv) compares ours with it.
 
     python benchmarks/generate_onnx.py [--threads 1,2] [--rounds 3]
 """
@@ -112,8 +113,8 @@ def main() -> None:
             lines.append(f"- {threads} thread(s), {name}: {', '.join(f'{v:.3f}' for v in values)}")
     worst = min(s["ort_int4"] / s["ort_fp32"] for _, s, _, _ in rows)
     lines += ["", f"Target int4 ≥ 1.5× ORT fp32 decode: **{'met' if worst >= 1.5 else 'not met'}** (worst {worst:.2f}×). "
-              "Target ORT ≥ 1.0× Optimum `ORTModelForCausalLM`: **not measured** (Optimum cannot be installed beside "
-              "this transformers; to be run in a separate environment)."]
+              "Target ORT ≥ 1.0× Optimum `ORTModelForCausalLM`: measured in its own venv, see the next section "
+              "(`benchmarks/generate_optimum.py`)."]
     write_section("generate-onnx", "\n".join(lines), {"machine": info, "contention": busy, "raw": raw,
                                                       "perplexity": ppl})
 
