@@ -96,6 +96,7 @@ COMMANDS = [
     ("plot", "compare", "plot"),
     ("predict", "predict", "predict"),
     ("generate", "generate", "generate"),
+    ("chat", "chat", "chat"),
     ("explain", "explain", "explain_command"),
     ("info", "info", "info"),
     ("models", "listing", "models"),

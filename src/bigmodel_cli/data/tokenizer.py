@@ -51,6 +51,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Bytes have no BOS: the same ids as encode (HFTokenizer's interface)."""
+        return self.encode(text)
+
     def decode(self, ids: list[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < BYTE_VOCAB).decode("utf-8", errors="replace")
 

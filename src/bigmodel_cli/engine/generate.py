@@ -38,6 +38,7 @@ class GenerateConfig:
     stop: tuple[str, ...] = field(default_factory=tuple)  # the text ends before the first of these
     use_cache: bool = True  # PyTorch's KV cache; False recomputes the context every token
     truncate: bool = True  # False: refuse a context that would not fit the window, rather than crop it
+    add_special_tokens: bool = True  # False: the prompt holds its own BOS (a rendered chat template)
     seed: int = 0
     backend: str = "auto"
     device: str = "cpu"
@@ -276,11 +277,12 @@ def open_decoder(runner, cfg: GenerateConfig, context: int, fixed: int | None, v
 
 
 def generate_text(artifact: Artifact, cfg: GenerateConfig, progress: Callable[..., Any] | None = None,
-                  on_text: Callable[[str], None] | None = None) -> dict:
+                  on_text: Callable[[str], None] | None = None, runner=None) -> dict:
     """Prompt → continuation, plus where it ran and how fast.
 
     ``on_text`` receives the text as it becomes safe to show (streaming). A Ctrl-C stops the
-    generation and returns what was made so far, with ``interrupted`` set.
+    generation and returns what was made so far, with ``interrupted`` set. ``runner`` is a backend
+    already opened for ``artifact`` (chat reuses one for every turn rather than reload the weights).
     """
     from .backends import open_backend
 
@@ -292,9 +294,9 @@ def generate_text(artifact: Artifact, cfg: GenerateConfig, progress: Callable[..
     if tokenizer.is_byte_level and vocab != BYTE_VOCAB:
         raise UserError(f"{artifact.path}: has a vocabulary of {vocab} but no tokenizer; generate needs a byte-level "
                         "model (trained on --data text:...) or one that carries its tokenizer (train --tokenizer DIR)")
-    runner = open_backend(artifact, cfg.backend, cfg.device, cfg.threads)
+    runner = runner or open_backend(artifact, cfg.backend, cfg.device, cfg.threads)
     context, fixed = context_limits(artifact, runner.detail)
-    prompt = tokenizer.encode(cfg.prompt)
+    prompt = tokenizer.encode(cfg.prompt) if cfg.add_special_tokens else tokenizer.encode_plain(cfg.prompt)
     if not prompt:
         raise UserError("--prompt encodes to no tokens; give some text")
     if not cfg.truncate and len(prompt) + cfg.max_new_tokens > context:

@@ -1,0 +1,110 @@
+"""bigmodel chat: a conversation with an instruct model through its chat template (engine.chat).
+
+On a terminal it reads each message at a ``>`` prompt on stderr and streams the answer to stdout.
+When stdin is not a terminal, every line of it is one user message (scripts, tests), answers go
+to stdout one after another, and a message that cannot be answered ends the session with exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UserError
+from . import console
+from .options import ArtifactArg, BackendOpt, JsonOpt, ThreadsOpt
+
+EXIT_WORDS = ("/exit", "/quit")
+
+
+def chat(
+    artifact: ArtifactArg,
+    system: Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt: kept at the start of the "
+                                                  "conversation however long it gets.")] = None,
+    template: Annotated[Optional[Path], typer.Option("--template", help="A Jinja chat template file to use instead "
+                                                     "of the artifact's own (or for an artifact without one).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens in one answer.")] = 200,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 50,
+    top_p: Annotated[float, typer.Option("--top-p", help="Sample among the most likely tokens holding this "
+                                         "much probability, in (0, 1]; 1 keeps all.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="Above 1 makes tokens already in "
+                                                      "the context less likely; 1 is none.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed (turn i uses seed + i): the same seed and "
+                                      "messages give the same answers.")] = 0,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context for every token.")] = False,
+    backend: BackendOpt = "auto",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    threads: ThreadsOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Answer without streaming and print the whole transcript "
+                                           "as one JSON object at the end.")] = False,
+) -> None:
+    """Chat with a language model that has a chat template (an imported instruct model). Each message
+    is answered with the whole conversation so far; the oldest turns are dropped when it outgrows
+    the model's window. Ctrl-C stops the answer being written, not the session; Ctrl-C at the
+    prompt, end of input (Ctrl-D) or /exit ends the session (exit 0). When stdin is not a terminal,
+    each line is one message."""
+    from ..artifact import open_artifact
+    from ..engine.chat import ChatOptions, ChatSession
+    from ..engine.generate import GenerateConfig
+
+    cfg = GenerateConfig(prompt="", max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty, use_cache=not no_cache, seed=seed, backend=backend,
+                         device=device, threads=threads)
+    session = ChatSession(open_artifact(artifact), ChatOptions(generate=cfg, system=system, template_file=template))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        console.note(f"chatting with {artifact} (window {session.context:,} tokens); Ctrl-C stops an answer, "
+                     "Ctrl-C at the prompt, Ctrl-D or /exit ends the session")
+    told_dropped = False
+    for message in read_messages(interactive):
+        try:
+            turn = session.ask(message, on_text=None if json_out else write_text)
+        except UserError as exc:  # one message's mistake ends a script, not a conversation
+            if not interactive:
+                raise
+            console.error(str(exc))
+            continue
+        if not json_out:
+            write_text("\n")
+        if turn["dropped_turns"] and not told_dropped:  # once: every later turn would repeat it
+            console.warn(f"the conversation outgrew the model's window of {session.context:,} tokens: its oldest "
+                         "turns are dropped from what the model sees (the system prompt stays)")
+            told_dropped = True
+        if turn["interrupted"]:
+            console.note(f"answer stopped after {turn['new_tokens']} tokens")
+    if json_out:
+        console.print_json(session.transcript())
+
+
+def read_messages(interactive: bool):
+    """The user's messages until EOF, /exit, or (on a terminal) Ctrl-C at the prompt; blank lines
+    are skipped."""
+    while True:
+        try:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+                line = input()
+            else:
+                line = sys.stdin.readline()
+                if not line:
+                    return
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C while no answer is being written
+            if interactive:
+                sys.stderr.write("\n")
+            return
+        line = line.rstrip("\r\n")
+        if line.strip() in EXIT_WORDS:
+            return
+        if line.strip():
+            yield line
+
+
+def write_text(chunk: str) -> None:
+    """Plain writes, not rich: generated text must not be read as markup."""
+    sys.stdout.write(chunk)
+    sys.stdout.flush()

@@ -1,0 +1,221 @@
+"""bigmodel chat: an imported tiny instruct model (random llama weights, a trained BPE tokenizer and a
+ChatML template) renders the prompt exactly as transformers' apply_chat_template does, answers
+several turns read from stdin, drops the oldest turns when the window is full, survives a Ctrl-C
+in an answer, and every bad input is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from conftest import assert_one_error_line  # noqa: E402
+torch = pytest.importorskip("torch")
+
+CHATML = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TEXT = ["Hello there, how are you today?", "I am fine, thank you. What is the weather like?",
+        "def f(x):\n    return x + 1\n", "The quick brown fox jumps over the lazy dog."]
+WINDOW = 128
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": "I am fine"}, {"role": "user", "content": "What is the weather?"}]
+
+
+@pytest.fixture(scope="module")
+def instruct(tmp_path_factory, one_torch_thread):
+    """(Hugging Face checkpoint directory, the artifact `bigmodel import` made of it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from typer.testing import CliRunner
+
+    from bigmodel_cli.cli import app
+
+    root = tmp_path_factory.mktemp("chat")
+    source = root / "hf"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=WINDOW, tie_word_embeddings=True)).save_pretrained(source)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(TEXT * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer.save(str(source / "tokenizer.json"))
+    (source / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": CHATML,
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+    result = CliRunner().invoke(app, ["import", str(source), "--out", str(root / "art")])
+    assert result.exit_code == 0, result.output
+    return source, root / "art"
+
+
+def chat(*args, input: str = ""):
+    """`bigmodel chat ARGS` with ``input`` on stdin (not a terminal: one message a line)."""
+    from typer.testing import CliRunner
+
+    from bigmodel_cli.cli import app
+
+    return CliRunner().invoke(app, ["chat", *(str(a) for a in args)], input=input)
+
+
+def session(artifact: Path, **generate):
+    from bigmodel_cli.artifact import open_artifact
+    from bigmodel_cli.engine.chat import ChatOptions, ChatSession
+    from bigmodel_cli.engine.generate import GenerateConfig
+
+    cfg = GenerateConfig(prompt="", **{"max_new_tokens": 6, "temperature": 0, **generate})
+    return ChatSession(open_artifact(artifact), ChatOptions(generate=cfg))
+
+
+def test_prompt_is_what_transformers_renders_and_tokenizes(instruct):
+    source, art = instruct
+    reference = transformers.AutoTokenizer.from_pretrained(source)
+    ours = session(art)
+    for n in (2, 4):  # with and without an earlier turn
+        expected = reference.apply_chat_template(MESSAGES[:n], tokenize=False, add_generation_prompt=True)
+        prompt = ours.template.render(MESSAGES[:n])
+        assert prompt == expected and prompt.startswith("<s><|im_start|>system")
+        ids = reference.apply_chat_template(MESSAGES[:n], tokenize=True, add_generation_prompt=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert ours.encode(prompt) == list(ids)  # BOS once: the template's, none added on top
+    # answers end at the EOS token and at the template's end of turn
+    assert ours.stops == ("</s>", "<|im_end|>")
+
+
+def test_turns_from_stdin_keep_the_conversation(instruct):
+    _, art = instruct
+    result = chat(art, "--json", "--temperature", "0", "-n", "3", "--system", "Be brief.",
+                  input="Hello there\n\nhow are you\n/exit\nnever read\n")
+    assert result.exit_code == 0, result.output
+    transcript = json.loads(result.stdout)
+    assert [t["user"] for t in transcript["turns"]] == ["Hello there", "how are you"]
+    first, second = transcript["turns"]
+    assert second["prompt_tokens"] > first["prompt_tokens"] + first["new_tokens"]  # the first turn is in it
+    assert transcript["system"] == "Be brief." and transcript["stops"] == ["</s>", "<|im_end|>"]
+    assert all(t["new_tokens"] <= 3 and "<|im_end|>" not in t["assistant"] for t in transcript["turns"])
+    streamed = chat(art, "--temperature", "0", "-n", "3", "--system", "Be brief.", input="Hello there\nhow are you\n")
+    assert streamed.exit_code == 0, streamed.output
+    assert streamed.stdout == "".join(t["assistant"] + "\n" for t in transcript["turns"])
+
+
+def test_oldest_turns_are_dropped_when_the_window_is_full(instruct):
+    _, art = instruct
+    line = "The quick brown fox jumps over the lazy dog."  # the window is WINDOW tokens
+    result = chat(art, "--json", "--temperature", "0", "-n", "4", "--system", "Be brief.", input=f"{line}\n" * 8)
+    assert result.exit_code == 0, result.output
+    turns = json.loads(result.stdout)["turns"]
+    assert len(turns) == 8 and turns[-1]["dropped_turns"] >= 1 and turns[0]["dropped_turns"] == 0
+    assert all(t["prompt_tokens"] <= WINDOW - 4 for t in turns)
+    assert result.stderr.count("outgrew the model's window") == 1  # said once, not every turn
+
+
+def test_a_message_longer_than_the_window_is_one_error(instruct):
+    _, art = instruct
+    result = chat(art, "-n", "4", input="hi\n" + "the quick brown fox " * 60 + "\n")
+    assert_one_error_line(result, "this message is", f"window of {WINDOW}", "shorten it")
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(instruct):
+    _, art = instruct
+    chat_session = session(art, max_new_tokens=8)
+    shown = []
+
+    def interrupt_once(chunk: str) -> None:
+        shown.append(chunk)
+        if len(shown) == 1:
+            raise KeyboardInterrupt
+
+    turn = chat_session.ask("Hello there", on_text=interrupt_once)
+    assert turn["interrupted"] and turn["new_tokens"] < 8
+    assert chat_session.history[-1] == {"role": "assistant", "content": turn["assistant"]}  # kept as far as it got
+    again = chat_session.ask("how are you")
+    assert not again["interrupted"] and again["prompt_tokens"] > turn["prompt_tokens"]
+
+
+def test_template_file_for_a_model_without_one(cli, tiny_gpt, tmp_path):
+    assert_one_error_line(cli("chat", tiny_gpt), "no chat template", "bigmodel generate", "--template")
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
+    result = chat(tiny_gpt, "--template", template, "--json", "-n", "5", input="def f(x):\n")
+    assert result.exit_code == 0, result.output
+    turn = json.loads(result.stdout)["turns"][0]
+    assert turn["prompt_tokens"] == len(b"user: def f(x):\nassistant:") and turn["new_tokens"] == 5
+
+
+def test_non_language_model_is_refused(cli, digits_mlp):
+    assert_one_error_line(cli("chat", digits_mlp), "classifier", "language model")
+
+
+@pytest.mark.parametrize("template, fragments", [
+    ("{% for m in messages %}{{ m.content }", ["syntax error on line 1"]),
+    ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}x",
+     ["refused the conversation", "System role not supported"]),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", ["stopped by the sandbox"]),
+    ("{{ messages.append(messages) }}", ["stopped by the sandbox"]),
+    ("{{ messages[0].nothing.deeper }}", ["failed to render", "UndefinedError"]),
+    ("{{ 2 ** 100000000 }}", ["stopped by the sandbox", "exponent"]),
+    ("{{ messages[0]['content'] + 1 }}", ["failed to render", "TypeError"]),
+])
+def test_template_that_cannot_render_is_one_line(tiny_gpt, tmp_path, template, fragments):
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    assert_one_error_line(chat(tiny_gpt, "--template", path, "--system", "hi", input="x\n"), *fragments)
+
+
+def test_template_that_loops_without_end_is_stopped(tiny_gpt, tmp_path, monkeypatch):
+    from bigmodel_cli.engine import chat as engine_chat
+
+    monkeypatch.setattr(engine_chat, "RENDER_SECONDS", 0.3)
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}")
+    assert_one_error_line(chat(tiny_gpt, "--template", path, input="x\n"), "ran for more than 0.3 s")
+
+
+def test_template_that_builds_a_huge_prompt_is_stopped_under_a_memory_limit(tiny_gpt, tmp_path):
+    """Each way to build a giant string is refused before it is built; a regression dies here
+    under the limit rather than eat the machine."""
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ 'x' * 10000000000 }}"
+                    "{% for a in range(100000) %}{% for b in range(100000) %}{{ 'yyyyyyyyyy' }}{% endfor %}{% endfor %}")
+    limit = 3 << 30
+    run = subprocess.run([sys.executable, "-m", "bigmodel_cli", "chat", str(tiny_gpt), "--template", str(path)],
+                         input="x\n", capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert run.returncode == 2 and run.stderr.startswith("error:") and "sandbox" in run.stderr, run.stderr
+    path.write_text("{% for a in range(100000) %}{% for b in range(100000) %}{{ 'yyyyyyyyyy' }}{% endfor %}{% endfor %}")
+    run = subprocess.run([sys.executable, "-m", "bigmodel_cli", "chat", str(tiny_gpt), "--template", str(path)],
+                         input="x\n", capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert run.returncode == 2 and "more than 1,048,576 characters" in run.stderr, run.stderr
+
+
+def test_template_file_problems(tiny_gpt, tmp_path):
+    assert_one_error_line(chat(tiny_gpt, "--template", tmp_path / "absent.jinja"), "no such file")
+    assert_one_error_line(chat(tiny_gpt, "--template", tmp_path), "not a regular file")
+    big = tmp_path / "big.jinja"
+    big.write_bytes(b" " * ((1 << 20) + 1))
+    assert_one_error_line(chat(tiny_gpt, "--template", big), "more than the 1,048,576 bytes")
+    binary = tmp_path / "bin.jinja"
+    binary.write_bytes(b"\xff\xfe{{ x }}")
+    assert_one_error_line(chat(tiny_gpt, "--template", binary), "not UTF-8")
+
+
+def test_bad_options_are_one_line(instruct):
+    _, art = instruct
+    assert_one_error_line(chat(art, "--top-p", "0"), "--top-p")
+    assert_one_error_line(chat(art, "--system", " "), "--system must not be empty")
+    assert_one_error_line(chat(art, "--backend", "onnx"), "has no model.onnx")
