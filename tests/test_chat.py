@@ -16,7 +16,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import assert_one_error_line  # noqa: E402
+from conftest import assert_one_error_line, export_once  # noqa: E402
 torch = pytest.importorskip("torch")
 
 CHATML = (
@@ -111,6 +111,17 @@ def test_turns_from_stdin_keep_the_conversation(instruct):
     assert streamed.stdout == "".join(t["assistant"] + "\n" for t in transcript["turns"])
 
 
+def test_onnx_runtime_gives_pytorchs_answers(instruct, tmp_path_factory):
+    _, art = instruct
+    export = export_once(tmp_path_factory, art)  # model.onnx, decoder.onnx and a copy of the weights
+    args, messages = ("--json", "-n", "6", "--temperature", "1", "--seed", "3"), "Hello there\nhow are you\n"
+    runs = {backend: chat(export, *args, "--backend", backend, input=messages) for backend in ("torch", "onnx")}
+    assert all(run.exit_code == 0 for run in runs.values()), [run.output for run in runs.values()]
+    torch_turns, onnx_turns = (json.loads(runs[b].stdout) for b in ("torch", "onnx"))
+    assert onnx_turns["backend"] == "onnx" and torch_turns["backend"] == "torch"
+    assert [t["assistant"] for t in onnx_turns["turns"]] == [t["assistant"] for t in torch_turns["turns"]]
+
+
 def test_oldest_turns_are_dropped_when_the_window_is_full(instruct):
     _, art = instruct
     line = "The quick brown fox jumps over the lazy dog."  # the window is WINDOW tokens
@@ -126,6 +137,31 @@ def test_a_message_longer_than_the_window_is_one_error(instruct):
     _, art = instruct
     result = chat(art, "-n", "4", input="hi\n" + "the quick brown fox " * 60 + "\n")
     assert_one_error_line(result, "this message is", f"window of {WINDOW}", "shorten it")
+
+
+def test_on_a_terminal_a_bad_message_does_not_end_the_session(instruct, monkeypatch):
+    """Typed messages: a message too long for the window is one error line and the session goes
+    on; Ctrl-C at the prompt ends it with exit 0."""
+    import builtins
+
+    from bigmodel_cli.cli import chat as cli_chat
+
+    typed = iter(["Hello there", "the quick brown fox " * 60, "", "how are you"])
+
+    def type_next() -> str:
+        line = next(typed, None)
+        if line is None:
+            raise KeyboardInterrupt  # Ctrl-C at the prompt
+        return line
+
+    monkeypatch.setattr(cli_chat, "stdin_is_terminal", lambda: True)
+    monkeypatch.setattr(builtins, "input", type_next)
+    _, art = instruct
+    result = chat(art, "--json", "-n", "3")
+    assert result.exit_code == 0, result.output
+    assert [t["user"] for t in json.loads(result.stdout)["turns"]] == ["Hello there", "how are you"]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]  # after a "> " prompt
+    assert len(errors) == 1 and "this message is" in errors[0], result.stderr
 
 
 def test_ctrl_c_stops_the_answer_not_the_session(instruct):

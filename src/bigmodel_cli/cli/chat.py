@@ -55,7 +55,7 @@ def chat(
                          repetition_penalty=repetition_penalty, use_cache=not no_cache, seed=seed, backend=backend,
                          device=device, threads=threads)
     session = ChatSession(open_artifact(artifact), ChatOptions(generate=cfg, system=system, template_file=template))
-    interactive = sys.stdin.isatty()
+    interactive = stdin_is_terminal()
     if interactive:
         console.note(f"chatting with {artifact} (window {session.context:,} tokens); Ctrl-C stops an answer, "
                      "Ctrl-C at the prompt, Ctrl-D or /exit ends the session")
@@ -68,6 +68,9 @@ def chat(
                 raise
             console.error(str(exc))
             continue
+        except KeyboardInterrupt:  # before the answer began (the prompt being prepared): that message only
+            console.note("stopped before the answer began")
+            continue
         if not json_out:
             write_text("\n")
         if turn["dropped_turns"] and not told_dropped:  # once: every later turn would repeat it
@@ -78,6 +81,10 @@ def chat(
             console.note(f"answer stopped after {turn['new_tokens']} tokens")
     if json_out:
         console.print_json(session.transcript())
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
 
 
 def read_messages(interactive: bool):

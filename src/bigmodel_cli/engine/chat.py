@@ -115,10 +115,11 @@ def time_limit(seconds: float) -> Iterator[None]:
 class ChatTemplate:
     """A compiled chat template and the special tokens it is rendered with."""
 
-    def __init__(self, source: str, where: str, special_tokens: dict[str, str]):
+    def __init__(self, source: str, where: str, special_tokens: dict[str, str], origin: str):
         import jinja2
 
         self.where, self.special_tokens = where, special_tokens
+        self.origin = origin  # for the transcript: "artifact" or the --template file
         try:
             self.template = make_sandbox().from_string(source)
         except jinja2.TemplateSyntaxError as exc:
@@ -204,12 +205,13 @@ def load_template(artifact: Artifact, template_file: Path | None) -> ChatTemplat
     special = {key: section[key] for key in ("bos_token", "eos_token", "pad_token", "unk_token")
                if isinstance(section.get(key), str)}  # an absent token stays undefined, as in transformers
     if template_file is not None:
-        return ChatTemplate(read_template_file(template_file), f"--template {template_file}", special)
+        return ChatTemplate(read_template_file(template_file), f"--template {template_file}", special,
+                            str(template_file))
     source = section.get("chat_template")
     if not source:
         raise UserError(f"{artifact.path}: has no chat template (only imported instruct models carry one); use "
                         f"bigmodel generate {artifact.path} --prompt TEXT, or give a template with --template FILE")
-    return ChatTemplate(source, f"{artifact.path}", special)
+    return ChatTemplate(source, f"{artifact.path}", special, "artifact")
 
 
 @dataclass
@@ -299,7 +301,7 @@ class ChatSession:
         """The whole session as one JSON-able object (``--json``)."""
         base = self.base
         return {
-            "artifact": str(self.artifact.path), "template": self.template.where, "system": self.options.system,
+            "artifact": str(self.artifact.path), "template": self.template.origin, "system": self.options.system,
             "turns": self.turns, "context": self.context, "stops": list(self.stops),
             "max_new_tokens": base.max_new_tokens, "temperature": base.temperature, "top_k": base.top_k,
             "top_p": base.top_p, "repetition_penalty": base.repetition_penalty, "seed": base.seed,
