@@ -36,6 +36,9 @@ MAX_TEMPLATE_BYTES = 1 << 20
 MAX_RENDER_CHARS = 1 << 20
 # A real template renders in milliseconds; one that loops for longer is refused.
 RENDER_SECONDS = 5.0
+# What a render may allocate beyond what the process holds: a prompt is at most MAX_RENDER_CHARS
+# characters (4 bytes each), plus jinja's own objects.
+RENDER_MEMORY_BYTES = 256 << 20
 # `a ** b` with a larger exponent than this could take minutes (big integers) in one operation.
 MAX_EXPONENT = 1024
 END_OF_TURN_PROBE = "\u2063bigmodel-end-of-turn-probe\u2063"  # text no template adds by itself
@@ -112,6 +115,33 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+@contextmanager
+def memory_limit(headroom: int) -> Iterator[None]:
+    """Let the block allocate at most ``headroom`` more bytes of address space (RLIMIT_AS, soft
+    limit, restored after): a template that builds a giant string gets MemoryError, not the
+    machine's memory. Only the render runs meanwhile (the backend's threads are idle between
+    answers). Without /proc (not Linux) the block runs unbounded, as the other caps still hold."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as handle:
+            in_use = int(handle.read().split()[0]) * resource.getpagesize()
+    except (ImportError, OSError, ValueError, IndexError):
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = in_use + headroom
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 class ChatTemplate:
     """A compiled chat template and the special tokens it is rendered with."""
 
@@ -138,7 +168,7 @@ class ChatTemplate:
                    "documents": None, "add_generation_prompt": add_generation_prompt}
         pieces, size = [], 0
         try:
-            with time_limit(RENDER_SECONDS):
+            with time_limit(RENDER_SECONDS), memory_limit(RENDER_MEMORY_BYTES):
                 for piece in self.template.generate(**context):
                     size += len(piece)
                     if size > MAX_RENDER_CHARS:
@@ -156,6 +186,9 @@ class ChatTemplate:
                                 f"{TEMPLATE_FIX}") from None
             raise UserError(f"{self.where}: the chat template failed to render ({type(exc).__name__}: {exc}); "
                             f"{TEMPLATE_FIX}") from None
+        except MemoryError:
+            raise UserError(f"{self.where}: the chat template tried to use more than {RENDER_MEMORY_BYTES >> 20:,} MiB "
+                            f"of memory; {TEMPLATE_FIX}") from None
         except RecursionError:
             raise UserError(f"{self.where}: the chat template recursed without end; {TEMPLATE_FIX}") from None
         except Exception as exc:  # the template's own mistakes: a bad operand, a missing key
