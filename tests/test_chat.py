@@ -159,7 +159,10 @@ def test_on_a_terminal_a_bad_message_does_not_end_the_session(instruct, monkeypa
     _, art = instruct
     result = chat(art, "--json", "-n", "3")
     assert result.exit_code == 0, result.output
-    assert [t["user"] for t in json.loads(result.stdout)["turns"]] == ["Hello there", "how are you"]
+    first, second = json.loads(result.stdout)["turns"]
+    assert (first["user"], second["user"]) == ("Hello there", "how are you")
+    # the refused message took nothing away: the first turn is still in the second's prompt
+    assert second["dropped_turns"] == 0 and second["prompt_tokens"] > first["prompt_tokens"] + first["new_tokens"]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]  # after a "> " prompt
     assert len(errors) == 1 and "this message is" in errors[0], result.stderr
 

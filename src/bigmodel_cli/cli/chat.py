@@ -93,9 +93,7 @@ def read_messages(interactive: bool):
     while True:
         try:
             if interactive:
-                sys.stderr.write("> ")
-                sys.stderr.flush()
-                line = input()
+                line = read_typed_line("> ")
             else:
                 line = sys.stdin.readline()
                 if not line:
@@ -109,6 +107,21 @@ def read_messages(interactive: bool):
             return
         if line.strip():
             yield line
+
+
+def read_typed_line(prompt: str) -> str:
+    """A line typed at the terminal, with line editing (readline) where Python has it. The prompt
+    goes where input() puts it (stdout) only when stdout is the terminal too, else to stderr, so
+    that a redirected stdout holds the answers alone."""
+    try:
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
+    except ImportError:
+        pass
+    if sys.stdout.isatty():
+        return input(prompt)
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    return input()
 
 
 def write_text(chunk: str) -> None:

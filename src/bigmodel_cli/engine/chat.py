@@ -254,6 +254,16 @@ class ChatOptions:
     template_file: Path | None = None
 
 
+def check_chat_request(artifact: Artifact, options: ChatOptions) -> None:
+    """Problems with the options or the artifact that need no template or model to see."""
+    validate(replace(options.generate, prompt="-"))  # every sampling problem now, before the first turn
+    if artifact.task != "language-modeling":
+        raise UserError(f"{artifact.path}: is a classifier, not a language model; chat needs a language model "
+                        f"(use bigmodel predict {artifact.path} INPUT)")
+    if options.system is not None and not options.system.strip():
+        raise UserError("--system must not be empty; give the system prompt's text, or leave the option out")
+
+
 class ChatSession:
     """One conversation: the messages kept for the model, the transcript of every turn, and the
     backend opened once for all turns."""
@@ -261,14 +271,8 @@ class ChatSession:
     def __init__(self, artifact: Artifact, options: ChatOptions):
         from .backends import open_backend
 
-        self.artifact, self.options = artifact, options
-        self.base = options.generate
-        validate(replace(self.base, prompt="-"))  # every sampling problem now, before the first turn
-        if artifact.task != "language-modeling":
-            raise UserError(f"{artifact.path}: is a classifier, not a language model; chat needs a language model "
-                            f"(use bigmodel predict {artifact.path} INPUT)")
-        if options.system is not None and not options.system.strip():
-            raise UserError("--system must not be empty; give the system prompt's text, or leave the option out")
+        check_chat_request(artifact, options)
+        self.artifact, self.options, self.base = artifact, options, options.generate
         self.template = load_template(artifact, options.template_file)
         self.tokenizer = artifact.tokenizer()
         self.system = [{"role": "system", "content": options.system}] if options.system is not None else []
@@ -291,19 +295,24 @@ class ChatSession:
 
     def fit(self, user: dict) -> tuple[str, int, int]:
         """The prompt for ``user`` after the kept history, dropping the oldest turns until it fits:
-        (prompt, its tokens, turns dropped). A turn that does not fit alone is refused."""
-        dropped = 0
+        (prompt, its tokens, turns dropped). A turn that does not fit alone is refused, and then
+        the history is left as it was."""
+        history, dropped = self.history, 0
         while True:
-            prompt = self.template.render([*self.system, *self.history, user])
+            prompt = self.template.render([*self.system, *history, user])
             tokens = len(self.encode(prompt))
+            if not tokens:
+                raise UserError(f"{self.template.where}: the chat template rendered no text for this conversation; "
+                                f"{TEMPLATE_FIX}")
             if tokens <= self.budget:
+                self.history = history
                 return prompt, tokens, dropped
-            if not self.history:
+            if not history:
                 raise UserError(f"this message is {tokens:,} tokens with the chat template"
                                 f"{' and the system prompt' if self.system else ''}, more than the "
                                 f"{self.budget:,} the model's window of {self.context:,} leaves beside the answer "
                                 f"(--max-new-tokens {self.base.max_new_tokens}); shorten it")
-            self.history = self.drop_oldest_turn(self.history)
+            history = self.drop_oldest_turn(history)
             dropped += 1
 
     @staticmethod
