@@ -95,6 +95,24 @@ def test_prompt_is_what_transformers_renders_and_tokenizes(instruct):
     assert ours.stops == ("</s>", "<|im_end|>")
 
 
+def test_templates_with_transformers_extras_render_as_transformers_does(instruct, tmp_path):
+    """The `generation` tag, loop controls, namespace, tojson and strftime_now's presence."""
+    source, art = instruct
+    template = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.role == 'system' %}{% continue %}"
+                "{% endif %}{% set ns.n = ns.n + 1 %}{{ ns.n }} {{ m | tojson }}\n{% if m.role == 'assistant' %}"
+                "{% generation %}{{ m.content }}{% endgeneration %}{% endif %}{% endfor %}"
+                "{% if strftime_now is defined %}{{ eos_token }}{% endif %}")
+    reference = transformers.AutoTokenizer.from_pretrained(source)
+    expected = reference.apply_chat_template(MESSAGES, chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert "I am fine" in expected and expected.endswith("</s>")
+    path = tmp_path / "extras.jinja"
+    path.write_text(template)
+    from bigmodel_cli.artifact import open_artifact
+    from bigmodel_cli.engine.chat import load_template
+
+    assert load_template(open_artifact(art), path).render(MESSAGES) == expected
+
+
 def test_turns_from_stdin_keep_the_conversation(instruct):
     _, art = instruct
     result = chat(art, "--json", "--temperature", "0", "-n", "3", "--system", "Be brief.",

@@ -3,7 +3,7 @@
 The template is the one ``bigmodel import`` stored from the checkpoint's tokenizer (config.json's
 ``tokenizer.chat_template``), or a Jinja file given with ``--template``. It is rendered the way
 ``transformers``' ``apply_chat_template`` renders it (jinja2's ``ImmutableSandboxedEnvironment``,
-``trim_blocks``/``lstrip_blocks``, the ``loopcontrols`` extension, ``raise_exception``, ``tojson``,
+``trim_blocks``/``lstrip_blocks``, the ``loopcontrols`` extension and the ``generation`` tag, ``raise_exception``, ``tojson``,
 ``strftime_now``; ``messages``, ``add_generation_prompt``, the special tokens), so the model sees
 the text it was tuned on. Templates come with downloaded checkpoints and are untrusted code: the
 sandbox refuses attribute tricks, and ``ChatSandbox`` also bounds what a render may build and
@@ -81,6 +81,15 @@ def make_sandbox():
                 raise SecurityError(f"a value of more than {MAX_RENDER_CHARS:,} items")
             return result
 
+    class GenerationTag(jinja2.ext.Extension):
+        # `{% generation %}...{% endgeneration %}` marks the assistant's text for transformers'
+        # training masks; rendering a prompt keeps the body as it is, as transformers does.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -88,7 +97,7 @@ def make_sandbox():
         # transformers' override: jinja's own tojson escapes HTML characters, which a prompt must keep
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ChatSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ChatSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, GenerationTag])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
