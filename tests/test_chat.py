@@ -211,6 +211,14 @@ def test_template_file_for_a_model_without_one(cli, tiny_gpt, tmp_path):
     assert result.exit_code == 0, result.output
     turn = json.loads(result.stdout)["turns"][0]
     assert turn["prompt_tokens"] == len(b"user: def f(x):\nassistant:") and turn["new_tokens"] == 5
+    # A template that ends each turn with "e": the answer stops before the first "e" the model writes.
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}e\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
+    result = chat(tiny_gpt, "--template", template, "--json", "-n", "60", "--temperature", "1", input="def f(x):\n")
+    assert result.exit_code == 0, result.output
+    transcript = json.loads(result.stdout)
+    turn = transcript["turns"][0]
+    assert transcript["stops"] == ["e"] and turn["stopped"] and "e" not in turn["assistant"], turn
 
 
 def test_non_language_model_is_refused(cli, digits_mlp):
