@@ -55,15 +55,21 @@ def chat(
                          repetition_penalty=repetition_penalty, use_cache=not no_cache, seed=seed, backend=backend,
                          device=device, threads=threads)
     session = ChatSession(open_artifact(artifact), ChatOptions(generate=cfg, system=system, template_file=template))
-    interactive = stdin_is_terminal()
+    converse(session, stdin_is_terminal(), json_out)
+    if json_out:
+        console.print_json(session.transcript())
+
+
+def converse(session, interactive: bool, json_out: bool) -> None:
+    """Answer every message read until the session ends; notes and errors on stderr."""
     if interactive:
-        console.note(f"chatting with {artifact} (window {session.context:,} tokens); Ctrl-C stops an answer, "
-                     "Ctrl-C at the prompt, Ctrl-D or /exit ends the session")
+        console.note(f"chatting with {session.artifact.path} (window {session.context:,} tokens); Ctrl-C stops an "
+                     "answer, Ctrl-C at the prompt, Ctrl-D or /exit ends the session")
     told_dropped = False
     for message in read_messages(interactive):
         try:
             turn = session.ask(message, on_text=None if json_out else write_text)
-        except UserError as exc:  # one message's mistake ends a script, not a conversation
+        except UserError as exc:  # on a terminal one message's mistake does not end the conversation
             if not interactive:
                 raise
             console.error(str(exc))
@@ -79,8 +85,6 @@ def chat(
             told_dropped = True
         if turn["interrupted"]:
             console.note(f"answer stopped after {turn['new_tokens']} tokens")
-    if json_out:
-        console.print_json(session.transcript())
 
 
 def stdin_is_terminal() -> bool:
