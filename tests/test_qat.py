@@ -139,10 +139,17 @@ def test_qat_llama(cli, corpus, tmp_path):
     assert "perplexity" in result["report"]["after"] and result["quantization"]["qat"]["layers"]
 
 
-def test_qat_language_model(cli, tiny_gpt, tmp_path):
+def test_qat_language_model_simulation_agrees_with_onnx_runtime(cli, tiny_gpt, tmp_path):
     result = _ok(cli("quantize", tiny_gpt / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 5,
                      "--batch-size", 8, "--calib-samples", 8, "--limit", 8, "--json", "--no-bench"))
     assert "perplexity" in result["report"]["after"] and "perplexity" in result["report"]["ptq"]
+    agreement = result["report"]["qat"]["simulated_vs_onnx"]
+    assert agreement["predictions"] >= 8 * 16 and agreement["top1_agreement"] >= 0.995
+    simulated, onnx = agreement["simulated"]["perplexity"], agreement["onnx"]["perplexity"]
+    assert abs(onnx / simulated - 1) <= 0.002
+    # The export quantizes what the simulation simulates: the weight layers, not attention's products.
+    assert "weight layers" in result["quantization"]["qat"]["placement"]
+    assert not any(name.endswith("(output)") for name in result["quantization"]["qat"]["activations"])
 
 
 @pytest.mark.parametrize("extra, fragments", [

@@ -463,10 +463,12 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     options = dataclasses.replace(options, per_channel=True)
     calib = _calibration_inputs(source, options, "static")
     ptq = _static_attempt(source, options, calib, tmp / "ptq", say)
+    # A transformer's export quantizes only the simulated weight layers (qat.py's docstring says why).
+    transformer = ptq.plan.transformer
     say("stage", name="finetune")
-    trained = _qat_finetune(source, options, calib, ptq.plan.scheme, tmp / "finetune", say)
+    trained = _qat_finetune(source, options, calib, ptq.plan.scheme, tmp / "finetune", say, quantize_output=not transformer)
     shadow = art.open_artifact(trained["best_dir"])
-    qat = _static_attempt(shadow, options, calib, tmp / "qat", say, before=ptq.before)
+    qat = _static_attempt(shadow, options, calib, tmp / "qat", say, before=ptq.before, weight_layers_only=transformer)
     gate = qat.gate()
     final = _shipped_file(qat.path, tmp / "qat")
     ptq_final = _shipped_file(ptq.path, tmp / "ptq")
@@ -478,6 +480,8 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     section = {**_quantization_section(qat.plan, options, calib, gate, final, None),
                "qat": {"activation_scales": "minmax-calibrated, frozen during fine-tuning, re-calibrated on the trained weights",
                        "weights": "per-channel symmetric int8, straight-through gradients",
+                       "placement": ("the weight layers' inputs and weights only (outputs in float), as simulated"
+                                     if transformer else "ONNX Runtime's static QDQ flow"),
                        "layers": trained["layers"], "activations": trained["activations"],
                        "fp32_shadow_weights": art.WEIGHTS_FILE}}
     say("stage", name="write")
@@ -491,12 +495,16 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
 
 
 def _static_attempt(source: art.Artifact, options: QuantizeOptions, calib, tmp: Path, say: Callable,
-                    before: dict | None = None) -> _Int8Attempts:
+                    before: dict | None = None, weight_layers_only: bool = False) -> _Int8Attempts:
     """Static QDQ int8 of ``source`` in its own work directory, quantized and measured; ``before``
-    replaces its fp32 metrics (QAT measures against the original fp32 model)."""
+    replaces its fp32 metrics (QAT measures against the original fp32 model); ``weight_layers_only``:
+    quantize the weight layers only (onnx_int8.weight_layer_nodes)."""
     tmp.mkdir()
     onnx_artifact, _ = _fp32_artifact(source, options, tmp, say)
     plan = _plan_int8(onnx_artifact.path / art.ONNX_FILE, tmp, options, "static", say)
+    if weight_layers_only:
+        plan.settings = dataclasses.replace(plan.settings, weight_layers_only=True)
+        plan.sensitive = []  # nothing but the weight layers is quantized: nothing else to keep in float
     attempts = _Int8Attempts(source, plan, calib, options, tmp, say)
     attempts.quantize_first()
     attempts.measure_first()
@@ -505,7 +513,8 @@ def _static_attempt(source: art.Artifact, options: QuantizeOptions, calib, tmp: 
     return attempts
 
 
-def _qat_finetune(source: art.Artifact, options: QuantizeOptions, calib, scheme, run_dir: Path, say: Callable) -> dict:
+def _qat_finetune(source: art.Artifact, options: QuantizeOptions, calib, scheme, run_dir: Path, say: Callable,
+                  quantize_output: bool = True) -> dict:
     from bigmodel_cli.config import TrainConfig
     from .qat import finetune
 
@@ -515,7 +524,7 @@ def _qat_finetune(source: art.Artifact, options: QuantizeOptions, calib, scheme,
     cfg = dataclasses.replace(train, model=str(source.path), out=str(run_dir),
                               epochs=options.finetune_epochs or None, max_steps=options.finetune_steps or None,
                               overwrite=False, resume=bool(options.finetune_dir and train.resume))
-    return finetune(source, calib.batches, scheme, cfg, run_dir, say)
+    return finetune(source, calib.batches, scheme, cfg, run_dir, say, quantize_output)
 
 
 def _qat_agreement(model, int8: Path, evaluator: Evaluator, threads: int | None) -> dict:
