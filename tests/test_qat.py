@@ -194,3 +194,39 @@ def test_qat_keeps_its_run_in_finetune_dir_and_resume_continues_it(cli, digits_m
 def test_qat_resume_needs_finetune_dir(cli, digits_mlp, tmp_path):
     assert_one_error_line(cli("quantize", digits_mlp / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 5,
                               "--resume"), "--resume", "--finetune-dir")
+
+
+def test_qat_gate_refuses_a_result_that_loses_too_much(cli, digits_mlp, tmp_path):
+    # A learning rate that wrecks the fine-tuning: the QAT int8 model loses most of its accuracy.
+    out = tmp_path / "q"
+    result = cli("quantize", digits_mlp / "best", "--out", out, "--qat", "--finetune-steps", 5, "--lr", 0.3,
+                 "--max-metric-drop", 0, "--max-retries", 0, "--no-bench")
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: accuracy gate failed"), result.stderr
+    assert "nothing was written" in lines[0] and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_qat_interrupted_finetune_resumes_to_the_same_weights(digits_mlp, tmp_path):
+    from safetensors.numpy import load_file
+
+    from bigmodel_cli import TrainConfig, open_artifact
+    from bigmodel_cli.engine.compress.quantize.command import QuantizeOptions, quantize_artifact
+
+    def run(name, resume=False):
+        train = TrainConfig(eval_every=2, checkpoint_every=2, keep_checkpoints=5, resume=resume, threads=1)
+        options = QuantizeOptions(qat=True, finetune_steps=6, finetune_dir=str(tmp_path / f"{name}-run"), train=train,
+                                  bench=False, threads=1, limit=64)
+        return quantize_artifact(open_artifact(digits_mlp / "best"), tmp_path / f"{name}-{int(resume)}", options)
+
+    whole = run("whole")
+    run("cut")
+    # What a run killed after its step-4 checkpoint leaves: no step-6 checkpoint, no best/ or last/.
+    cut = tmp_path / "cut-run"
+    for leftover in [*sorted((cut / "checkpoints").glob("step-*"))[-1:], cut / "best", cut / "last"]:
+        shutil.rmtree(leftover)
+    resumed = run("cut", resume=True)
+    assert resumed.report["qat"]["resumed_from"] is not None and resumed.report["qat"]["steps"] == 6
+    a, b = load_file(whole.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
