@@ -158,6 +158,8 @@ def test_qat_language_model_simulation_agrees_with_onnx_runtime(cli, tiny_gpt, t
     (("--qat", "--finetune-steps", 5, "--mode", "weight-only"), ("--qat", "weight-only")),
     (("--finetune-steps", 5), ("--qat",)),
     (("--qat", "--finetune-steps", 5, "--lr", "nan"), ("--lr",)),
+    (("--nproc", 2), ("--nproc", "--qat")),
+    (("--qat", "--finetune-steps", 5, "--nproc", 4096), ("--nproc 4096", "CPU cores")),
 ])
 def test_qat_bad_options(cli, digits_mlp, tmp_path, extra, fragments):
     out = tmp_path / "q"

@@ -81,6 +81,7 @@ class QuantizeOptions:
     finetune_steps: int | None = None  # … or in steps
     train: Any = None  # --qat: the TrainConfig of the fine-tuning (lr, batch size, resume, …); None: defaults
     finetune_dir: str | None = None  # --qat: keep the fine-tuning run here (checkpoints: --resume continues it)
+    nproc: int | None = None  # --qat: fine-tune in N data-parallel processes (as train --nproc)
 
 
 @dataclass
@@ -156,6 +157,10 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
         raise UserError(f"{artifact.path}: is already quantized; quantize the artifact it came from ({parent})")
     if options.qat and options.train is not None:
         options.train.validate()  # --lr, --batch-size, --patience: the training loop's own checks, before any work
+    if options.qat and options.nproc is not None:
+        from ...training.launcher import check_options
+
+        check_options(options.nproc, None, (options.train.device if options.train is not None else "auto"))
     if options.qat and (artifact.has_onnx or not artifact.has_weights):
         # An export's weights are a copy of its parent's: the parent is what QAT trains and writes.
         parent = (artifact.manifest.get("parent") or {}).get("path", "its PyTorch parent")
@@ -184,6 +189,9 @@ def _qat_problems(options: QuantizeOptions, mode: str | None) -> list[str]:
     if not options.qat:
         if options.finetune_epochs or options.finetune_steps is not None:
             return ["--finetune-epochs/--finetune-steps are the fine-tuning budget of --qat; add --qat"]
+        if options.nproc is not None:
+            return ["--nproc runs --qat's fine-tuning in several processes; post-training quantization runs in one: "
+                    "drop --nproc, or add --qat"]
         return []
     p = []
     if mode is not None and mode != "static":
@@ -466,7 +474,7 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     # A transformer's export quantizes only the simulated weight layers (qat.py's docstring says why).
     transformer = ptq.plan.transformer
     say("stage", name="finetune")
-    trained = _qat_finetune(source, options, calib, ptq.plan.scheme, tmp / "finetune", say, quantize_output=not transformer)
+    trained = _qat_finetune(source, options, calib, ptq.plan.scheme, tmp, say, quantize_output=not transformer)
     shadow = art.open_artifact(trained["best_dir"])
     qat = _static_attempt(shadow, options, calib, tmp / "qat", say, before=ptq.before, weight_layers_only=transformer)
     gate = qat.gate()
@@ -513,18 +521,19 @@ def _static_attempt(source: art.Artifact, options: QuantizeOptions, calib, tmp: 
     return attempts
 
 
-def _qat_finetune(source: art.Artifact, options: QuantizeOptions, calib, scheme, run_dir: Path, say: Callable,
+def _qat_finetune(source: art.Artifact, options: QuantizeOptions, calib, scheme, tmp: Path, say: Callable,
                   quantize_output: bool = True) -> dict:
     from bigmodel_cli.config import TrainConfig
     from .qat import finetune
 
     train = options.train or TrainConfig()
+    run_dir = tmp / "finetune"
     if options.finetune_dir:
         run_dir = Path(options.finetune_dir)  # kept, so that --resume can continue it
     cfg = dataclasses.replace(train, model=str(source.path), out=str(run_dir),
                               epochs=options.finetune_epochs or None, max_steps=options.finetune_steps or None,
                               overwrite=False, resume=bool(options.finetune_dir and train.resume))
-    return finetune(source, calib.batches, scheme, cfg, run_dir, say, quantize_output)
+    return finetune(source, calib.batches, scheme, cfg, run_dir, say, quantize_output, options.nproc, tmp)
 
 
 def _qat_agreement(model, int8: Path, evaluator: Evaluator, threads: int | None) -> dict:
