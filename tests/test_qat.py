@@ -156,6 +156,7 @@ def test_qat_language_model_simulation_agrees_with_onnx_runtime(cli, tiny_gpt, t
     (("--qat",), ("--finetune-epochs",)),
     (("--qat", "--finetune-epochs", 0), ("--finetune-epochs",)),
     (("--qat", "--finetune-steps", 5, "--mode", "weight-only"), ("--qat", "weight-only")),
+    (("--qat", "--finetune-steps", 5, "--mode", "dynamic"), ("--qat", "dynamic")),
     (("--finetune-steps", 5), ("--qat",)),
     (("--qat", "--finetune-steps", 5, "--lr", "nan"), ("--lr",)),
     (("--nproc", 2), ("--nproc", "--qat")),
