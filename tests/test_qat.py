@@ -233,3 +233,10 @@ def test_qat_interrupted_finetune_resumes_to_the_same_weights(digits_mlp, tmp_pa
     assert resumed.report["qat"]["resumed_from"] is not None and resumed.report["qat"]["steps"] == 6
     a, b = load_file(whole.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"source": 1}'])
+def test_qat_worker_refuses_a_spec_it_did_not_write(cli, tmp_path, content):
+    spec = tmp_path / "spec.json"
+    spec.write_text(content)
+    assert_one_error_line(cli("qat-worker", spec), "worker spec", "quantize --qat --nproc")

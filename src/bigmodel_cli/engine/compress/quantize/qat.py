@@ -313,14 +313,38 @@ def run_worker(spec_path, progress) -> None:
     from bigmodel_cli.output_file import write_json_atomic
     from ...training.loop import run_job
 
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    spec = read_worker_spec(Path(spec_path))
     cfg = build_config(TrainConfig, spec["train"], source=str(spec_path))
     torch.manual_seed(cfg.seed)
     source = art.open_artifact(spec["source"])
     model = source.build_model()
     layers = quantizable_layers(model)
     restore(layers, spec["activations"])
-    simulate(layers, spec["reduce_range"])
+    simulate(layers, bool(spec["reduce_range"]))
     result = run_job(_training_job(source, model, layers, cfg, spec["scheme"]), progress)
     if result.is_main:
         write_json_atomic(spec["result"], _facts(result))
+
+
+SPEC_KEYS = {"source": str, "train": dict, "activations": dict, "reduce_range": bool, "scheme": str, "result": str}
+QUANT_KEYS = {f.name for f in dataclasses.fields(ActivationQuant)}
+
+
+def read_worker_spec(path: Path) -> dict:
+    """The spec ``_finetune_in_workers`` wrote, checked for that shape: a worker started by hand with
+    anything else gets one line (exit 2), not a traceback."""
+    fix = f"{path}: is not a worker spec written by `bigmodel quantize --qat --nproc`; run that command instead"
+    try:
+        with path.open("rb") as file:
+            raw = file.read((1 << 20) + 1)  # ours are a few KB
+        if len(raw) > 1 << 20:
+            raise ValueError("larger than 1 MB")
+        spec = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"{fix} ({exc})") from None
+    ok = isinstance(spec, dict) and all(isinstance(spec.get(k), t) for k, t in SPEC_KEYS.items())
+    ok = ok and all(isinstance(q, dict) and set(q) == QUANT_KEYS and all(isinstance(v, (int, float)) for v in q.values())
+                    for q in spec["activations"].values())
+    if not ok:
+        raise UserError(fix)
+    return spec
