@@ -116,7 +116,11 @@ def test_qat_user_model_with_batchnorm_conv_linear(cli, tmp_path):
     source = _user(tmp_path / "bn", BN_MODEL)
     result = _ok(cli("--trust-model-code", "quantize", source, "--out", tmp_path / "q", "--qat",
                      "--finetune-steps", 10, "--json", "--no-bench"))
-    assert result["report"]["qat"]["simulated_vs_onnx"]["top1_agreement"] >= 0.98
+    # ORT folds the BatchNorm into the Conv; per-channel symmetric weights make the unfolded
+    # simulation the same grid, so the two agree as for any model.
+    agreement = result["report"]["qat"]["simulated_vs_onnx"]
+    assert agreement["top1_agreement"] >= 0.995
+    assert abs(agreement["simulated"]["accuracy"] - agreement["onnx"]["accuracy"]) <= 0.002
     assert (tmp_path / "q" / "model.py").is_file() and (tmp_path / "q" / "model.safetensors").is_file()
 
 
