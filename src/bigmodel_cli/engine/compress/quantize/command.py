@@ -471,12 +471,15 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     options = dataclasses.replace(options, per_channel=True)
     calib = _calibration_inputs(source, options, "static")
     ptq = _static_attempt(source, options, calib, tmp / "ptq", say)
-    # A transformer's export quantizes only the simulated weight layers (qat.py's docstring says why).
-    transformer = ptq.plan.transformer
+    # Where the full flow would quantize more than the weight layers (attention, embeddings: any
+    # transformer), the export quantizes only what is simulated (qat.py's docstring says why).
+    from .onnx_int8 import quantizes_beyond_weight_layers
+
+    layers_only = quantizes_beyond_weight_layers(ptq.plan.graph)
     say("stage", name="finetune")
-    trained = _qat_finetune(source, options, calib, ptq.plan.scheme, tmp, say, quantize_output=not transformer)
+    trained = _qat_finetune(source, options, calib, ptq.plan.scheme, tmp, say, quantize_output=not layers_only)
     shadow = art.open_artifact(trained["best_dir"])
-    qat = _static_attempt(shadow, options, calib, tmp / "qat", say, before=ptq.before, weight_layers_only=transformer)
+    qat = _static_attempt(shadow, options, calib, tmp / "qat", say, before=ptq.before, weight_layers_only=layers_only)
     gate = qat.gate()
     final = _shipped_file(qat.path, tmp / "qat")
     ptq_final = _shipped_file(ptq.path, tmp / "ptq")
@@ -489,7 +492,7 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
                "qat": {"activation_scales": "minmax-calibrated, frozen during fine-tuning, re-calibrated on the trained weights",
                        "weights": "per-channel symmetric int8, straight-through gradients",
                        "placement": ("the weight layers' inputs and weights only (outputs in float), as simulated"
-                                     if transformer else "ONNX Runtime's static QDQ flow"),
+                                     if layers_only else "ONNX Runtime's static QDQ flow"),
                        "layers": trained["layers"], "activations": trained["activations"],
                        "fp32_shadow_weights": art.WEIGHTS_FILE}}
     say("stage", name="write")

@@ -140,6 +140,16 @@ class Int8Settings:
     weight_layers_only: bool = False
 
 
+def quantizes_beyond_weight_layers(graph) -> bool:
+    """Whether the full static QDQ flow would quantize tensors that no Linear or Conv layer takes
+    as input: a MatMul of two activations (attention's scores and output) or an embedding Gather.
+    (In a Conv/Gemm network the flow's other placements sit on those layers' outputs, which equal
+    the next layer's input quantization after a ReLU.)"""
+    constants = _constants(graph)
+    return any((n.op_type == "MatMul" and not set(n.input) & constants)
+               or (n.op_type == "Gather" and n.input and n.input[0] in constants) for n in graph.node)
+
+
 def weight_layer_nodes(graph) -> list[str]:
     """The MatMul, Gemm and Conv nodes whose second input is a weight (an initializer): the model's
     Linear and Conv layers, and not the attention's products of two activations."""

@@ -11,10 +11,11 @@ What is simulated is what ONNX Runtime's static QDQ flow (``onnx_int8.py``, per 
 
 In a transformer ORT's full QDQ flow also quantizes what no Linear or Conv sees (embedding outputs,
 bias Adds, q, k, v, the scores, the softmax probabilities, the logits), and those placements cost
-1-1.5 points of top-1 agreement between simulation and export (measured: docs/quantize.md). There
-the export is made to quantize only what is simulated instead (``onnx_int8.weight_layer_nodes``,
-outputs in float), and the logits are not quantized in either; that graph is also faster on ORT
-(its MatMuls become MatMulIntegerToFloat).
+1-2.5 points of top-1 agreement between simulation and export (measured: docs/quantize.md). Where
+the graph has such places (``onnx_int8.quantizes_beyond_weight_layers``: a MatMul of two
+activations or an embedding Gather) the export is made to quantize only what is simulated instead
+(``onnx_int8.weight_layer_nodes``, outputs in float), and the logits are not quantized in either;
+ORT runs those MatMuls as MatMulIntegerToFloat.
 
 Activation ranges are calibrated once with minmax on the calibration set and then *frozen* during
 fine-tuning (not LSQ learned scales): frozen minmax ranges are what the static flow computes from the
