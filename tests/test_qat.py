@@ -224,19 +224,20 @@ def test_qat_interrupted_finetune_resumes_to_the_same_weights(digits_mlp, tmp_pa
     from bigmodel_cli import TrainConfig, open_artifact
     from bigmodel_cli.engine.compress.quantize.command import QuantizeOptions, quantize_artifact
 
-    def run(name, resume=False):
+    def run(resume=False):
         train = TrainConfig(eval_every=2, checkpoint_every=2, keep_checkpoints=5, resume=resume, threads=1)
-        options = QuantizeOptions(qat=True, finetune_steps=6, finetune_dir=str(tmp_path / f"{name}-run"), train=train,
+        options = QuantizeOptions(qat=True, finetune_steps=6, finetune_dir=str(tmp_path / "run"), train=train,
                                   bench=False, threads=1, limit=64)
-        return quantize_artifact(open_artifact(digits_mlp / "best"), tmp_path / f"{name}-{int(resume)}", options)
+        return quantize_artifact(open_artifact(digits_mlp / "best"), tmp_path / f"q{int(resume)}", options)
 
-    whole = run("whole")
-    run("cut")
-    # What a run killed after its step-4 checkpoint leaves: no step-6 checkpoint, no best/ or last/.
-    cut = tmp_path / "cut-run"
+    whole = run()
+    # What the run would have left had it been killed after its step-4 checkpoint: no step-6
+    # checkpoint, no best/ or last/.
+    cut = tmp_path / "run"
     for leftover in [*sorted((cut / "checkpoints").glob("step-*"))[-1:], cut / "best", cut / "last"]:
         shutil.rmtree(leftover)
-    resumed = run("cut", resume=True)
+    resumed = run(resume=True)
+    assert whole.report["qat"]["resumed_from"] is None
     assert resumed.report["qat"]["resumed_from"] is not None and resumed.report["qat"]["steps"] == 6
     a, b = load_file(whole.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
