@@ -280,3 +280,23 @@ def test_the_full_optimizer_state_round_trips_between_index_and_name_keys():
     for pid, entries in by_index["state"].items():
         for key, value in entries.items():
             assert torch.equal(back["state"][pid][key], value)
+
+
+@needs_two_cores
+def test_qat_finetune_on_two_processes_matches_one(tmp_path, digits_mlp):
+    """quantize --qat --nproc 2: the fine-tuning with int8 simulated runs as two data-parallel ranks
+    (the launching process's calibration handed to them) and trains exactly like one process."""
+    from bigmodel_cli import TrainConfig, open_artifact
+    from bigmodel_cli.engine.compress.quantize.command import QuantizeOptions, quantize_artifact
+
+    train = TrainConfig(lr=1e-4, batch_size=33, seed=3, threads=1)
+    quantize_artifact(open_artifact(digits_mlp / "best"), tmp_path / "q1",
+                      QuantizeOptions(qat=True, finetune_steps=6, finetune_dir=str(tmp_path / "one"), train=train,
+                                      bench=False, threads=1))
+    result = subprocess.run([sys.executable, "-m", "bigmodel_cli", "quantize", str(digits_mlp / "best"), "--out",
+                             str(tmp_path / "q2"), "--qat", "--finetune-steps", "6", "--batch-size", "33", "--seed", "3",
+                             "--finetune-dir", str(tmp_path / "two"), "--nproc", "2", "--no-bench", "--json"],
+                            capture_output=True, text=True, timeout=240, env=_env())
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["report"]["qat"]["processes"] == 2
+    _assert_same_training(tmp_path / "one", tmp_path / "two")

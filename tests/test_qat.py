@@ -116,7 +116,11 @@ def test_qat_user_model_with_batchnorm_conv_linear(cli, tmp_path):
     source = _user(tmp_path / "bn", BN_MODEL)
     result = _ok(cli("--trust-model-code", "quantize", source, "--out", tmp_path / "q", "--qat",
                      "--finetune-steps", 10, "--json", "--no-bench"))
-    assert result["report"]["qat"]["simulated_vs_onnx"]["top1_agreement"] >= 0.98
+    # ORT folds the BatchNorm into the Conv; per-channel symmetric weights make the unfolded
+    # simulation the same grid, so the two agree as for any model.
+    agreement = result["report"]["qat"]["simulated_vs_onnx"]
+    assert agreement["top1_agreement"] >= 0.995
+    assert abs(agreement["simulated"]["accuracy"] - agreement["onnx"]["accuracy"]) <= 0.002
     assert (tmp_path / "q" / "model.py").is_file() and (tmp_path / "q" / "model.safetensors").is_file()
 
 
@@ -137,20 +141,33 @@ def test_qat_llama(cli, corpus, tmp_path):
     result = _ok(cli("quantize", tmp_path / "llama" / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 3,
                      "--batch-size", 8, "--calib-samples", 8, "--limit", 8, "--json", "--no-bench"))
     assert "perplexity" in result["report"]["after"] and result["quantization"]["qat"]["layers"]
+    # RMSNorm exports as plain ops (no LayerNormalization): the placement follows attention, not the norm.
+    assert "weight layers" in result["quantization"]["qat"]["placement"]
+    assert result["report"]["qat"]["simulated_vs_onnx"]["top1_agreement"] >= 0.995
 
 
-def test_qat_language_model(cli, tiny_gpt, tmp_path):
+def test_qat_language_model_simulation_agrees_with_onnx_runtime(cli, tiny_gpt, tmp_path):
     result = _ok(cli("quantize", tiny_gpt / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 5,
                      "--batch-size", 8, "--calib-samples", 8, "--limit", 8, "--json", "--no-bench"))
     assert "perplexity" in result["report"]["after"] and "perplexity" in result["report"]["ptq"]
+    agreement = result["report"]["qat"]["simulated_vs_onnx"]
+    assert agreement["predictions"] >= 8 * 16 and agreement["top1_agreement"] >= 0.995
+    simulated, onnx = agreement["simulated"]["perplexity"], agreement["onnx"]["perplexity"]
+    assert abs(onnx / simulated - 1) <= 0.002
+    # The export quantizes what the simulation simulates: the weight layers, not attention's products.
+    assert "weight layers" in result["quantization"]["qat"]["placement"]
+    assert not any(name.endswith("(output)") for name in result["quantization"]["qat"]["activations"])
 
 
 @pytest.mark.parametrize("extra, fragments", [
     (("--qat",), ("--finetune-epochs",)),
     (("--qat", "--finetune-epochs", 0), ("--finetune-epochs",)),
     (("--qat", "--finetune-steps", 5, "--mode", "weight-only"), ("--qat", "weight-only")),
+    (("--qat", "--finetune-steps", 5, "--mode", "dynamic"), ("--qat", "dynamic")),
     (("--finetune-steps", 5), ("--qat",)),
     (("--qat", "--finetune-steps", 5, "--lr", "nan"), ("--lr",)),
+    (("--nproc", 2), ("--nproc", "--qat")),
+    (("--qat", "--finetune-steps", 5, "--nproc", 4096), ("--nproc 4096", "CPU cores")),
 ])
 def test_qat_bad_options(cli, digits_mlp, tmp_path, extra, fragments):
     out = tmp_path / "q"
@@ -187,3 +204,47 @@ def test_qat_keeps_its_run_in_finetune_dir_and_resume_continues_it(cli, digits_m
 def test_qat_resume_needs_finetune_dir(cli, digits_mlp, tmp_path):
     assert_one_error_line(cli("quantize", digits_mlp / "best", "--out", tmp_path / "q", "--qat", "--finetune-steps", 5,
                               "--resume"), "--resume", "--finetune-dir")
+
+
+def test_qat_gate_refuses_a_result_that_loses_too_much(cli, digits_mlp, tmp_path):
+    # A learning rate that wrecks the fine-tuning: the QAT int8 model loses most of its accuracy.
+    out = tmp_path / "q"
+    result = cli("quantize", digits_mlp / "best", "--out", out, "--qat", "--finetune-steps", 5, "--lr", 0.3,
+                 "--max-metric-drop", 0, "--max-retries", 0, "--no-bench")
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: accuracy gate failed"), result.stderr
+    assert "nothing was written" in lines[0] and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_qat_interrupted_finetune_resumes_to_the_same_weights(digits_mlp, tmp_path):
+    from safetensors.numpy import load_file
+
+    from bigmodel_cli import TrainConfig, open_artifact
+    from bigmodel_cli.engine.compress.quantize.command import QuantizeOptions, quantize_artifact
+
+    def run(resume=False):
+        train = TrainConfig(eval_every=2, checkpoint_every=2, keep_checkpoints=5, resume=resume, threads=1)
+        options = QuantizeOptions(qat=True, finetune_steps=6, finetune_dir=str(tmp_path / "run"), train=train,
+                                  bench=False, threads=1, limit=64)
+        return quantize_artifact(open_artifact(digits_mlp / "best"), tmp_path / f"q{int(resume)}", options)
+
+    whole = run()
+    # What the run would have left had it been killed after its step-4 checkpoint: no step-6
+    # checkpoint, no best/ or last/.
+    cut = tmp_path / "run"
+    for leftover in [*sorted((cut / "checkpoints").glob("step-*"))[-1:], cut / "best", cut / "last"]:
+        shutil.rmtree(leftover)
+    resumed = run(resume=True)
+    assert whole.report["qat"]["resumed_from"] is None
+    assert resumed.report["qat"]["resumed_from"] is not None and resumed.report["qat"]["steps"] == 6
+    a, b = load_file(whole.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"source": 1}'])
+def test_qat_worker_refuses_a_spec_it_did_not_write(cli, tmp_path, content):
+    spec = tmp_path / "spec.json"
+    spec.write_text(content)
+    assert_one_error_line(cli("qat-worker", spec), "worker spec", "quantize --qat --nproc")

@@ -110,6 +110,8 @@ def _register() -> None:
 
     for name, module, function in COMMANDS:
         app.command(name)(getattr(importlib.import_module(f"{__name__}.{module}"), function))
+    # Started by `quantize --qat --nproc` for its workers, never by hand.
+    app.command("qat-worker", hidden=True)(importlib.import_module(f"{__name__}.quantize").qat_worker)
     # Command groups (a noun with its own verbs).
     app.add_typer(importlib.import_module(f"{__name__}.tokenizer").app, name="tokenizer")
 

@@ -59,6 +59,7 @@ def quantize(
     seed: Annotated[int, typer.Option("--seed", help="--qat: fine-tuning seed.", rich_help_panel=_T)] = 0,
     finetune_dir: Annotated[Optional[Path], typer.Option("--finetune-dir", help="--qat: keep the fine-tuning run (checkpoints, metrics.jsonl) in this directory.", rich_help_panel=_T)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="--qat: continue the run in --finetune-dir from its last checkpoint.", rich_help_panel=_T)] = False,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="--qat: fine-tune with N processes on this machine (data parallel, as train --nproc; --batch-size stays the global batch).", rich_help_panel=_T)] = None,
     threads: ThreadsOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -78,7 +79,7 @@ def quantize(
         max_retries=max_retries, export=export, preprocess=preprocess, split=split, limit=limit, bench=bench,
         bench_batch=bench_batch, seq_len=seq_len, iterations=iterations, warmup=warmup, threads=threads,
         qat=qat, finetune_epochs=finetune_epochs, finetune_steps=finetune_steps,
-        finetune_dir=str(finetune_dir) if finetune_dir else None,
+        finetune_dir=str(finetune_dir) if finetune_dir else None, nproc=nproc,
         train=TrainConfig(lr=lr, batch_size=batch_size, patience=patience, seed=seed, threads=threads, resume=resume) if qat else None)
     source = open_artifact(artifact)
     with StageProgress(_STAGES, enabled=not json_out) as progress:
@@ -154,3 +155,12 @@ def _print_report(result) -> None:
         info.append(("accuracy gate", f"passed (≤ {gate['max_metric_drop']:g} {gate['unit']})"
                      + (f" after {tries} retr{'y' if tries == 1 else 'ies'}; in float: {', '.join(gate['excluded'])}" if tries else "")))
     console.out.print(console.key_value_table("quantization", info))
+
+
+def qat_worker(spec: Annotated[Path, typer.Argument(help="The worker spec quantize --qat --nproc wrote.")]) -> None:
+    """One worker of `quantize --qat --nproc`: started by that command, not by hand (hidden)."""
+    from ..engine.compress.quantize.qat import run_worker
+    from ..engine.core.progress import no_progress
+
+    # The launching command shows its own stages; a second live display from rank 0 would garble them.
+    run_worker(spec, no_progress)

@@ -115,9 +115,10 @@ def check_job(job, strategy: str) -> None:
 # --------------------------------------------------------------------------- the launcher
 
 
-def launch(job, nproc: int, argv: list[str]) -> None:
+def launch(job, nproc: int, argv: list[str], command: list[str] | None = None) -> None:
     """Run ``bigmodel train ARGV`` in ``nproc`` workers on this machine, like
-    ``torchrun --standalone --nproc-per-node N -m bigmodel_cli train ARGV``.
+    ``torchrun --standalone --nproc-per-node N -m bigmodel_cli train ARGV``. ``command``: what comes
+    before ARGV instead of ``train`` (``quantize --qat`` runs its fine-tuning as ``qat-worker SPEC``).
 
     Everything that can be checked is checked here first, in this process. Rank 0 inherits this
     terminal (progress bar and results); the other ranks' output goes to log files that are read
@@ -155,7 +156,7 @@ def launch(job, nproc: int, argv: list[str]) -> None:
     for logger in quiet:
         logger.setLevel(logging.CRITICAL)
     try:
-        elastic_launch(config, sys.executable)("-m", "bigmodel_cli", "train", *argv)
+        elastic_launch(config, sys.executable)("-m", "bigmodel_cli", *(command or ["train"]), *argv)
     except ChildFailedError as exc:
         _remove_staging(out)
         if all(f.exitcode in (130, -signal.SIGINT) for f in exc.failures.values()):

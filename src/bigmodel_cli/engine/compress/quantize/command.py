@@ -81,6 +81,7 @@ class QuantizeOptions:
     finetune_steps: int | None = None  # … or in steps
     train: Any = None  # --qat: the TrainConfig of the fine-tuning (lr, batch size, resume, …); None: defaults
     finetune_dir: str | None = None  # --qat: keep the fine-tuning run here (checkpoints: --resume continues it)
+    nproc: int | None = None  # --qat: fine-tune in N data-parallel processes (as train --nproc)
 
 
 @dataclass
@@ -156,6 +157,10 @@ def validate(options: QuantizeOptions, artifact: art.Artifact) -> str:
         raise UserError(f"{artifact.path}: is already quantized; quantize the artifact it came from ({parent})")
     if options.qat and options.train is not None:
         options.train.validate()  # --lr, --batch-size, --patience: the training loop's own checks, before any work
+    if options.qat and options.nproc is not None:
+        from ...training.launcher import check_options
+
+        check_options(options.nproc, None, (options.train.device if options.train is not None else "auto"))
     if options.qat and (artifact.has_onnx or not artifact.has_weights):
         # An export's weights are a copy of its parent's: the parent is what QAT trains and writes.
         parent = (artifact.manifest.get("parent") or {}).get("path", "its PyTorch parent")
@@ -184,6 +189,9 @@ def _qat_problems(options: QuantizeOptions, mode: str | None) -> list[str]:
     if not options.qat:
         if options.finetune_epochs or options.finetune_steps is not None:
             return ["--finetune-epochs/--finetune-steps are the fine-tuning budget of --qat; add --qat"]
+        if options.nproc is not None:
+            return ["--nproc runs --qat's fine-tuning in several processes; post-training quantization runs in one: "
+                    "drop --nproc, or add --qat"]
         return []
     p = []
     if mode is not None and mode != "static":
@@ -463,10 +471,15 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     options = dataclasses.replace(options, per_channel=True)
     calib = _calibration_inputs(source, options, "static")
     ptq = _static_attempt(source, options, calib, tmp / "ptq", say)
+    # Where the full flow would quantize more than the weight layers (attention, embeddings: any
+    # transformer), the export quantizes only what is simulated (qat.py's docstring says why).
+    from .onnx_int8 import quantizes_beyond_weight_layers
+
+    layers_only = quantizes_beyond_weight_layers(ptq.plan.graph)
     say("stage", name="finetune")
-    trained = _qat_finetune(source, options, calib, ptq.plan.scheme, tmp / "finetune", say)
+    trained = _qat_finetune(source, options, calib, ptq.plan.scheme, tmp, say, quantize_output=not layers_only)
     shadow = art.open_artifact(trained["best_dir"])
-    qat = _static_attempt(shadow, options, calib, tmp / "qat", say, before=ptq.before)
+    qat = _static_attempt(shadow, options, calib, tmp / "qat", say, before=ptq.before, weight_layers_only=layers_only)
     gate = qat.gate()
     final = _shipped_file(qat.path, tmp / "qat")
     ptq_final = _shipped_file(ptq.path, tmp / "ptq")
@@ -478,6 +491,8 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     section = {**_quantization_section(qat.plan, options, calib, gate, final, None),
                "qat": {"activation_scales": "minmax-calibrated, frozen during fine-tuning, re-calibrated on the trained weights",
                        "weights": "per-channel symmetric int8, straight-through gradients",
+                       "placement": ("the weight layers' inputs and weights only (outputs in float), as simulated"
+                                     if layers_only else "ONNX Runtime's static QDQ flow"),
                        "layers": trained["layers"], "activations": trained["activations"],
                        "fp32_shadow_weights": art.WEIGHTS_FILE}}
     say("stage", name="write")
@@ -491,12 +506,16 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
 
 
 def _static_attempt(source: art.Artifact, options: QuantizeOptions, calib, tmp: Path, say: Callable,
-                    before: dict | None = None) -> _Int8Attempts:
+                    before: dict | None = None, weight_layers_only: bool = False) -> _Int8Attempts:
     """Static QDQ int8 of ``source`` in its own work directory, quantized and measured; ``before``
-    replaces its fp32 metrics (QAT measures against the original fp32 model)."""
+    replaces its fp32 metrics (QAT measures against the original fp32 model); ``weight_layers_only``:
+    quantize the weight layers only (onnx_int8.weight_layer_nodes)."""
     tmp.mkdir()
     onnx_artifact, _ = _fp32_artifact(source, options, tmp, say)
     plan = _plan_int8(onnx_artifact.path / art.ONNX_FILE, tmp, options, "static", say)
+    if weight_layers_only:
+        plan.settings = dataclasses.replace(plan.settings, weight_layers_only=True)
+        plan.sensitive = []  # nothing but the weight layers is quantized: nothing else to keep in float
     attempts = _Int8Attempts(source, plan, calib, options, tmp, say)
     attempts.quantize_first()
     attempts.measure_first()
@@ -505,17 +524,19 @@ def _static_attempt(source: art.Artifact, options: QuantizeOptions, calib, tmp: 
     return attempts
 
 
-def _qat_finetune(source: art.Artifact, options: QuantizeOptions, calib, scheme, run_dir: Path, say: Callable) -> dict:
+def _qat_finetune(source: art.Artifact, options: QuantizeOptions, calib, scheme, tmp: Path, say: Callable,
+                  quantize_output: bool = True) -> dict:
     from bigmodel_cli.config import TrainConfig
     from .qat import finetune
 
     train = options.train or TrainConfig()
+    run_dir = tmp / "finetune"
     if options.finetune_dir:
         run_dir = Path(options.finetune_dir)  # kept, so that --resume can continue it
     cfg = dataclasses.replace(train, model=str(source.path), out=str(run_dir),
                               epochs=options.finetune_epochs or None, max_steps=options.finetune_steps or None,
                               overwrite=False, resume=bool(options.finetune_dir and train.resume))
-    return finetune(source, calib.batches, scheme, cfg, run_dir, say)
+    return finetune(source, calib.batches, scheme, cfg, run_dir, say, quantize_output, options.nproc, tmp)
 
 
 def _qat_agreement(model, int8: Path, evaluator: Evaluator, threads: int | None) -> dict:

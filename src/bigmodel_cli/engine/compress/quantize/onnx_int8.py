@@ -135,6 +135,27 @@ class Int8Settings:
     scheme: Scheme
     per_channel: bool
     method: str = "minmax"  # static only
+    # static: quantize only the weight layers' MatMul/Gemm/Conv (inputs and weights), not their outputs:
+    # exactly what --qat simulates in a transformer (see weight_layer_nodes)
+    weight_layers_only: bool = False
+
+
+def quantizes_beyond_weight_layers(graph) -> bool:
+    """Whether the full static QDQ flow would quantize tensors that no Linear or Conv layer takes
+    as input: a MatMul of two activations (attention's scores and output) or an embedding Gather.
+    (In a Conv/Gemm network the flow's other placements sit on those layers' outputs, which equal
+    the next layer's input quantization after a ReLU.)"""
+    constants = _constants(graph)
+    return any((n.op_type == "MatMul" and not set(n.input) & constants)
+               or (n.op_type == "Gather" and n.input and n.input[0] in constants) for n in graph.node)
+
+
+def weight_layer_nodes(graph) -> list[str]:
+    """The MatMul, Gemm and Conv nodes whose second input is a weight (an initializer): the model's
+    Linear and Conv layers, and not the attention's products of two activations."""
+    constants = _constants(graph)
+    return [n.name for n in graph.node
+            if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 and n.input[1] in constants and n.name]
 
 
 def quantize_file(float_path: Path, out_path: Path, settings: Int8Settings, exclude: list[str], reader=None,
@@ -156,14 +177,17 @@ def quantize_file(float_path: Path, out_path: Path, settings: Int8Settings, excl
             else:
                 # Not CalibMaxIntermediateOutputs: in onnxruntime 1.32 the MinMax calibrator drops the
                 # batches it has collected when that limit is reached, instead of merging their ranges.
-                extra = {}
+                extra, only = {}, None
                 if settings.method == "percentile":
                     extra["CalibPercentile"] = PERCENTILE
+                if settings.weight_layers_only:
+                    only = weight_layer_nodes(load_graph(float_path))
+                    extra["OpTypesToExcludeOutputQuantization"] = ["MatMul", "Gemm", "Conv"]
                 quantize_static(str(float_path), str(out_path), reader, quant_format=QuantFormat.QDQ,
                                 per_channel=settings.per_channel, reduce_range=scheme.reduce_range,
                                 activation_type=_quant_type(scheme.activation_type),
                                 weight_type=_quant_type(scheme.weight_type), nodes_to_exclude=list(exclude),
-                                use_external_data_format=external, calibrate_method=calibration_method(settings.method),
+                                nodes_to_quantize=only, use_external_data_format=external, calibrate_method=calibration_method(settings.method),
                                 extra_options=extra, calibration_cache_path=str(cache) if cache else None)
     except (KeyboardInterrupt, MemoryError, UserError, WorkFailed):
         raise

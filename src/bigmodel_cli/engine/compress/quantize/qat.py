@@ -9,6 +9,14 @@ What is simulated is what ONNX Runtime's static QDQ flow (``onnx_int8.py``, per 
   MatMul, Gemm and Conv nodes the static flow quantizes), and the model's output when a layer
   returns it (the logits, which the QDQ flow quantizes as a graph output).
 
+In a transformer ORT's full QDQ flow also quantizes what no Linear or Conv sees (embedding outputs,
+bias Adds, q, k, v, the scores, the softmax probabilities, the logits), and those placements cost
+1-2.5 points of top-1 agreement between simulation and export (measured: docs/quantize.md). Where
+the graph has such places (``onnx_int8.quantizes_beyond_weight_layers``: a MatMul of two
+activations or an embedding Gather) the export is made to quantize only what is simulated instead
+(``onnx_int8.weight_layer_nodes``, outputs in float), and the logits are not quantized in either;
+ORT runs those MatMuls as MatMulIntegerToFloat.
+
 Activation ranges are calibrated once with minmax on the calibration set and then *frozen* during
 fine-tuning (not LSQ learned scales): frozen minmax ranges are what the static flow computes from the
 same set, so the model trains against the kind of scale it will ship with, and no second optimiser
@@ -25,7 +33,9 @@ that load into the unmodified model.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -81,10 +91,11 @@ def quantizable_layers(model) -> list[tuple[str, object]]:
     return layers
 
 
-def calibrate(model, layers, batches: list[np.ndarray], activation_type: str) -> None:
+def calibrate(model, layers, batches: list[np.ndarray], activation_type: str, quantize_output: bool = True) -> None:
     """Minmax ranges of every layer's input over the calibration batches, then frozen on the layer;
-    and of the model's output when a layer returns it as is (ONNX Runtime's QDQ flow quantizes a
-    graph output that a quantized MatMul or Gemm produces: the logits)."""
+    and, with ``quantize_output``, of the model's output when a layer returns it as is (ONNX
+    Runtime's full QDQ flow quantizes a graph output that a quantized MatMul or Gemm produces: the
+    logits)."""
     import torch
 
     seen: dict[int, list[float]] = {}
@@ -126,7 +137,7 @@ def calibrate(model, layers, batches: list[np.ndarray], activation_type: str) ->
         low, high = seen[id(module)]
         setattr(module, ATTRIBUTE, activation_quant(low, high, activation_type))
         module.__dict__.pop(OUTPUT_ATTRIBUTE, None)
-    if last is not None and out_range is not None:
+    if quantize_output and last is not None and out_range is not None:
         setattr(last, OUTPUT_ATTRIBUTE, activation_quant(out_range[0], out_range[1], activation_type))
 
 
@@ -195,43 +206,146 @@ def _carried_files(source) -> dict:
     return files
 
 
-def finetune(source, calib_batches: list[np.ndarray], scheme, train_cfg, run_dir, progress) -> dict:
+def restore(layers, record: dict) -> None:
+    """Give the layers the activation quantization ``activation_record`` wrote (a --nproc worker
+    takes the launching process's calibration rather than repeating it)."""
+    from bigmodel_cli.errors import WorkFailed
+
+    names = {name for name, _ in layers}
+    if not names <= set(record):
+        raise WorkFailed(f"--nproc: the worker's record lacks layers {sorted(names - set(record))[:3]}; "
+                         "the model changed under the run — run the command again")
+    for name, module in layers:
+        setattr(module, ATTRIBUTE, ActivationQuant(**record[name]))
+        module.__dict__.pop(OUTPUT_ATTRIBUTE, None)
+        if f"{name} (output)" in record:
+            setattr(module, OUTPUT_ATTRIBUTE, ActivationQuant(**record[f"{name} (output)"]))
+
+
+def _training_job(source, model, layers, train_cfg, scheme_name: str):
+    """The shared training loop's job for the simulated ``model`` on ``source``'s own data."""
+    from bigmodel_cli.data.augment import policy_from_option
+    from ...core.datasets import open_data
+    from ...core.tasks import make_task
+    from ...training.job import TrainJob
+
+    data = open_data(source)
+    task = make_task(data, train_cfg.batch_size, train_cfg.seed, source.data_spec.get("block_size"),
+                     train_cfg.eval_windows, policy_from_option(train_cfg.augment, data, mixing_allowed=True))
+    return TrainJob(cfg=train_cfg, model=model, data=data, task=task, artifact_config=dict(source.config),
+                    stage="train", parent=source, extra_files=_carried_files(source),
+                    manifest_extra={"qat": {"scheme": scheme_name, "layers": len(layers)}})
+
+
+def _facts(result) -> dict:
+    """What the caller needs of a run_job result (JSON, so a --nproc worker can hand it back)."""
+    return {"best_dir": str(result.best_dir), "steps": result.steps, "best_step": result.best_step,
+            "stopped_early": result.stopped_early, "resumed_from": result.resumed_from, "seconds": result.seconds,
+            "processes": result.runtime.get("world_size", 1),
+            "best_metrics": {k: v for k, v in result.best_metrics.items() if k != "step"}}
+
+
+def finetune(source, calib_batches: list[np.ndarray], scheme, train_cfg, run_dir, progress,
+             quantize_output: bool = True, nproc: int | None = None, work=None) -> dict:
     """Calibrate, simulate int8 and fine-tune ``source``'s model with the shared training loop
-    (resume, progress, early stopping, --nproc). Returns the run's facts and ``best_dir``: the
-    best step's artifact, whose model.safetensors holds the fp32 shadow weights."""
+    (resume, progress, early stopping; ``nproc`` > 1: in that many data-parallel workers, which
+    take this calibration from ``work``/qat-worker.json). Returns the run's facts and ``best_dir``:
+    the best step's artifact, whose model.safetensors holds the fp32 shadow weights.
+    ``quantize_output``: simulate the quantized logits (not where the export leaves them in float)."""
     import torch
     from safetensors.torch import load_file
 
     from bigmodel_cli import artifact as art
-    from bigmodel_cli.data.augment import policy_from_option
     from bigmodel_cli.weights import load_into
-    from ...core.datasets import open_data
-    from ...core.tasks import make_task
-    from ...training.job import TrainJob
     from ...training.loop import run_job
 
     torch.manual_seed(train_cfg.seed)
     model = source.build_model()
     layers = quantizable_layers(model)
-    calibrate(model, layers, calib_batches, scheme.activation_type)
-    simulate(layers, scheme.reduce_range)
-    data = open_data(source)
-    task = make_task(data, train_cfg.batch_size, train_cfg.seed, source.data_spec.get("block_size"),
-                     train_cfg.eval_windows, policy_from_option(train_cfg.augment, data, mixing_allowed=True))
-    job = TrainJob(cfg=train_cfg, model=model, data=data, task=task, artifact_config=dict(source.config),
-                   stage="train", parent=source, extra_files=_carried_files(source),
-                   manifest_extra={"qat": {"scheme": scheme.name, "layers": len(layers)}})
-    result = run_job(job, progress)
+    calibrate(model, layers, calib_batches, scheme.activation_type, quantize_output)
+    if nproc is not None and nproc > 1:
+        facts = _finetune_in_workers(source, model, layers, scheme, train_cfg, nproc, work)
+    else:
+        simulate(layers, scheme.reduce_range)
+        facts = _facts(run_job(_training_job(source, model, layers, train_cfg, scheme.name), progress))
     # The best step's shadow weights, with activation ranges re-calibrated on them exactly as the
     # static flow will calibrate the export: the simulated model is then the one that ships.
     model.cpu()
-    best = result.best_dir / art.WEIGHTS_FILE
+    best = Path(facts["best_dir"]) / art.WEIGHTS_FILE
     unsimulate(layers)
     load_into(model, load_file(best), source=best)
-    calibrate(model, layers, calib_batches, scheme.activation_type)
+    calibrate(model, layers, calib_batches, scheme.activation_type, quantize_output)
     simulate(layers, scheme.reduce_range)
-    return {"best_dir": result.best_dir, "steps": result.steps, "best_step": result.best_step,
-            "stopped_early": result.stopped_early, "resumed_from": result.resumed_from, "seconds": result.seconds,
+    return {**{k: v for k, v in facts.items() if k != "best_metrics"}, "best_dir": Path(facts["best_dir"]),
             "layers": [name for name, _ in layers], "model": model,
-            "activations": activation_record(layers), "quantized_layers": layers,
-            **{k: v for k, v in result.best_metrics.items() if k != "step"}}
+            "activations": activation_record(layers), "quantized_layers": layers, **facts["best_metrics"]}
+
+
+WORKER_SPEC = "qat-worker.json"  # in the command's work directory: what the --nproc workers run
+WORKER_RESULT = "qat-result.json"  # written there by rank 0: the run's facts
+
+
+def _finetune_in_workers(source, model, layers, scheme, train_cfg, nproc: int, work) -> dict:
+    """Fine-tune in ``nproc`` workers (``bigmodel qat-worker SPEC`` under torch's elastic launcher,
+    as ``train --nproc`` does); the calibration made here is handed to them in SPEC."""
+    from bigmodel_cli.config import asdict
+    from bigmodel_cli.models.user import trust_model_code_enabled
+    from bigmodel_cli.output_file import write_json_atomic
+    from ...training import launcher
+
+    spec_path, result_path = Path(work) / WORKER_SPEC, Path(work) / WORKER_RESULT
+    write_json_atomic(spec_path, {"source": str(source.path), "train": asdict(train_cfg),
+                                  "activations": activation_record(layers), "reduce_range": scheme.reduce_range,
+                                  "scheme": scheme.name, "result": str(result_path)})
+    # The job is built here too, for the launcher's checks (cores, --resume) before any worker starts.
+    job = _training_job(source, model, layers, train_cfg, scheme.name)
+    command = (["--trust-model-code"] if trust_model_code_enabled() else []) + ["qat-worker"]
+    launcher.launch(job, nproc, [str(spec_path)], command=command)
+    return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def run_worker(spec_path, progress) -> None:
+    """One --nproc worker of a QAT fine-tune: the simulated model from the spec the launching
+    process wrote, trained by run_job as one rank; rank 0 writes the run's facts."""
+    import torch
+
+    from bigmodel_cli import artifact as art
+    from bigmodel_cli.config import TrainConfig, build_config
+    from bigmodel_cli.output_file import write_json_atomic
+    from ...training.loop import run_job
+
+    spec = read_worker_spec(Path(spec_path))
+    cfg = build_config(TrainConfig, spec["train"], source=str(spec_path))
+    torch.manual_seed(cfg.seed)
+    source = art.open_artifact(spec["source"])
+    model = source.build_model()
+    layers = quantizable_layers(model)
+    restore(layers, spec["activations"])
+    simulate(layers, bool(spec["reduce_range"]))
+    result = run_job(_training_job(source, model, layers, cfg, spec["scheme"]), progress)
+    if result.is_main:
+        write_json_atomic(spec["result"], _facts(result))
+
+
+SPEC_KEYS = {"source": str, "train": dict, "activations": dict, "reduce_range": bool, "scheme": str, "result": str}
+QUANT_KEYS = {f.name for f in dataclasses.fields(ActivationQuant)}
+
+
+def read_worker_spec(path: Path) -> dict:
+    """The spec ``_finetune_in_workers`` wrote, checked for that shape: a worker started by hand with
+    anything else gets one line (exit 2), not a traceback."""
+    fix = f"{path}: is not a worker spec written by `bigmodel quantize --qat --nproc`; run that command instead"
+    try:
+        with path.open("rb") as file:
+            raw = file.read((1 << 20) + 1)  # ours are a few KB
+        if len(raw) > 1 << 20:
+            raise ValueError("larger than 1 MB")
+        spec = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"{fix} ({exc})") from None
+    ok = isinstance(spec, dict) and all(isinstance(spec.get(k), t) for k, t in SPEC_KEYS.items())
+    ok = ok and all(isinstance(q, dict) and set(q) == QUANT_KEYS and all(isinstance(v, (int, float)) for v in q.values())
+                    for q in spec["activations"].values())
+    if not ok:
+        raise UserError(fix)
+    return spec
