@@ -346,7 +346,8 @@ def test_weight_only_int8_tied_gpt_loads_back_into_torch(cli, tiny_gpt, tmp_path
     assert q.stage == "quantize" and q.manifest["parent"]["path"] == str(parent.path)
     model, reference = q.build_model(), parent.build_model()
     assert model.lm_head.weight is model.tok_emb.weight  # the tie survives dequantization
-    x = torch.randint(0, 256, (2, 16))
+    # A fixed input: the global generator's state depends on which tests ran before this one.
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (model(x) - reference(x)).abs().max().item()
     assert 0 < diff < 0.1 and diff <= 2 * report["output_error"]["max_abs_diff"] + 0.05
