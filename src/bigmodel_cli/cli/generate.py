@@ -107,7 +107,8 @@ def generate_many(source, cfg, prompts, json_out: bool, no_stream: bool) -> None
 
     out = None if json_out or no_stream else OrderedTexts()
     # the bar only while nothing is printed (it would be drawn across the texts)
-    with CountProgress("generate", total=cfg.max_new_tokens * -(-len(prompts) // cfg.batch_size),
+    batches = -(-len(prompts) // max(cfg.batch_size, 1))  # a bad --batch-size is refused by the engine
+    with CountProgress("generate", total=cfg.max_new_tokens * batches,
                        enabled=out is None) as progress:
         result = generate_batch(source, cfg, prompts, progress=progress, on_done=out.done if out else None)
     if json_out:

@@ -28,6 +28,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -362,10 +363,11 @@ def read_capped_file(path: Path, limit: int, flag: str) -> bytes:
         raise UserError(f"{path}: no such file; give {flag} an existing file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot be read ({exc.strerror}); give {flag} a readable file") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # checked on the open descriptor, before any read
+        os.close(fd)
+        raise UserError(f"{path}: is not a regular file; give {flag} a file")
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UserError(f"{path}: is not a regular file; give {flag} a file")
         data = handle.read(limit + 1)
     if info.st_size > limit or len(data) > limit:
         raise UserError(f"{path}: is more than the {limit:,} bytes {flag} reads; split it into several files")
@@ -543,12 +545,13 @@ def generate_batch(artifact: Artifact, cfg: GenerateConfig, prompts: list[BatchP
     for n, first in enumerate(chunks):
         batch = list(range(first, min(first + cfg.batch_size, len(prompts))))
 
+        def head(index: int) -> dict:
+            return {"index": index, "prompt": prompts[index].text, "seed": seeds[index],
+                    "prompt_cropped": len(encoded[index]) > decoding.context}
+
         def done(row: int, figures: dict, batch=batch) -> None:
-            index = batch[row]
-            figures.update({"index": index, "prompt": prompts[index].text, "seed": seeds[index],
-                            "prompt_cropped": len(encoded[index]) > decoding.context})
             if on_done:
-                on_done(index, figures)
+                on_done(batch[row], {**head(batch[row]), **figures})
 
         def step(done_steps: int, n=n) -> None:
             progress("generate", done=n * cfg.max_new_tokens + done_steps, total=total_steps)
@@ -559,10 +562,9 @@ def generate_batch(artifact: Artifact, cfg: GenerateConfig, prompts: list[BatchP
                                         progress=step if progress else None)
         seconds = time.perf_counter() - chunk_start
         batch_tokens = sum(row["new_tokens"] for row in rows)
-        for row in rows:
-            row.update({"batch_size": len(batch), "batch_tokens_per_s": batch_tokens / seconds if seconds else None,
-                        **run_facts(decoding, decoder, cfg)})
-        results += rows
+        results += [{**head(index), **row, "batch_size": len(batch),
+                     "batch_tokens_per_s": batch_tokens / seconds if seconds else None,
+                     **run_facts(decoding, decoder, cfg)} for index, row in zip(batch, rows)]
         if interrupted:
             break
     seconds = time.perf_counter() - start
