@@ -104,6 +104,10 @@ def test_a_decoder_of_another_version_is_one_line_asking_for_a_re_export(cli, gp
     write_metadata(artifact, config=config, stage="export")
     result = cli("generate", artifact, "--backend", "onnx", "--prompt", "ab", "--max-new-tokens", "3")
     assert_one_error_line(result, "decoder.onnx", f"format version {version}", "reads version 2", "re-export")
+    if version == 1:  # quantizing it would write a decoder that generate then refuses: refused first
+        quantized = cli("quantize", artifact, "--mode", "matmul-nbits", "--out", tmp_path / "q")
+        assert_one_error_line(quantized, "format version 1", "re-export")
+        assert not (tmp_path / "q").exists()
 
 
 def test_the_documented_cached_decoder_snippet_runs_without_torch_and_matches_generate(cli, gpt_onnx, tmp_path):
