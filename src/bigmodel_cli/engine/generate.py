@@ -134,15 +134,14 @@ class RecomputeDecoder:
 
     Rows of a batch are RIGHT-padded to the longest (or to a graph's fixed sequence length) and
     each is read at its own last real position: causal attention means padding after a position
-    cannot change it, so no mask is needed and every row starts at position 0. A graph with a
-    fixed batch size (``one_row``) is fed one row at a time.
+    cannot change it, so no mask is needed and every row starts at position 0. (A graph with a
+    fixed batch size is fed in chunks of it by onnx/runtime.session_predict.)
     """
 
     cache_bytes = 0
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], context: int, fixed_seq: int | None = None,
-                 one_row: bool = False):
-        self.predict, self.context, self.fixed_seq, self.one_row = predict, context, fixed_seq, one_row
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], context: int, fixed_seq: int | None = None):
+        self.predict, self.context, self.fixed_seq = predict, context, fixed_seq
         self.rows: list[list[int]] = []
 
     @property
@@ -167,11 +166,6 @@ class RecomputeDecoder:
     def last_logits(self) -> np.ndarray:
         """(batch, vocab): each row's logits at its last real token."""
         windows = [row[-self.context:] for row in self.rows]
-        if self.one_row:
-            return np.stack([self.right_padded([window])[0] for window in windows])
-        return self.right_padded(windows)
-
-    def right_padded(self, windows: list[list[int]]) -> np.ndarray:
         batch = np.zeros((len(windows), self.fixed_seq or max(len(w) for w in windows)), dtype=np.int64)
         for i, window in enumerate(windows):
             batch[i, :len(window)] = window
@@ -299,8 +293,7 @@ def open_decoder(runner, cfg: GenerateConfig, context: int, fixed: int | None, v
         # Embedding rows past the tokenizer (a padded vocabulary) are ids no text decodes from.
         return runner.predict(batch)[..., :vocab]
 
-    shape = runner.detail.get("input_shape") or []
-    return RecomputeDecoder(predict, context, fixed, one_row=bool(shape) and isinstance(shape[0], int))
+    return RecomputeDecoder(predict, context, fixed)
 
 
 @dataclass
