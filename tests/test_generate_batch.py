@@ -238,3 +238,24 @@ def test_a_huge_prompts_file_is_refused_before_it_is_read(tiny_gpt, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "more than the" in lines[0]
+
+
+def test_ctrl_c_keeps_every_rows_text_so_far(decoders):
+    """A KeyboardInterrupt mid-batch ends every row as interrupted, each with its tokens so far
+    (the CLI then prints them and exits 130, as for one prompt)."""
+    decoder = decoders["torch"]()
+    steps = {"n": 0}
+    step_batch = decoder.step_batch
+
+    def interrupted_at_the_fifth_step(tokens):
+        steps["n"] += 1
+        if steps["n"] == 5:
+            raise KeyboardInterrupt
+        return step_batch(tokens)
+
+    decoder.step_batch = interrupted_at_the_fifth_step
+    full = rows(decoders["torch"](), PROMPTS)
+    cut = rows(decoder, PROMPTS)
+    for row, whole in zip(cut, full):
+        assert row["interrupted"] and row["finish_reason"] == "interrupted"
+        assert row["tokens"] == whole["tokens"][:5]
