@@ -8,7 +8,13 @@ random weights: speed does not depend on their values. It is made as a transform
 the tools take turns (interleaved, order reversed every round), every repeat is kept.
 
 Then the cost per token against the context: decode tokens/s (after the first token) of 16 new
-tokens after a prompt of 64, 256 and 1024 tokens (a model with a 1280-token window), cache and no cache.
+tokens after a prompt of 64, 256 and 1024 tokens (a model with a 1280-token window), cache and no
+cache, on PyTorch and on ONNX Runtime (the model exported: decoder.onnx with its cache kept in ORT,
+and the cache-free model.onnx that `generate --no-cache` and exports without a decoder use).
+
+Last, batched throughput: four prompts of different lengths (5 to 20 tokens), 64 new tokens each,
+decoded one at a time (batch 1) and together (batch 4, left-padded with an attention mask), with
+the cache on PyTorch and on ONNX Runtime; tokens/s = all new tokens over the wall time.
 
 Timing is the whole call (prefill included, negligible at 9 tokens) as a user waits for it; ours
 is the code `bigmodel generate` runs (engine/generate.py: decoder, numpy sampling), not a bare
@@ -16,7 +22,7 @@ forward loop. transformers runs its default attention (SDPA), as its users get i
 
 Budget: about 4 minutes on 2 busy cores.
 
-    python benchmarks/generate.py [--threads 1,2] [--rounds 3] [--sweep-rounds 2]
+    python benchmarks/generate.py [--threads 1,2] [--rounds 3] [--sweep-rounds 2] [--batch-rounds 3]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from _common import contention, contention_line, cpu_snapshot, machine, machine_
 SHAPE = {"n_layer": 6, "n_embd": 384, "n_head": 6, "vocab_size": 256}
 PROMPT_TOKENS, NEW_TOKENS = 9, 200
 SWEEP_CONTEXTS, SWEEP_NEW, SWEEP_WINDOW = (64, 256, 1024), 16, 1280
+BATCH_PROMPTS, BATCH_NEW = (9, 20, 5, 14), 64  # prompt lengths of the batched-throughput line
 TARGET = 1.0  # ours with cache ≥ 1.0 × transformers
 
 
@@ -63,12 +70,53 @@ def ours_generate(model, prompt: list[int], new: int, window: int, cache: bool, 
     return list(decode_stream(decoder, prompt, GenerateConfig(prompt="x", max_new_tokens=new, temperature=0), clock))
 
 
-def decode_seconds(model, prompt: list[int], cache: bool) -> float:
+def decode_seconds(decoder, prompt: list[int]) -> float:
     """Seconds for the sweep's tokens after the first (the prefill and first token left out)."""
+    from bigmodel_cli.engine.generate import GenerateConfig, decode_stream
+
     clock: dict = {}
     start = time.perf_counter()
-    ours_generate(model, prompt, SWEEP_NEW, SWEEP_WINDOW, cache, clock)
+    list(decode_stream(decoder, prompt, GenerateConfig(prompt="x", max_new_tokens=SWEEP_NEW, temperature=0), clock))
     return time.perf_counter() - start - clock["first_token_s"]
+
+
+def sweep_decoders(model, work: Path) -> dict:
+    """name → a decoder over the sweep's model (each call's start resets it): PyTorch with and
+    without the cache, and its export on ONNX Runtime (decoder.onnx, cached in ORT; model.onnx,
+    recomputing), 1 thread."""
+    from bigmodel_cli.artifact import open_artifact
+    from bigmodel_cli.engine.core.tasks import torch_predict
+    from bigmodel_cli.engine.generate import CachedTorchDecoder, RecomputeDecoder
+    from bigmodel_cli.engine.onnx.decoder import open_ort_decoder
+    from bigmodel_cli.engine.onnx.export import export_artifact
+    from bigmodel_cli.engine.onnx.runtime import open_session, session_predict
+
+    exported = work / f"onnx-{SWEEP_WINDOW}"
+    export_artifact(open_artifact(work / f"ours-{SWEEP_WINDOW}"), exported, threads=1)
+    section = open_artifact(exported).config["onnx"]["decoder"]
+    vocab = SHAPE["vocab_size"]
+    ort_plain = session_predict(open_session(exported / "model.onnx", threads=1)[0])
+    return {
+        "torch_cache": CachedTorchDecoder(model, SWEEP_WINDOW, "cpu", "fp32", vocab),
+        "torch_no_cache": RecomputeDecoder(torch_predict(model), SWEEP_WINDOW),
+        "ort_cache": open_ort_decoder(exported, section, SWEEP_WINDOW, vocab, "cpu", 1),
+        "ort_no_cache": RecomputeDecoder(ort_plain, SWEEP_WINDOW),
+    }
+
+
+def batch_tokens_per_s(decoder, prompts: list[list[int]], batch: int) -> float:
+    """All new tokens over the wall time, the prompts decoded ``batch`` at a time (engine.generate's
+    decode_rows: what `generate --prompts-file --batch-size` runs)."""
+    from bigmodel_cli.data.tokenizer import ByteTokenizer
+    from bigmodel_cli.engine.generate import GenerateConfig, decode_rows
+
+    cfg = GenerateConfig(prompt="x", max_new_tokens=BATCH_NEW, temperature=0)
+    start, made = time.perf_counter(), 0
+    for first in range(0, len(prompts), batch):
+        chunk = prompts[first:first + batch]
+        rows, _ = decode_rows(decoder, ByteTokenizer(), chunk, [0] * len(chunk), cfg)
+        made += sum(row["new_tokens"] for row in rows)
+    return made / (time.perf_counter() - start)
 
 
 def theirs_generate(model, prompt: list[int], new: int) -> list[int]:
@@ -107,6 +155,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sweep-rounds", type=int, default=2)
+    parser.add_argument("--batch-rounds", type=int, default=3)
     args = parser.parse_args()
     threads_list = [int(t) for t in args.threads.split(",")]
 
@@ -133,17 +182,35 @@ def main() -> None:
     torch.set_num_threads(1)
     theirs_long, ours_long = make_models(work, SWEEP_WINDOW)
     del theirs_long
+    decoders = sweep_decoders(ours_long, work)
     sweep_rows = []
     for context in SWEEP_CONTEXTS:
         long_prompt = [(7 * i) % 256 for i in range(context)]
-        seconds = take_turns({
-            "cache": lambda: decode_seconds(ours_long, long_prompt, True),
-            "no_cache": lambda: decode_seconds(ours_long, long_prompt, False),
-        }, args.sweep_rounds, timed_by_call=True)
+        seconds = take_turns({name: (lambda d=decoder: decode_seconds(d, long_prompt))
+                              for name, decoder in decoders.items()}, args.sweep_rounds, timed_by_call=True)
         raw["sweep"][context] = seconds
         speed = {n: tokens_per_s(s, SWEEP_NEW - 1) for n, s in seconds.items()}
         sweep_rows.append((context, speed, seconds))
         print(context, {n: round(v, 1) for n, v in speed.items()}, flush=True)
+
+    # batched throughput on the mini model (256 window): its export, 1 thread
+    from bigmodel_cli.engine.onnx.decoder import open_ort_decoder
+    from bigmodel_cli.engine.onnx.export import export_artifact
+    from bigmodel_cli.engine.generate import CachedTorchDecoder
+    from bigmodel_cli.artifact import open_artifact
+
+    export_artifact(open_artifact(work / "ours-256"), work / "onnx-256", threads=1)
+    section = open_artifact(work / "onnx-256").config["onnx"]["decoder"]
+    batch_prompts = [[(11 * i + n) % 256 for i in range(n)] for n in BATCH_PROMPTS]
+    batch_decoders = {"torch": CachedTorchDecoder(ours, 256, "cpu", "fp32", SHAPE["vocab_size"]),
+                      "onnx": open_ort_decoder(work / "onnx-256", section, 256, SHAPE["vocab_size"], "cpu", 1)}
+    batch_calls = {f"{backend}_batch{size}": (lambda d=decoder, size=size: len(BATCH_PROMPTS) * BATCH_NEW
+                                              / batch_tokens_per_s(d, batch_prompts, size))
+                   for backend, decoder in batch_decoders.items() for size in (1, len(BATCH_PROMPTS))}
+    batch_seconds = take_turns(batch_calls, args.batch_rounds, timed_by_call=True)
+    raw["batch"] = batch_seconds
+    batch_speed = {n: tokens_per_s(s, len(BATCH_PROMPTS) * BATCH_NEW) for n, s in batch_seconds.items()}
+    print(batch_speed, flush=True)
     busy = contention(before, cpu_snapshot(), info.get("cores"))
 
     def repeats(values: list[float]) -> str:
@@ -173,17 +240,38 @@ def main() -> None:
         "",
         f"Cost per token against the context (1 thread; a {SWEEP_WINDOW}-token window; {SWEEP_NEW} new tokens after "
         f"a prompt of the given length; decode tokens/s = the {SWEEP_NEW - 1} tokens after the first over their time, "
-        f"median of {args.sweep_rounds} repeats; the prefill is left out):",
+        f"median of {args.sweep_rounds} repeats; the prefill is left out). PyTorch, and ONNX Runtime on the same "
+        "model exported (decoder.onnx with the cache kept in ORT; the cache-free model.onnx):",
         "",
-        "| context | cache tok/s | no cache tok/s | cache ÷ no cache |",
-        "|---|---|---|---|",
+        "| context | torch cache tok/s | torch no cache tok/s | torch cache ÷ no cache "
+        "| ORT cache tok/s | ORT no cache tok/s | ORT cache ÷ no cache |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for context, speed, _ in sweep_rows:
-        lines.append(f"| {context} | {speed['cache']:.1f} | {speed['no_cache']:.1f} | {speed['cache'] / speed['no_cache']:.1f}× |")
+    for context, s, _ in sweep_rows:
+        lines.append(f"| {context} | {s['torch_cache']:.1f} | {s['torch_no_cache']:.1f} "
+                     f"| {s['torch_cache'] / s['torch_no_cache']:.1f}× | {s['ort_cache']:.1f} | {s['ort_no_cache']:.1f} "
+                     f"| {s['ort_cache'] / s['ort_no_cache']:.1f}× |")
     lines += ["", "Every repeat (decode seconds):", ""]
     for context, _, seconds in sweep_rows:
         for name, values in seconds.items():
             lines.append(f"- context {context}, {name}: {repeats(values)}")
+    size = len(BATCH_PROMPTS)
+    lines += [
+        "",
+        f"Batched throughput (1 thread, the `mini` model above; {size} prompts of {', '.join(map(str, BATCH_PROMPTS))} "
+        f"tokens, {BATCH_NEW} new tokens each, greedy, with the cache; tokens/s = all {size * BATCH_NEW} new tokens over "
+        f"the wall time, median of {args.batch_rounds} interleaved repeats): batch 1 decodes the prompts one after "
+        f"another, batch {size} together, left-padded with an attention mask.",
+        "",
+        f"| backend | batch 1 tok/s | batch {size} tok/s | batch {size} ÷ batch 1 |",
+        "|---|---|---|---|",
+    ]
+    for backend in ("torch", "onnx"):
+        one, many = batch_speed[f"{backend}_batch1"], batch_speed[f"{backend}_batch{size}"]
+        lines.append(f"| {'PyTorch' if backend == 'torch' else 'ONNX Runtime'} | {one:.1f} | {many:.1f} | {many / one:.2f}× |")
+    lines += ["", "Every repeat (seconds for all the prompts):", ""]
+    for name, values in batch_seconds.items():
+        lines.append(f"- {name}: {repeats(values)}")
     worst = min(speed["ours_cache"] / speed["transformers"] for _, speed, _ in main_rows)
     lines += ["", f"Target ours (cache) ≥ {TARGET:.1f}× transformers: **{'met' if worst >= TARGET else 'not met'}** "
               f"(worst {worst:.2f}×)."]

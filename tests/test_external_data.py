@@ -78,7 +78,9 @@ def test_export_writes_one_data_file_and_hashes_it(export_external, digits_mlp, 
 
     out = export_external({"mlp": digits_mlp, "cnn": digits_cnn, "gpt": tiny_gpt}[model], *args)
     files = {p.name for p in out.iterdir()}
-    assert files == BASE_FILES | {"model.onnx.data"} | ({"model.safetensors"} if "--no-weights" not in args else set())
+    decoder = {"decoder.onnx", "decoder.onnx.data"} if model == "gpt" else set()  # the cached decoder too
+    assert files == (BASE_FILES | {"model.onnx.data"} | decoder
+                     | ({"model.safetensors"} if "--no-weights" not in args else set()))
     a = open_artifact(out)  # every hash checked, model.onnx.data included
     assert a.config["onnx"]["external_data"] is True and a.manifest["onnx"]["external_data"] is True
     assert a.manifest["verification"]["passed"]
@@ -145,7 +147,32 @@ def test_language_model_eval_and_generate(cli, export_external, tiny_gpt, gpt_on
     single = _ok(cli("eval", gpt_onnx, "--backend", "onnx", "--json"))
     assert external["perplexity"] == pytest.approx(single["perplexity"], rel=1e-6)
     prompt = ("--prompt", "def wrap(text", "--max-new-tokens", "16", "--temperature", "0", "--json")
-    assert _ok(cli("generate", out, *prompt))["tokens"] == _ok(cli("generate", gpt_onnx, *prompt))["tokens"]
+    cached = _ok(cli("generate", out, *prompt))
+    assert cached["cache"] and cached["tokens"] == _ok(cli("generate", gpt_onnx, *prompt))["tokens"]
+    assert _ok(cli("generate", out, *prompt, "--no-cache"))["tokens"] == cached["tokens"]
+
+
+def test_the_cached_decoder_keeps_its_weights_in_its_own_verified_data_file(cli, export_external, tiny_gpt,
+                                                                            tmp_path):
+    """Over the threshold decoder.onnx is written with decoder.onnx.data (not model.onnx's), both
+    hashed; generate loads it; a damaged decoder.onnx.data is refused by the manifest check."""
+    import onnx
+
+    from bigmodel_cli.artifact import open_artifact
+    from bigmodel_cli.engine.onnx.files import external_locations
+
+    out = export_external(tiny_gpt)
+    a = open_artifact(out)
+    assert external_locations(out / "decoder.onnx") == {"decoder.onnx.data"}
+    assert {"decoder.onnx", "decoder.onnx.data"} <= set(a.manifest["files"]) and a.config["onnx"]["decoder"]
+    assert a.manifest["decoder_verification"]["passed"]
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer)
+    damaged = _copy(out, tmp_path / "damaged")
+    with open(damaged / "decoder.onnx.data", "r+b") as handle:
+        handle.write(b"\0" * 16)
+    result = cli("generate", damaged, "--backend", "onnx", "--prompt", "ab", "--max-new-tokens", "2")
+    assert_one_error_line(result, "decoder.onnx.data", "sha256")
 
 
 def test_predict_compare_and_info(cli, export_external, digits_mlp, mlp_onnx, tmp_path):

@@ -19,26 +19,32 @@ from test_generate_cache import tiny_model
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_the_decoder_graph_matches_pytorch_for_prefill_and_decode_steps(arch, tmp_path):
     """One graph: an empty past (prefill of a 5-token prompt) and one-token steps after it, at batch
-    1 and 3, with ORT's own present fed back; llama with grouped-query attention (2 kv heads)."""
-    from bigmodel_cli.engine.onnx.decoder import (INPUT_IDS, export_decoder, past_names, present_names,
-                                                  verify_decoder)
+    1, 3 and 3 left-padded, with ORT's own present fed back; llama with grouped-query attention (2
+    kv heads)."""
+    from bigmodel_cli.engine.onnx.decoder import (INPUTS, export_decoder, left_pad, past_names, position_ids,
+                                                  present_names, verify_decoder)
     from bigmodel_cli.engine.onnx.runtime import open_session
 
     model = tiny_model(arch, window=32)
     path = tmp_path / "decoder.onnx"
     export_decoder(model, path, 18, 256)
     session, _ = open_session(path, threads=1)
-    assert [i.name for i in session.get_inputs()] == [INPUT_IDS, *past_names(2)]
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "position_ids", *past_names(2)]
     assert [o.name for o in session.get_outputs()] == ["logits", *present_names(2)]
     figures = verify_decoder(model, session, 256, 1e-4)
-    assert figures["passed"] and figures["steps"] == 10
-    # a prefill of several tokens after a non-empty past (a chunked prompt) is served too
+    assert figures["passed"] and figures["steps"] == 15 and "left-padded batch 3" in figures["batches"]
+    # a prefill of several tokens after a non-empty past (a chunked prompt) is served too, padded or not
     ids = torch.randint(0, 256, (2, 7))
+    rows = [ids[0].tolist(), ids[1, 3:].tolist()]  # 7 and 4 tokens, the second left-padded by 3
+    padded, mask = left_pad(rows)
     with torch.inference_mode():
-        full = model(ids)
-        _, past = model(ids[:, :4], use_cache=True)
-    feed = {INPUT_IDS: ids[:, 4:].numpy(), **{n: t.numpy() for n, t in zip(past_names(2), [x for p in past for x in p])}}
-    np.testing.assert_allclose(session.run(["logits"], feed)[0], full[:, 4:].numpy(), atol=1e-4)
+        alone = [model(torch.tensor([row])) for row in rows]
+        _, past = model(torch.from_numpy(padded[:, :5]), use_cache=True, attention_mask=torch.from_numpy(mask[:, :5]))
+    feed = dict(zip(INPUTS, [padded[:, 5:], mask, position_ids(mask, 2)]))
+    feed.update({n: t.numpy() for n, t in zip(past_names(2), [x for p in past for x in p])})
+    logits = session.run(["logits"], feed)[0]
+    for i, full in enumerate(alone):
+        np.testing.assert_allclose(logits[i], full[0, -2:].numpy(), atol=1e-4)
 
 
 def test_export_of_a_language_model_writes_and_records_the_decoder(gpt_onnx):
@@ -46,8 +52,9 @@ def test_export_of_a_language_model_writes_and_records_the_decoder(gpt_onnx):
     manifest = json.loads((gpt_onnx / "manifest.json").read_text())
     section = config["onnx"]["decoder"]
     assert section["file"] == "decoder.onnx" and (gpt_onnx / "decoder.onnx").is_file()
-    assert section["version"] == 1 and section["positions"] == "past_length"
-    assert section["inputs"] == ["input_ids", "past_key_values.0.key", "past_key_values.0.value"]
+    assert section["version"] == 2 and section["positions"] == "position_ids" and section["attention_mask"]
+    assert section["inputs"] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
+                                 "past_key_values.0.value"]
     assert section["outputs"] == ["logits", "present.0.key", "present.0.value"]
     assert manifest["decoder_verification"]["passed"] and manifest["decoder_verification"]["decode_steps"] >= 3
     assert "decoder.onnx" in json.dumps(manifest["files"])
@@ -80,8 +87,10 @@ def test_no_decoder_exports_the_cache_free_graph_only_and_eval_is_unchanged(cli,
     assert cli("eval", out, "--backend", "onnx").exit_code == 0
 
 
-@pytest.mark.parametrize("version", [0, None])
+@pytest.mark.parametrize("version", [1, 0, None])
 def test_a_decoder_of_another_version_is_one_line_asking_for_a_re_export(cli, gpt_onnx, tmp_path, version):
+    """Version 1 (no attention mask or positions: exported before batching) is refused, not fed
+    inputs it does not have."""
     from bigmodel_cli.artifact import open_artifact, write_metadata
 
     artifact = tmp_path / "old"
@@ -94,12 +103,17 @@ def test_a_decoder_of_another_version_is_one_line_asking_for_a_re_export(cli, gp
     (artifact / "manifest.json").unlink()
     write_metadata(artifact, config=config, stage="export")
     result = cli("generate", artifact, "--backend", "onnx", "--prompt", "ab", "--max-new-tokens", "3")
-    assert_one_error_line(result, "decoder.onnx", "re-export")
+    assert_one_error_line(result, "decoder.onnx", f"format version {version}", "reads version 2", "re-export")
+    if version == 1:  # quantizing it would write a decoder that generate then refuses: refused first
+        quantized = cli("quantize", artifact, "--mode", "matmul-nbits", "--out", tmp_path / "q")
+        assert_one_error_line(quantized, "format version 1", "re-export")
+        assert not (tmp_path / "q").exists()
 
 
 def test_the_documented_cached_decoder_snippet_runs_without_torch_and_matches_generate(cli, gpt_onnx, tmp_path):
     """docs/export.md's decode.py, in a process where torch and bigmodel cannot be imported, from
-    decoder.onnx and config.json alone, gives generate's greedy text (across the window sliding)."""
+    decoder.onnx and config.json alone, gives generate's greedy text for each of two prompts of
+    different lengths decoded as one left-padded batch (the longer across the window sliding)."""
     import re
     import subprocess
     import sys
@@ -114,16 +128,18 @@ def test_the_documented_cached_decoder_snippet_runs_without_torch_and_matches_ge
         shutil.copyfile(gpt_onnx / name, deploy / name)
     script = tmp_path / "decode.py"
     script.write_text(GUARD + code.group(1))
-    prompt = "The quick brown fox jumps over the lazy dog; " * 1  # 45 bytes + 40 new > the 64 window
-    proc = subprocess.run([sys.executable, "-I", str(script), str(deploy), prompt], cwd=tmp_path,
+    prompts = ["The quick brown fox jumps over the lazy dog; ", "def "]  # 45 bytes + 40 new > the 64 window
+    proc = subprocess.run([sys.executable, "-I", str(script), str(deploy), *prompts], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     imported = set(proc.stderr.rsplit("IMPORTED:", 1)[1].strip().split(","))
     assert "onnxruntime" in imported and not imported & {"torch", "bigmodel_cli", "safetensors"}
-    result = cli("generate", gpt_onnx, "--backend", "torch", "--prompt", prompt, "--max-new-tokens", "40",
-                 "--temperature", "0", "--json")
-    expected = bytes(list(prompt.encode()) + json.loads(result.stdout)["tokens"]).decode("utf-8", errors="replace")
-    assert proc.stdout.rstrip("\n") == expected
+    expected = []
+    for prompt in prompts:
+        result = cli("generate", gpt_onnx, "--backend", "torch", "--prompt", prompt, "--max-new-tokens", "40",
+                     "--temperature", "0", "--json")
+        expected.append(bytes(list(prompt.encode()) + json.loads(result.stdout)["tokens"]).decode("utf-8", errors="replace"))
+    assert proc.stdout.rstrip("\n") == "\n".join(expected)
 
 
 def test_a_recorded_decoder_whose_file_is_missing_is_one_line(cli, gpt_onnx, tmp_path):
@@ -141,8 +157,8 @@ def test_a_recorded_decoder_whose_file_is_missing_is_one_line(cli, gpt_onnx, tmp
 
 
 def test_a_decoder_that_points_at_external_data_is_refused(cli, gpt_onnx, tmp_path):
-    """Only model.onnx's data file is verified; a decoder.onnx naming any other data file is
-    refused before ONNX Runtime would read it."""
+    """Only decoder.onnx.data is verified for decoder.onnx; a decoder naming any other data file is
+    refused (by the artifact's verification) before ONNX Runtime would read it."""
     import onnx
     from onnx.external_data_helper import convert_model_to_external_data
 
@@ -156,4 +172,4 @@ def test_a_decoder_that_points_at_external_data_is_refused(cli, gpt_onnx, tmp_pa
     (artifact / "manifest.json").unlink()
     write_metadata(artifact, config=open_artifact(gpt_onnx).config, stage="export")
     result = cli("generate", artifact, "--backend", "onnx", "--prompt", "ab", "--max-new-tokens", "3")
-    assert_one_error_line(result, "external data", "re-export")
+    assert_one_error_line(result, "'decoder.bin'", "only decoder.onnx.data is verified", "re-export")

@@ -39,7 +39,7 @@ def test_matmul_nbits_quantizes_both_graphs_gates_and_times_decoding(cli, gpt_on
     for when in ("before", "after"):
         assert report[f"decode_{when}"]["decode_tokens_per_s"] > 0 and report[f"decode_{when}"]["prefill_tokens_per_s"] > 0
     config = json.loads((out / "config.json").read_text())
-    assert "com.microsoft" in config["onnx"]["domains"] and config["onnx"]["decoder"]["version"] == 1
+    assert "com.microsoft" in config["onnx"]["domains"] and config["onnx"]["decoder"]["version"] == 2
     gen = cli("generate", out, "--prompt", "ab", "--max-new-tokens", "5", "--json", "--threads", "1")
     assert gen.exit_code == 0, gen.output
     assert json.loads(gen.stdout)["cache"] and json.loads(gen.stdout)["backend"] == "onnx"

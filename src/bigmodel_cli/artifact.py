@@ -30,7 +30,8 @@ from . import outputs
 # The format's names and checks, and the careful readers of its files, live in their own modules;
 # every command imports them from here, the artifact layer's one front door.
 from .artifact_format import (  # noqa: F401  (re-exported)
-    FORMAT, FORMAT_VERSION, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, ONNX_FILE, ONNX_DATA_FILE, MODEL_CODE_FILE,
+    FORMAT, FORMAT_VERSION, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, ONNX_FILE, ONNX_DATA_FILE, DECODER_FILE,
+    MODEL_CODE_FILE,
     TASKS, STAGES, PRIVATE_PREFIX, MAX_JSON_BYTES, validate_config, data_spec_problems, validate_manifest,
 )
 from .artifact_files import (  # noqa: F401  (re-exported)

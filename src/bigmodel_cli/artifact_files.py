@@ -1,5 +1,6 @@
 """Reading an artifact's files without trusting them: only regular files, size-capped, listed in
-the manifest and matching its sha256; ONNX weights only from the listed ``model.onnx.data``.
+the manifest and matching its sha256; ONNX weights only from the listed ``model.onnx.data``
+(``decoder.onnx.data`` for ``decoder.onnx``).
 
 ``artifact.py`` re-exports these names; import them from there.
 """
@@ -12,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .artifact_format import CONFIG_FILE, MANIFEST_FILE, ONNX_DATA_FILE, ONNX_FILE, PRIVATE_PREFIX, validate_manifest
+from .artifact_format import CONFIG_FILE, DECODER_FILE, MANIFEST_FILE, ONNX_FILE, PRIVATE_PREFIX, validate_manifest
 from .errors import UserError
 
 
@@ -111,14 +112,17 @@ def verify_files(path: Path, manifest: dict) -> None:
                 f"{target}: does not match the sha256 in its manifest (corrupt, truncated or edited); "
                 "re-create the artifact from its parent"
             )
-    if ONNX_FILE in files:
-        check_onnx_locations(path)
+    for graph in (ONNX_FILE, DECODER_FILE):
+        if graph in files:
+            check_onnx_locations(path, graph)
 
 
-def check_onnx_locations(path: Path) -> None:
-    """model.onnx may keep its weights only in model.onnx.data, at valid offsets: no other file,
-    inside or outside the artifact, is read as weights. Nothing about any other file is reported."""
-    onnx_path = path / ONNX_FILE
+def check_onnx_locations(path: Path, graph: str = ONNX_FILE) -> None:
+    """model.onnx (or decoder.onnx) may keep its weights only in model.onnx.data (decoder.onnx.data),
+    at valid offsets: no other file, inside or outside the artifact, is read as weights. Nothing
+    about any other file is reported."""
+    onnx_path = path / graph
+    data_file = graph + ".data"
     if not may_have_external_data(onnx_path):
         return
     import onnx
@@ -127,20 +131,20 @@ def check_onnx_locations(path: Path) -> None:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception:  # not ONNX at all: the runtime that loads it next says so, in its words
         return
-    data_size = (path / ONNX_DATA_FILE).stat().st_size if (path / ONNX_DATA_FILE).is_file() else None
+    data_size = (path / data_file).stat().st_size if (path / data_file).is_file() else None
     for tensor in onnx_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
-        if info.get("location") != ONNX_DATA_FILE:
+        if info.get("location") != data_file:
             raise UserError(f"{onnx_path}: tensor {tensor.name!r} keeps its weights in {info.get('location')!r}, "
-                            f"not in {ONNX_DATA_FILE}; only {ONNX_DATA_FILE} is verified — re-export the model")
+                            f"not in {data_file}; only {data_file} is verified — re-export the model")
         offset, length = info.get("offset", "0"), info.get("length", "0")
         if not (offset.isdigit() and length.isdigit()):
             raise UserError(f"{onnx_path}: tensor {tensor.name!r} has an external-data offset {offset!r} and "
                             f"length {length!r}, not byte counts; re-export the model")
         if data_size is None or int(offset) + int(length) > data_size:
-            raise UserError(f"{onnx_path}: tensor {tensor.name!r} reads past the end of {ONNX_DATA_FILE}; "
+            raise UserError(f"{onnx_path}: tensor {tensor.name!r} reads past the end of {data_file}; "
                             "re-export the model")
 
 

@@ -22,6 +22,9 @@ ONNX_FILE = "model.onnx"
 # A model over protobuf's 2 GB limit keeps its weights here, beside model.onnx (engine/onnx/files.py).
 # It is hashed, verified and copied like every other file of the artifact.
 ONNX_DATA_FILE = ONNX_FILE + ".data"
+# A language model's graph with past key values (engine/onnx/decoder.py); over 2 GB, its weights are
+# in DECODER_FILE + ".data", verified the same way.
+DECODER_FILE = "decoder.onnx"
 MODEL_CODE_FILE = "model.py"  # a copy of the user's model file, for --model FILE.py:Class
 TASKS = ("classification", "language-modeling")
 STAGES = ("train", "prune", "distill", "quantize", "export", "import")

@@ -98,9 +98,11 @@ def export(
     if summary["decoder"]:  # language models: the graph with past key values
         d = summary["decoder_verification"]
         rows.append(("cached decoder", f"decoder.onnx, {summary['files'].get('decoder.onnx')} bytes; prefill + "
-                                       f"{d['decode_steps']} decode steps verified, max |diff| {d['max_abs_diff']:.3g}"))
-    if "model.onnx.data" in summary["files"]:  # the weights of a model over 2 GB
-        rows.append(("model.onnx.data bytes", summary["files"]["model.onnx.data"]))
+                                       f"{d['decode_steps']} decode steps verified "
+                                       f"({', '.join(map(str, d.get('batches', [])))}), max |diff| {d['max_abs_diff']:.3g}"))
+    for data in ("model.onnx.data", "decoder.onnx.data"):  # the weights of a model over 2 GB
+        if data in summary["files"]:
+            rows.append((f"{data} bytes", summary["files"][data]))
     if result.fallback_reason:
         console.warn(f"the dynamo exporter failed, TorchScript was used ({result.fallback_reason})")
     console.out.print(console.key_value_table("bigmodel export · verified", rows))

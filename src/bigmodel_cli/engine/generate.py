@@ -9,13 +9,26 @@ export without one, and ``--no-cache``, recompute the whole (cropped) context fo
 (``RecomputeDecoder``). Sampling is numpy (temperature,
 top-k, top-p, repetition penalty, a seeded generator), shared by every decoder, so the same seed
 gives the same text on both backends.
+
+Several prompts (``--prompts-file``, ``generate_batch``) are decoded together, ``batch_size`` at a
+time. The cached decoders LEFT-pad them with an attention mask and per-row positions
+(``onnx/decoder.PaddedCacheDecoder``), so every row's next token is in the same column; the
+recomputing decoder RIGHT-pads instead and reads each row at its own last token, which causal
+attention makes exact without a mask (and the cache-free model.onnx has no mask input). Each row
+samples from its own generator, seeded as that prompt alone would be, and ends at a stop string
+or the tokenizer's end-of-text token while the others go on: a row's text is the one that prompt
+gives alone.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import stat
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -23,8 +36,11 @@ import numpy as np
 from ..artifact import Artifact
 from ..config import is_finite_number, seed_problem, threads_problem
 from ..errors import ConfigErrors, UserError
+from .onnx.decoder import PaddedCacheDecoder
 
 BYTE_VOCAB = 256
+MAX_PROMPTS_FILE_BYTES = 16 * 1024 * 1024  # far more text than any batch of prompts; read no more
+MAX_BATCH_SIZE = 256  # rows decoded together: the cache grows with it (batch × window × layers)
 
 
 @dataclass
@@ -38,17 +54,26 @@ class GenerateConfig:
     stop: tuple[str, ...] = field(default_factory=tuple)  # the text ends before the first of these
     use_cache: bool = True  # PyTorch's KV cache; False recomputes the context every token
     truncate: bool = True  # False: refuse a context that would not fit the window, rather than crop it
-    add_special_tokens: bool = True  # False: the prompt holds its own BOS (a rendered chat template)
     seed: int = 0
     backend: str = "auto"
     device: str = "cpu"
     threads: int | None = None
+    batch_size: int = 8  # prompts decoded together by generate_batch
+    add_special_tokens: bool = True  # False: the prompt holds its own BOS (a rendered chat template)
 
 
 def validate(cfg: GenerateConfig) -> None:
+    problems = [] if cfg.prompt else ["--prompt must not be empty (the model needs at least one byte to continue)"]
+    problems += option_problems(cfg)
+    if problems:
+        raise ConfigErrors(problems, "generation options")
+
+
+def option_problems(cfg: GenerateConfig) -> list[str]:
+    """Every problem with the decoding options (not the prompt)."""
     problems = []
-    if not cfg.prompt:
-        problems.append("--prompt must not be empty (the model needs at least one byte to continue)")
+    if not 1 <= cfg.batch_size <= MAX_BATCH_SIZE:
+        problems.append(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {cfg.batch_size}")
     if cfg.max_new_tokens < 1:
         problems.append(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
     if not (is_finite_number(cfg.temperature) and cfg.temperature >= 0):
@@ -62,8 +87,7 @@ def validate(cfg: GenerateConfig) -> None:
     if any(not stop for stop in cfg.stop):
         problems.append("--stop must not be empty (it would stop before the first token); give the text to stop at")
     problems += [p for p in (seed_problem(cfg.seed), threads_problem(cfg.threads)) if p]
-    if problems:
-        raise ConfigErrors(problems, "generation options")
+    return problems
 
 
 def sample_next(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator,
@@ -109,30 +133,45 @@ def context_limits(artifact: Artifact, backend_detail: dict) -> tuple[int, int |
 class RecomputeDecoder:
     """Next-token logits by recomputing the whole (cropped) context: ONNX Runtime and --no-cache.
 
-    A graph with a fixed sequence length is fed the context right-padded to that length, and the
-    logits are read at the last real position: causal attention means padding after a position
-    cannot change it.
+    Rows of a batch are RIGHT-padded to the longest (or to a graph's fixed sequence length) and
+    each is read at its own last real position: causal attention means padding after a position
+    cannot change it, so no mask is needed and every row starts at position 0. (A graph with a
+    fixed batch size is fed in chunks of it by onnx/runtime.session_predict.)
     """
 
     cache_bytes = 0
 
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], context: int, fixed_seq: int | None = None):
         self.predict, self.context, self.fixed_seq = predict, context, fixed_seq
-        self.tokens: list[int] = []
+        self.rows: list[list[int]] = []
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.rows[0] if self.rows else []
 
     def start(self, prompt: list[int]) -> np.ndarray:
-        self.tokens = list(prompt)
-        return self.last_logits()
+        return self.start_batch([prompt])[0]
 
     def step(self, token: int) -> np.ndarray:
-        self.tokens.append(token)
+        return self.step_batch([token])[0]
+
+    def start_batch(self, prompts: list[list[int]]) -> np.ndarray:
+        self.rows = [list(prompt) for prompt in prompts]
+        return self.last_logits()
+
+    def step_batch(self, tokens: list[int]) -> np.ndarray:
+        for row, token in zip(self.rows, tokens):
+            row.append(int(token))
         return self.last_logits()
 
     def last_logits(self) -> np.ndarray:
-        window = self.tokens[-self.context:]
-        batch = np.zeros((1, self.fixed_seq or len(window)), dtype=np.int64)
-        batch[0, :len(window)] = window
-        return self.predict(batch)[0, len(window) - 1]
+        """(batch, vocab): each row's logits at its last real token."""
+        windows = [row[-self.context:] for row in self.rows]
+        batch = np.zeros((len(windows), self.fixed_seq or max(len(w) for w in windows)), dtype=np.int64)
+        for i, window in enumerate(windows):
+            batch[i, :len(window)] = window
+        out = self.predict(batch)
+        return np.stack([out[i, len(window) - 1] for i, window in enumerate(windows)])
 
 
 def supports_cache(model: object) -> bool:
@@ -141,43 +180,25 @@ def supports_cache(model: object) -> bool:
     return forward is not None and "use_cache" in inspect.signature(forward).parameters
 
 
-class CachedTorchDecoder:
-    """Next-token logits from a PyTorch model with a KV cache: prefill once, then one token a step.
-
-    When the context would outgrow the window, the step re-prefills the last ``context`` tokens:
-    learned positions (gpt) must restart at 0 for the cropped window, as the cache-free path feeds
-    it, and RoPE (llama) is re-prefilled the same way so that both paths compute the same numbers.
-    """
+class CachedTorchDecoder(PaddedCacheDecoder):
+    """Next-token logits from a PyTorch model with a KV cache: prefill once, then one token a step
+    (the batch's padding, mask, positions and sliding window: PaddedCacheDecoder)."""
 
     def __init__(self, model, context: int, device: str, precision: str, vocab: int):
-        self.model, self.context, self.device, self.precision, self.vocab = model, context, device, precision, vocab
-        self.tokens: list[int] = []
-        self.past = None
-        self.cache_bytes = 0  # the largest the cache has been
-        self.prefills = 0
+        super().__init__(context)
+        self.model, self.device, self.precision, self.vocab = model, device, precision, vocab
 
-    def start(self, prompt: list[int]) -> np.ndarray:
-        self.tokens = list(prompt)
-        return self.run(self.tokens[-self.context:], past=None)
-
-    def step(self, token: int) -> np.ndarray:
-        self.tokens.append(token)
-        if len(self.tokens) > self.context:  # the window slides: positions restart, re-prefill
-            return self.run(self.tokens[-self.context:], past=None)
-        return self.run([token], past=self.past)
-
-    def run(self, ids: list[int], past) -> np.ndarray:
-        """Feed ``ids`` after ``past``; keep the new cache; the last position's logits."""
+    def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past) -> np.ndarray:
         import torch
 
         from .core.hardware import autocast
 
-        if past is None:
-            self.prefills += 1
+        padded = not mask.all()  # without padding the model's own positions (past's length) are these
         with torch.inference_mode(), autocast(self.device, self.precision):
-            batch = torch.tensor([ids], dtype=torch.long, device=self.device)
-            logits, self.past = self.model(batch, past=past, use_cache=True)
-            last = logits[0, -1, :self.vocab].float().cpu().numpy()
+            extra = {"attention_mask": torch.from_numpy(mask).to(self.device),
+                     "position_ids": torch.from_numpy(positions).to(self.device)} if padded else {}
+            logits, self.past = self.model(torch.from_numpy(ids).to(self.device), past=past, use_cache=True, **extra)
+            last = logits[:, -1, :self.vocab].float().cpu().numpy()
         self.cache_bytes = max(self.cache_bytes, sum(k.nbytes + v.nbytes for k, v in self.past))
         return last
 
@@ -276,17 +297,106 @@ def open_decoder(runner, cfg: GenerateConfig, context: int, fixed: int | None, v
     return RecomputeDecoder(predict, context, fixed)
 
 
-def generate_text(artifact: Artifact, cfg: GenerateConfig, progress: Callable[..., Any] | None = None,
-                  on_text: Callable[[str], None] | None = None, runner=None) -> dict:
-    """Prompt → continuation, plus where it ran and how fast.
+@dataclass
+class BatchPrompt:
+    """One prompt of a batch: its text, its own sampling seed (None: --seed), and where it came
+    from (for messages)."""
+    text: str
+    seed: int | None = None
+    where: str = "the prompt"
 
-    ``on_text`` receives the text as it becomes safe to show (streaming). A Ctrl-C stops the
-    generation and returns what was made so far, with ``interrupted`` set. ``runner`` is a backend
-    already opened for ``artifact`` (chat reuses one for every turn rather than reload the weights).
-    """
+
+def read_prompts_file(path: Path | str) -> list[BatchPrompt]:
+    """``--prompts-file``: JSON Lines, one object per line, ``{"prompt": "..."}`` and optionally
+    ``"seed": N``. JSON rather than plain lines so that a prompt may hold newlines (code, dialogue)
+    and a row may carry its own seed. Refused in one line: a file over MAX_PROMPTS_FILE_BYTES (before
+    reading it), not UTF-8, no prompt, an empty line, a line that is not such an object."""
+    path = Path(path)
+    data = read_capped_file(path, MAX_PROMPTS_FILE_BYTES, "--prompts-file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: is not UTF-8 text (byte {exc.start}); --prompts-file takes JSON Lines, "
+                        '{"prompt": "..."} on each line') from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():  # a file may end with a blank line
+        lines.pop()
+    if not lines:
+        raise UserError(f'{path}: holds no prompt; write one JSON object per line, {{"prompt": "..."}}')
+    return [prompt_line(line, f"{path}, line {number}") for number, line in enumerate(lines, 1)]
+
+
+def prompt_line(line: str, where: str) -> BatchPrompt:
+    """One line of a prompts file → its prompt, or one line saying what is wrong with it."""
+    shape = '{"prompt": "text"} (optionally with "seed": N)'
+    if not line.strip():
+        raise UserError(f"{where}: is empty; every line must be {shape} — remove the blank line")
+    try:
+        entry = json.loads(line)
+    except ValueError as exc:
+        raise UserError(f"{where}: is not JSON ({exc.msg}); every line must be {shape}") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+        raise UserError(f"{where}: has no \"prompt\" string; every line must be {shape}")
+    unknown = sorted(set(entry) - {"prompt", "seed"})
+    if unknown:
+        raise UserError(f"{where}: has unknown key {unknown[0]!r}; a line may hold only \"prompt\" and \"seed\"")
+    if not entry["prompt"]:
+        raise UserError(f"{where}: has an empty prompt; the model needs at least one token to continue")
+    seed = entry.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed_problem(seed)):
+        raise UserError(f"{where}: \"seed\" must be an integer from 0 to 2**32 - 1, got {json.dumps(seed)}")
+    return BatchPrompt(entry["prompt"], seed, where)
+
+
+def read_capped_file(path: Path, limit: int, flag: str) -> bytes:
+    """A regular file's bytes, at most ``limit``: never a FIFO (opened non-blocking) or a device,
+    the size checked before reading and no more than ``limit`` + 1 bytes read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; give {flag} an existing file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror}); give {flag} a readable file") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # checked on the open descriptor, before any read
+        os.close(fd)
+        raise UserError(f"{path}: is not a regular file; give {flag} a file")
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(limit + 1)
+    if info.st_size > limit or len(data) > limit:
+        raise UserError(f"{path}: is more than the {limit:,} bytes {flag} reads; split it into several files")
+    return data
+
+
+@dataclass
+class Decoding:
+    """What a generation runs with: the tokenizer, the backend, its window, the vocabulary."""
+    artifact: Artifact
+    tokenizer: Any
+    runner: Any
+    context: int
+    fixed: int | None
+    vocab: int
+
+    def encode(self, prompt: BatchPrompt, cfg: GenerateConfig) -> list[int]:
+        """The prompt's tokens, or one line: none at all, or too long for --no-truncate."""
+        ids = (self.tokenizer.encode(prompt.text) if cfg.add_special_tokens
+               else self.tokenizer.encode_plain(prompt.text))
+        if not ids:
+            raise UserError(f"{prompt.where} encodes to no tokens; give some text")
+        if not cfg.truncate and len(ids) + cfg.max_new_tokens > self.context:
+            raise UserError(f"{prompt.where} ({len(ids)} tokens) and --max-new-tokens {cfg.max_new_tokens} exceed "
+                            f"the model's window of {self.context} tokens; shorten the prompt, lower "
+                            "--max-new-tokens, or drop --no-truncate to let the oldest tokens slide out")
+        return ids
+
+    def decoder(self, cfg: GenerateConfig):
+        return open_decoder(self.runner, cfg, self.context, self.fixed, self.tokenizer.vocab_size, self.artifact)
+
+
+def open_decoding(artifact: Artifact, cfg: GenerateConfig, runner=None) -> Decoding:
     from .backends import open_backend
 
-    validate(cfg)
     if artifact.task != "language-modeling":
         raise UserError(f"{artifact.path}: is a classifier; use bigmodel predict {artifact.path} INPUT")
     tokenizer = artifact.tokenizer()  # the artifact's tokenizer.json, or bytes
@@ -296,47 +406,168 @@ def generate_text(artifact: Artifact, cfg: GenerateConfig, progress: Callable[..
                         "model (trained on --data text:...) or one that carries its tokenizer (train --tokenizer DIR)")
     runner = runner or open_backend(artifact, cfg.backend, cfg.device, cfg.threads)
     context, fixed = context_limits(artifact, runner.detail)
-    prompt = tokenizer.encode(cfg.prompt) if cfg.add_special_tokens else tokenizer.encode_plain(cfg.prompt)
-    if not prompt:
-        raise UserError("--prompt encodes to no tokens; give some text")
-    if not cfg.truncate and len(prompt) + cfg.max_new_tokens > context:
-        raise UserError(f"the prompt ({len(prompt)} tokens) and --max-new-tokens {cfg.max_new_tokens} exceed the "
-                        f"model's window of {context} tokens; shorten the prompt, lower --max-new-tokens, or drop "
-                        "--no-truncate to let the oldest tokens slide out")
-    decoder = open_decoder(runner, cfg, context, fixed, tokenizer.vocab_size, artifact)
-    stream = TextStream(tokenizer.decode, tuple(cfg.stop))
+    return Decoding(artifact, tokenizer, runner, context, fixed, vocab)
+
+
+def decode_rows(decoder, tokenizer, prompts: list[list[int]], seeds: list[int], cfg: GenerateConfig,
+                on_text: Callable[[int, str], None] | None = None,
+                on_done: Callable[[int, dict], None] | None = None,
+                progress: Callable[[int], None] | None = None) -> tuple[list[dict], bool]:
+    """Decode ``prompts`` together; (one dict per row, interrupted).
+
+    Each row samples from its own generator (``seeds``) and ends at a stop string or the end-of-text
+    token; a finished row is fed token 0 until the others end (its outputs are not read), so the
+    batch keeps one shape and one cache. ``on_text(row, chunk)`` receives a row's text as it becomes
+    safe to show, ``on_done(row, result)`` a row's result as soon as it ends, ``progress(step)``
+    each step. A Ctrl-C stops every row and keeps what was made.
+    """
+    count = len(prompts)
+    streams = [TextStream(tokenizer.decode, tuple(cfg.stop)) for _ in range(count)]
+    rngs = [np.random.default_rng(seed) for seed in seeds]
+    seen = [np.asarray(prompt, dtype=np.int64) for prompt in prompts]
+    eos = getattr(tokenizer, "eos_id", None)
+    results: list[dict | None] = [None] * count
     clock: dict = {}
-    interrupted = False
     start = time.perf_counter()
+
+    def finish(row: int, reason: str) -> None:
+        rest = streams[row].flush()
+        if on_text and rest:
+            on_text(row, rest)
+        seconds, stream = time.perf_counter() - start, streams[row]
+        results[row] = {
+            "text": stream.text, "tokens": stream.tokens, "new_tokens": len(stream.tokens), "seconds": seconds,
+            "tokens_per_s": len(stream.tokens) / seconds if seconds else None,
+            **decode_timing(clock, len(prompts[row]), len(stream.tokens), seconds),
+            "stopped": reason == "stop", "finish_reason": reason, "interrupted": reason == "interrupted",
+        }
+        if on_done:
+            on_done(row, results[row])
+
+    interrupted = False
     try:
-        for i, token in enumerate(decode_stream(decoder, prompt, cfg, clock)):
-            chunk = stream.push(token)
-            if on_text and chunk:
-                on_text(chunk)
+        logits = decoder.start_batch(prompts)
+        clock["prefill_s"] = time.perf_counter() - start
+        for i in range(cfg.max_new_tokens):
+            tokens = [0] * count
+            for row in (r for r in range(count) if results[r] is None):
+                token = sample_next(logits[row], cfg.temperature, cfg.top_k, rngs[row], cfg.top_p,
+                                    cfg.repetition_penalty, seen[row])
+                tokens[row] = token
+                if cfg.repetition_penalty != 1:
+                    seen[row] = np.append(seen[row], token)
+                if token == eos:  # the model's own end: the token is not text
+                    finish(row, "eos")
+                    continue
+                chunk = streams[row].push(token)
+                if on_text and chunk:
+                    on_text(row, chunk)
+                if streams[row].stopped:
+                    finish(row, "stop")
+            if i == 0:
+                clock["first_token_s"] = time.perf_counter() - start
             if progress:
-                progress("generate", done=i + 1, total=cfg.max_new_tokens)
-            if stream.stopped:
+                progress(i + 1)
+            if all(results):
                 break
+            if i + 1 < cfg.max_new_tokens:
+                logits = decoder.step_batch(tokens)
     except KeyboardInterrupt:  # Ctrl-C ends the answer; what was generated is still the result
         interrupted = True
-    seconds = time.perf_counter() - start
-    rest = stream.flush()
-    if on_text and rest:
-        on_text(rest)
+    for row in range(count):
+        if results[row] is None:
+            finish(row, "interrupted" if interrupted else "length")
+    return results, interrupted
+
+
+def run_facts(decoding: Decoding, decoder, cfg: GenerateConfig) -> dict:
+    """What every result records of how it was made."""
+    runner = decoding.runner
     return {
-        "artifact": str(artifact.path), "prompt": cfg.prompt,
-        "text": stream.text, "tokens": stream.tokens,
-        "new_tokens": len(stream.tokens), "seconds": seconds,
-        "tokens_per_s": len(stream.tokens) / seconds if seconds else None,
-        **decode_timing(clock, len(prompt), len(stream.tokens), seconds),
         "cache": not isinstance(decoder, RecomputeDecoder), "cache_bytes": decoder.cache_bytes,
-        "stopped": stream.stopped, "interrupted": interrupted,
-        "context": context, "prompt_cropped": len(prompt) > context,
+        "context": decoding.context,
         "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
-        "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed, "truncate": cfg.truncate,
+        "repetition_penalty": cfg.repetition_penalty, "truncate": cfg.truncate,
         "backend": runner.name, "device": runner.device, "threads": runner.threads,
         **({"provider": runner.detail["provider"]} if "provider" in runner.detail else {}),
     }
+
+
+def generate_text(artifact: Artifact, cfg: GenerateConfig, progress: Callable[..., Any] | None = None,
+                  on_text: Callable[[str], None] | None = None, runner=None) -> dict:
+    """Prompt → continuation, plus where it ran and how fast.
+
+    ``on_text`` receives the text as it becomes safe to show (streaming). A Ctrl-C stops the
+    generation and returns what was made so far, with ``interrupted`` set. ``runner`` is a backend
+    already opened for ``artifact`` (chat reuses one for every turn rather than reload the weights).
+    """
+    validate(cfg)
+    decoding = open_decoding(artifact, cfg, runner)
+    prompt = decoding.encode(BatchPrompt(cfg.prompt, where="--prompt"), cfg)
+    decoder = decoding.decoder(cfg)
+    rows, _ = decode_rows(decoder, decoding.tokenizer, [prompt], [cfg.seed], cfg,
+                          on_text=(lambda row, chunk: on_text(chunk)) if on_text else None,
+                          progress=(lambda done: progress("generate", done=done, total=cfg.max_new_tokens))
+                          if progress else None)
+    return {"artifact": str(artifact.path), "prompt": cfg.prompt, **rows[0], **run_facts(decoding, decoder, cfg),
+            "prompt_cropped": len(prompt) > decoding.context, "seed": cfg.seed}
+
+
+def generate_batch(artifact: Artifact, cfg: GenerateConfig, prompts: list[BatchPrompt],
+                   progress: Callable[..., Any] | None = None,
+                   on_done: Callable[[int, dict], None] | None = None) -> dict:
+    """Several prompts, ``cfg.batch_size`` decoded together (``cfg.prompt`` is not used).
+
+    Returns ``results`` (one dict per prompt, in order, each as ``generate_text`` gives it plus the
+    batch it ran in) and the whole run's figures: new tokens over wall time is the batch
+    throughput. ``on_done(index, result)`` receives each prompt's result as soon as its row ends.
+    Every prompt is encoded and checked before any decoding. A Ctrl-C stops the batch running; the
+    prompts decoded so far (the running batch's cut short) are the result, with ``interrupted``.
+    """
+    problems = option_problems(cfg)
+    if problems:
+        raise ConfigErrors(problems, "generation options")
+    if not prompts:
+        raise UserError("no prompts to generate from; give --prompt or a --prompts-file with one per line")
+    decoding = open_decoding(artifact, cfg)
+    encoded = [decoding.encode(prompt, cfg) for prompt in prompts]
+    decoder = decoding.decoder(cfg)
+    seeds = [cfg.seed if prompt.seed is None else prompt.seed for prompt in prompts]
+    chunks = range(0, len(prompts), cfg.batch_size)
+    total_steps = len(chunks) * cfg.max_new_tokens
+    results: list[dict] = []
+    interrupted = False
+    start = time.perf_counter()
+    for n, first in enumerate(chunks):
+        batch = list(range(first, min(first + cfg.batch_size, len(prompts))))
+
+        def head(index: int) -> dict:
+            return {"index": index, "prompt": prompts[index].text, "seed": seeds[index],
+                    "prompt_cropped": len(encoded[index]) > decoding.context}
+
+        def done(row: int, figures: dict, batch=batch) -> None:
+            if on_done:
+                on_done(batch[row], {**head(batch[row]), **figures})
+
+        def step(done_steps: int, n=n) -> None:
+            progress("generate", done=n * cfg.max_new_tokens + done_steps, total=total_steps)
+
+        chunk_start = time.perf_counter()
+        rows, interrupted = decode_rows(decoder, decoding.tokenizer, [encoded[i] for i in batch],
+                                        [seeds[i] for i in batch], cfg, on_done=done,
+                                        progress=step if progress else None)
+        seconds = time.perf_counter() - chunk_start
+        batch_tokens = sum(row["new_tokens"] for row in rows)
+        results += [{**head(index), **row, "batch_size": len(batch),
+                     "batch_tokens_per_s": batch_tokens / seconds if seconds else None,
+                     **run_facts(decoding, decoder, cfg)} for index, row in zip(batch, rows)]
+        if interrupted:
+            break
+    seconds = time.perf_counter() - start
+    new_tokens = sum(result["new_tokens"] for result in results)
+    return {"artifact": str(artifact.path), "results": results, "prompts": len(prompts), "batch_size": cfg.batch_size,
+            "new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": new_tokens / seconds if seconds else None,
+            "interrupted": interrupted, **run_facts(decoding, decoder, cfg)}
 
 
 def decode_timing(clock: dict, prompt_tokens: int, new_tokens: int, seconds: float) -> dict:

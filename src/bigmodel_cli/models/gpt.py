@@ -20,19 +20,26 @@ from torch.nn import functional as F
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``q`` (the last T positions) over ``k``/``v`` (past + those T).
 
     Without a past the fused causal kernel applies; one new query may see every key, so it needs no
     mask; several new queries after a past need the causal mask shifted by the past's length.
+    ``key_mask`` (batch, past + T; nonzero = a real token) hides a left-padded batch's padding.
     """
     new, total = q.shape[-2], k.shape[-2]
-    if torch.onnx.is_in_onnx_export():
+    if key_mask is not None or torch.onnx.is_in_onnx_export():
         # One exported graph serves prefill (any past, even empty) and decode, so the branches
         # below cannot be baked in: the mask (query i sees keys up to past + i) is built from the
         # shapes, which the exporter keeps symbolic.
         rows = torch.arange(new, device=q.device)[:, None] + (total - new)
-        mask = torch.arange(total, device=q.device)[None, :] <= rows
+        cols = torch.arange(total, device=q.device)[None, :]
+        mask = cols <= rows
+        if key_mask is not None:
+            # A padding query would see no key at all, and softmax over nothing is NaN, which its
+            # value would then carry into every later layer's attention (0 * NaN): it sees itself.
+            mask = mask & ((key_mask[:, None, None, :] != 0) | (cols == rows))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if new == total:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
@@ -40,6 +47,13 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(diagonal=total - new)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def padded_positions(attention_mask: torch.Tensor, seq: int) -> torch.Tensor:
+    """Each row's positions of its last ``seq`` tokens, counted from its first real token (a
+    left-padded row's first real token is position 0; padding gets 0): the position ids that
+    transformers and Optimum derive from the attention mask."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
 
 
 @dataclass
@@ -84,8 +98,8 @@ class CausalSelfAttention(nn.Module):
         )
         return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim))
 
-    def forward_cached(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
-                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward_cached(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+                       key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``forward`` for the new positions only, attending over ``past`` keys/values as well;
         returns the output and the keys/values including the new positions (the ``present``)."""
         batch, seq, _ = x.shape
@@ -93,7 +107,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        y = cached_attention(q, k, v, self.dropout if self.training else 0.0)
+        y = cached_attention(q, k, v, self.dropout if self.training else 0.0, key_mask)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim)), (k, v)
 
 
@@ -121,8 +135,9 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
-    def forward_cached(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None):
-        attended, present = self.attn.forward_cached(self.ln1(x), past)
+    def forward_cached(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+                       key_mask: torch.Tensor | None = None):
+        attended, present = self.attn.forward_cached(self.ln1(x), past, key_mask)
         x = x + attended
         return x + self.mlp(self.ln2(x)), present
 
@@ -154,15 +169,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, past: KVCache | None = None, use_cache: bool = False
+    def forward(self, idx: torch.Tensor, past: KVCache | None = None, use_cache: bool = False,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         """Token ids (B, T) → next-token logits (B, T, vocab).
 
         With ``use_cache`` (decoding): ``idx`` holds the positions after ``past``'s, and the result
         is (logits, present), present being ``past`` extended by them. Learned positions end at
         ``block_size``: a caller whose context slides past it re-prefills the last window.
+        A left-padded batch passes ``attention_mask`` (B, past + T; 0 = padding) and, optionally,
+        ``position_ids`` (B, T; derived from the mask when omitted).
         """
-        if not use_cache and past is None:
+        if not use_cache and past is None and attention_mask is None:
             positions = torch.arange(idx.shape[1], device=idx.device)
             x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
             for block in self.blocks:
@@ -171,13 +189,16 @@ class GPT(nn.Module):
         start = past[0][0].shape[2] if past else 0
         if start + idx.shape[1] > self.config.block_size:
             raise ValueError(f"{start + idx.shape[1]} positions exceed the model's {self.config.block_size}")
-        positions = torch.arange(start, start + idx.shape[1], device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+        if position_ids is None:
+            position_ids = (padded_positions(attention_mask, idx.shape[1]) if attention_mask is not None
+                            else torch.arange(start, start + idx.shape[1], device=idx.device))
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(position_ids))
         present: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, layer = block.forward_cached(x, past[i] if past else None)
+            x, layer = block.forward_cached(x, past[i] if past else None, attention_mask)
             present.append(layer)
-        return self.lm_head(self.ln_f(x)), present
+        logits = self.lm_head(self.ln_f(x))
+        return (logits, present) if use_cache else logits
 
 
 # Presets as data. Parameter counts are for the byte vocabulary where vocab_size is 256.

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .gpt import KVCache, cached_attention
+from .gpt import KVCache, cached_attention, padded_positions
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -119,9 +119,9 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       past: tuple[torch.Tensor, torch.Tensor] | None):
+                       past: tuple[torch.Tensor, torch.Tensor] | None, key_mask: torch.Tensor | None = None):
         """``forward`` for the new positions (``cos``/``sin`` are theirs), attending over ``past``
-        as well. The cache holds the rotated keys of the ``n_kv_head`` heads, before GQA repeats
+        as well (``key_mask``: gpt.cached_attention). The cache holds the rotated keys of the ``n_kv_head`` heads, before GQA repeats
         them, as Hugging Face's does: n_head // n_kv_head times smaller."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
@@ -134,7 +134,7 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             groups = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = cached_attention(q, k, v, self.dropout if self.training else 0.0)
+        y = cached_attention(q, k, v, self.dropout if self.training else 0.0, key_mask)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.n_head * self.head_dim)), present
 
 
@@ -163,8 +163,8 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       past: tuple[torch.Tensor, torch.Tensor] | None):
-        attended, present = self.attn.forward_cached(self.attn_norm(x), cos, sin, past)
+                       past: tuple[torch.Tensor, torch.Tensor] | None, key_mask: torch.Tensor | None = None):
+        attended, present = self.attn.forward_cached(self.attn_norm(x), cos, sin, past, key_mask)
         x = x + attended
         return x + self.mlp(self.mlp_norm(x)), present
 
@@ -201,30 +201,43 @@ class Llama(nn.Module):
     def rope(self, seq: int, like: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of the rotation of positions start..start+seq-1, (T, head_dim), in ``like``'s dtype."""
         positions = torch.arange(start, start + seq, device=like.device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq.to(like.device)[None, :]
+        return self.rope_at(positions, like)
+
+    def rope_at(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the rotation of ``positions`` ((T,) → (T, head_dim); per row (B, T) →
+        (B, 1, T, head_dim), which broadcasts over the heads), in ``like``'s dtype."""
+        freqs = positions.float()[..., None] * self.inv_freq.to(like.device)
         angles = torch.cat((freqs, freqs), dim=-1)
+        if angles.dim() == 3:
+            angles = angles[:, None]
         return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
 
-    def forward(self, idx: torch.Tensor, past: KVCache | None = None, use_cache: bool = False
+    def forward(self, idx: torch.Tensor, past: KVCache | None = None, use_cache: bool = False,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         """Token ids (B, T) → next-token logits (B, T, vocab).
 
         With ``use_cache`` (decoding): ``idx`` holds the positions after ``past``'s, and the result
-        is (logits, present), present being ``past`` extended by them.
+        is (logits, present), present being ``past`` extended by them. A left-padded batch passes
+        ``attention_mask`` (B, past + T; 0 = padding) and, optionally, ``position_ids`` (B, T;
+        derived from the mask when omitted): each row's rotation counts from its first real token.
         """
         x = self.drop(self.tok_emb(idx))
-        if not use_cache and past is None:
+        if not use_cache and past is None and attention_mask is None:
             cos, sin = self.rope(idx.shape[1], x)
             for block in self.blocks:
                 x = block(x, cos, sin)
             return self.lm_head(self.norm(x))
         start = past[0][0].shape[2] if past else 0
-        cos, sin = self.rope(idx.shape[1], x, start)
+        if position_ids is None and attention_mask is not None:
+            position_ids = padded_positions(attention_mask, idx.shape[1])
+        cos, sin = self.rope(idx.shape[1], x, start) if position_ids is None else self.rope_at(position_ids, x)
         present: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, layer = block.forward_cached(x, cos, sin, past[i] if past else None)
+            x, layer = block.forward_cached(x, cos, sin, past[i] if past else None, attention_mask)
             present.append(layer)
-        return self.lm_head(self.norm(x)), present
+        logits = self.lm_head(self.norm(x))
+        return (logits, present) if use_cache else logits
 
 
 # Presets as data. Parameter counts are for the byte vocabulary where vocab_size is 256.

@@ -232,14 +232,7 @@ def _write_decoder(model, artifact: art.Artifact, options: ExportOptions, stagin
     if not (options.decoder and artifact.task == "language-modeling" and options.dtype == "fp32"
             and device == "cpu" and supports_decoder(model)):
         return None
-    from .exporters import needs_external_data, weight_bytes
-
-    if needs_external_data(weight_bytes(model)):
-        # The artifact's one verified data file belongs to model.onnx; a second one for the
-        # decoder is not in the layout yet, so a model over 2 GB gets the cache-free graph only
-        # (config.json then has no onnx.decoder, and generate recomputes on ONNX Runtime).
-        return None
-    say("stage", name="decoder")
+    say("stage", name="decoder")  # over 2 GB of weights, export_decoder puts them in decoder.onnx.data
     path = staging / DECODER_FILE
     vocab = int(artifact.model_spec.get("vocab_size") or artifact.data_spec.get("vocab_size") or 256)
     export_decoder(model, path, options.opset, vocab)

@@ -90,6 +90,10 @@ def quantize_nbits(source: art.Artifact, out: Path, options, overwrite: bool, tm
 
     onnx_meta = source.config.get("onnx") or {}
     decoder_meta = onnx_meta.get("decoder")
+    if decoder_meta:  # an older decoder would be quantized, then not run: ask for the re-export first
+        from ...onnx.decoder import check_decoder_section
+
+        check_decoder_section(decoder_meta, str(source.path))
     say("stage", name="quantize")
     graphs = [art.ONNX_FILE] + (["decoder.onnx"] if decoder_meta else [])
     counts = {}
