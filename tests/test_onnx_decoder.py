@@ -78,6 +78,38 @@ def test_generate_on_onnx_runtime_uses_the_cache_and_gives_pytorchs_text(cli, gp
     assert not json.loads(no_cache.stdout)["cache"]
 
 
+def test_dynamic_int8_quantizes_the_decoder_too_and_generate_keeps_its_cache(cli, gpt_onnx, tmp_path):
+    """An int8 language model must still decode with its KV cache: decoder.onnx is quantized like
+    model.onnx, measured with the same metric (close to model.onnx's, both int8), and recorded."""
+    out = tmp_path / "int8"
+    result = cli("quantize", gpt_onnx, "--mode", "dynamic", "--max-metric-drop", "5", "--no-bench", "--out", out,
+                 "--json", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["report"]
+    decoder = report["decoder"]
+    assert decoder["kept"] and "decode_after" not in decoder  # --no-bench: not timed
+    assert decoder["metrics"]["perplexity"] == pytest.approx(report["after"]["perplexity"], rel=0.02)
+    from bigmodel_cli.artifact import open_artifact
+
+    int8 = open_artifact(out)
+    assert int8.config["onnx"]["decoder"] == open_artifact(gpt_onnx).config["onnx"]["decoder"]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    generated = cli("generate", out, "--prompt", "The ", "--max-new-tokens", "12", "--temperature", "0", "--json")
+    assert generated.exit_code == 0 and json.loads(generated.stdout)["cache"]
+    # Names of model.onnx kept in float cannot be matched in the decoder: then it is not kept, and
+    # the report says why (generate recomputes, as for any export without a decoder).
+    node = next(n.name for n in onnx.load(str(gpt_onnx / "model.onnx")).graph.node if n.op_type == "MatMul")
+    excluded = cli("quantize", gpt_onnx, "--mode", "dynamic", "--exclude", node, "--no-bench", "--out",
+                   tmp_path / "excl", "--json", "--threads", "1")
+    assert excluded.exit_code == 0, excluded.output
+    assert not json.loads(excluded.stdout)["report"]["decoder"]["kept"]
+    assert not (tmp_path / "excl" / "decoder.onnx").exists()
+    assert "decoder" not in open_artifact(tmp_path / "excl").config["onnx"]
+
+
 def test_no_decoder_exports_the_cache_free_graph_only_and_eval_is_unchanged(cli, tmp_path_factory, tiny_gpt):
     out = export_once(tmp_path_factory, tiny_gpt, "--no-decoder")
     assert not (out / "decoder.onnx").exists()

@@ -146,6 +146,14 @@ def _print_report(result) -> None:
         if q["calibration"]:
             c = q["calibration"]
             info.append(("calibration", f"{c['method']} on {c['samples']} samples ({c['source']})"))
+        if "decoder" in report:
+            d = report["decoder"]
+            if d["kept"]:
+                speed = (f"; decode {d['decode_before']['decode_tokens_per_s']:.0f} → "
+                         f"{d['decode_after']['decode_tokens_per_s']:.0f} tok/s" if "decode_after" in d else "")
+                info.append(("decoder.onnx", f"int8 too, {d['metric_drop']:.3g} {report['metric_drop_unit']}{speed}"))
+            else:
+                info.append(("decoder.onnx", f"not kept: {d['why']}"))
     if "latency" in report:
         lat = report["latency"]
         info.append(("timed", f"input {'×'.join(map(str, lat['input_shape']))}, {lat['threads']} threads, side by side, this machine"))

@@ -201,6 +201,23 @@ def decode_pairs(model, session, rows: list[list[int]]):
         mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
 
 
+def prefill_predict(session, section: dict):
+    """decoder.onnx as a cache-free model: token ids (batch, seq) → logits (batch, seq, vocab), by a
+    prefill from an empty past with every position real. It lets a derived decoder (quantized) be
+    measured with the same task metric as model.onnx."""
+    names = [*INPUTS, *past_names(int(section["n_layer"]))]
+    kv_heads, head_dim = int(section["kv_heads"]), int(section["head_dim"])
+
+    def predict(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        mask = np.ones_like(ids)
+        empty = np.zeros((len(ids), kv_heads, 0, head_dim), dtype=np.float32)
+        feeds = [ids, mask, position_ids(mask, ids.shape[1])] + [empty] * (len(names) - len(INPUTS))
+        return session.run(["logits"], dict(zip(names, feeds)))[0]
+
+    return predict
+
+
 def decoder_section(n_layer: int, kv_heads: int, head_dim: int) -> dict:
     """config.json's ``onnx.decoder``: what a runtime needs to drive the cache graph."""
     return {"file": DECODER_FILE, "version": DECODER_VERSION, "inputs": [*INPUTS, *past_names(n_layer)],

@@ -37,6 +37,7 @@ from ...core.progress import no_progress
 from ...evaluate import BenchConfig
 from . import gate as gating
 from .measure import Evaluator, build_report, latency, manifest_metrics, model_bytes, onnx_predict
+from .decoder_int8 import DecoderResult, quantize_decoder
 from .onnx_int8 import METHODS
 from .scheme import SCHEMES
 from bigmodel_cli.weights import BITS
@@ -451,10 +452,15 @@ def _onnx_int8(source: art.Artifact, out: Path, options: QuantizeOptions, mode: 
     attempts.measure_first()
     gate = attempts.gate()
     final = _shipped_file(attempts.path, tmp)
+    decoder = quantize_decoder(onnx_artifact, mode, plan.settings, plan.excluded + gate.excluded, attempts.before,
+                               options.max_metric_drop, attempts.evaluator, tmp, options.threads, options.bench, say)
     report = _int8_report(source, options, attempts, final, say)
+    if decoder.report:
+        report["decoder"] = decoder.report
     section = _quantization_section(plan, options, calib, gate, final, exported)
     say("stage", name="write")
-    manifest = _write_int8(source, onnx_artifact, out, overwrite, final, options, mode, report, section, gate)
+    manifest = _write_int8(source, onnx_artifact, out, overwrite, final, options, mode, report, section, gate,
+                           decoder=decoder)
     return QuantizeResult(out, mode, report, section, gate.as_dict(), manifest)
 
 
@@ -667,9 +673,10 @@ def _quantization_section(plan: _Int8Plan, options: QuantizeOptions, calib, gate
 
 def _write_int8(source: art.Artifact, onnx_artifact: art.Artifact, out: Path, overwrite: bool, final: Path,
                 options: QuantizeOptions, mode: str, report: dict, section: dict, gate: gating.GateResult,
-                files: dict[str, Path] | None = None) -> dict:
+                files: dict[str, Path] | None = None, decoder: DecoderResult | None = None) -> dict:
     """The stage-"quantize" artifact, whose parent is ``source``, written whole or not at all; its
-    manifest. ``files``: more files it holds (QAT's fp32 shadow weights)."""
+    manifest. ``files``: more files it holds (QAT's fp32 shadow weights); ``decoder``: the int8
+    decoder.onnx, when one was kept."""
     from ...onnx import files as onnx_files
     from ...onnx.export import onnx_section
 
@@ -679,6 +686,9 @@ def _write_int8(source: art.Artifact, onnx_artifact: art.Artifact, out: Path, ov
         onnx_meta = onnx_section(staging / art.ONNX_FILE, exporter=previous.get("exporter", "unknown"),
                                  opset=_opset(staging / art.ONNX_FILE), dtype="int8",
                                  optimize=previous.get("optimize", "basic"), dynamic=tuple(previous.get("dynamic", ())))
+        if decoder is not None and decoder.path is not None:
+            onnx_files.place(decoder.path, staging / decoder.path.name, onnx_files.has_external_data(decoder.path))
+            onnx_meta["decoder"] = decoder.section
         onnx_artifact.copy_tokenizer(staging)
         for name, path in (files or {}).items():
             shutil.copyfile(path, staging / name)
