@@ -9,6 +9,13 @@ from __future__ import annotations
 from .space import Goal
 
 OBJECTIVE_KEY = {"latency": "latency_ms_p50", "size": "file_bytes", "params": "nonzero_params"}
+FRONT_KEYS = ("latency_ms_p50", "file_bytes", "nonzero_params")
+
+
+def front_keys(objective: str) -> tuple[str, ...]:
+    """The front's costs, the objective's first (the order the front is listed in)."""
+    first = OBJECTIVE_KEY[objective]
+    return (first, *[k for k in FRONT_KEYS if k != first])
 
 
 def drop(value: float | None, base: float, task: str, goal: Goal) -> float | None:
@@ -47,15 +54,16 @@ def quality(row: dict, task: str) -> float:
     return -value if task == "language-modeling" else value
 
 
-def pareto_front(rows: list[dict], task: str, key: str) -> list[dict]:
-    """Rows no other row beats on both the metric and ``key`` (at least as good on both, better on one)."""
-    front = []
-    for row in rows:
-        dominated = any(quality(o, task) >= quality(row, task) and o[key] <= row[key]
-                        and (quality(o, task) > quality(row, task) or o[key] < row[key]) for o in rows if o is not row)
-        if not dominated:
-            front.append(row)
-    return sorted(front, key=lambda r: r[key])
+def pareto_front(rows: list[dict], task: str, keys: tuple[str, ...] = FRONT_KEYS) -> list[dict]:
+    """Rows that no other row beats: at least as good on the metric and every cost in ``keys``, and
+    better on one. The front is over latency, file size and non-zero parameters together (the
+    costs the issue trades against the metric); sorted by the first key."""
+    def beats(o: dict, row: dict) -> bool:
+        ours, theirs = [quality(row, task)] + [-row[k] for k in keys], [quality(o, task)] + [-o[k] for k in keys]
+        return all(t >= u for t, u in zip(theirs, ours)) and any(t > u for t, u in zip(theirs, ours))
+
+    front = [row for row in rows if not any(beats(o, row) for o in rows if o is not row)]
+    return sorted(front, key=lambda r: r[keys[0]])
 
 
 def choose(rows: list[dict], base: float, task: str, goal: Goal) -> dict | None:

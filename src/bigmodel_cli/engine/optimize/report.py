@@ -52,8 +52,7 @@ def finish(search: SearchResult, goal: Goal, *, split: str, rounds: int, progres
     for row in rows:
         row["drop"] = fr.drop(row["value"], base, task, goal)
         row["meets"] = fr.meets(row, base, task, goal)
-    key = fr.OBJECTIVE_KEY[goal.objective]
-    front = fr.pareto_front(rows, task, key)
+    front = fr.pareto_front(rows, task, fr.front_keys(goal.objective))
     chosen = fr.choose(rows, base, task, goal)
     closest = [] if chosen else fr.closest(rows, base, task, goal)
     out = search.out
@@ -82,7 +81,7 @@ def _finalists(search: SearchResult, measured: dict[str, dict], goal: Goal) -> l
     base_name = search.base
     base = measured[base_name]["value"]
     names = [base_name]
-    ranked = [r["name"] for r in fr.pareto_front(rows, task, key)]
+    ranked = [r["name"] for r in fr.pareto_front(rows, task, fr.front_keys(goal.objective))]
     ranked += [r["name"] for r in sorted(rows, key=lambda r: r[key]) if fr.meets(r, base, task, goal)]
     ranked += [r["name"] for r in sorted(rows, key=lambda r: r[key])]
     for name in ranked:
@@ -144,9 +143,10 @@ def tradeoff_png(rows: list[dict], front: list[dict], chosen: dict | None, compa
                        color="tab:red" if on else "tab:gray", edgecolors="black", zorder=3)
             ax.annotate(row["name"], (row[key] / scale, row["value"]), textcoords="offset points", xytext=(5, 4),
                         fontsize=7)
-        line = fr.pareto_front(rows, "language-modeling" if comparison.metric == "perplexity" else "classification", key)
+        # the front's outline in this panel's plane (the highlighted points are the front over every cost)
+        line = fr.pareto_front(rows, "language-modeling" if comparison.metric == "perplexity" else "classification", (key,))
         ax.plot([r[key] / scale for r in line], [r["value"] for r in line], color="tab:red", lw=1, zorder=2,
-                label="Pareto front")
+                label="Pareto front (this plane)")
         if chosen is not None:
             ax.scatter(chosen[key] / scale, chosen["value"], s=260, facecolors="none", edgecolors="tab:green",
                        linewidths=2, zorder=4, label=f"chosen: {chosen['name']}")
@@ -191,7 +191,8 @@ def markdown(search: SearchResult, goal: Goal, comparison: CompareResult, front:
     else:
         lines.append("**Nothing met the goal.** Closest: " + ", ".join(f"`{r['name']}` ({_describe(r, comparison.metric)})"
                                                                    for r in closest) + ".")
-    lines += ["", "Pareto front (" + goal.objective + "): " + ", ".join(f"`{r['name']}`" for r in front), "",
+    lines += ["", f"Pareto front ({comparison.metric} against latency, file size and non-zero parameters): "
+              + ", ".join(f"`{r['name']}`" for r in front), "",
               f"![trade-off]({FILES['plot']})", "", markdown_report(comparison).replace("# Comparison", "## Finalists", 1),
               "## Every step", "", "| step | command | reads | status | seconds | estimate |", "|---|---|---|---|---|---|"]
     for name, s in search.state["steps"].items():

@@ -42,6 +42,7 @@ STATE_FORMAT = "bigmodel-optimize"
 CANDIDATES = "candidates"
 NEAR = 3.0  # a miss by at most NEAR × --max-drop is worth a longer fine-tuning
 RUNGS = 2
+FINAL_RESERVE_S = 30.0
 ROW_KEYS = ("name", "path", "stage", "params", "nonzero_params", "file_bytes", "metric", "value", "loss",
             "bits_per_byte", "latency_ms_p50", "latency_ms_p95", "latency_ms_p50_ratio")
 
@@ -159,7 +160,7 @@ class Search:
         if step.branch in self.stopped and step.command != "export" and step.rung == 0:
             return "stopped"
         estimate = step.estimate_s * self.scale()
-        if step.name != self.base and self.spent() + estimate > self.goal.time_budget_s:
+        if step.name != self.base and self.spent() + estimate > self.goal.time_budget_s - final_reserve(self.goal):
             return "over budget"
         self.say("start", name=step.name, command=step.command, estimate_s=estimate)
         record = {"record": step.record(), "estimate_s": step.estimate_s, "status": "running"}
@@ -268,6 +269,11 @@ class Search:
     def save(self) -> None:
         self.state["seconds"] = self.spent()
         write_json_atomic(self.out / STATE_FILE, self.state)
+
+
+def final_reserve(goal: Goal) -> float:
+    """Seconds kept for the final side-by-side comparison, so the whole command fits its budget."""
+    return min(FINAL_RESERVE_S, 0.1 * goal.time_budget_s)
 
 
 def new_state(expected: dict, input_path: Path) -> dict:
