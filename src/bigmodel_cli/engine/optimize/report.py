@@ -120,8 +120,7 @@ def _summary(search: SearchResult, goal: Goal, comparison: CompareResult, rows: 
             "front": [r["name"] for r in front], "rows": rows, "steps": steps,
             "estimate_s": search.plan.estimate_s(), "seconds_this_run": search.seconds,
             "seconds_total": search.state.get("seconds"), "notes": search.plan.notes + comparison.notes,
-            "files": {k: str(search.out / v) for k, v in FILES.items()
-                      if (search.out / v).exists() or k != "recipe" or chosen}}
+            "files": {k: str(search.out / v) for k, v in FILES.items() if k != "recipe" or chosen}}
 
 
 def tradeoff_png(rows: list[dict], front: list[dict], chosen: dict | None, comparison: CompareResult,
@@ -231,8 +230,8 @@ def html_page(search: SearchResult, goal: Goal, comparison: CompareResult, front
 
 def lineage(search: SearchResult, name: str) -> list[str]:
     """The steps from the input to ``name``, in order."""
-    chain = []
-    while name != INPUT:
+    chain: list[str] = []
+    while name != INPUT and name not in chain:  # a state file edited into a cycle must not hang the search
         chain.append(name)
         name = search.state["steps"][name]["record"]["parent"]
     return chain[::-1]

@@ -57,8 +57,19 @@ class SearchResult:
     seconds: float = 0.0
 
     def rows(self) -> dict[str, dict]:
-        """Measured candidates: name → compare row."""
-        return {name: s["row"] for name, s in self.state["steps"].items() if s.get("row")}
+        """Measured candidates whose every step is recorded (so a recipe can rebuild them): name → compare row."""
+        return {name: s["row"] for name, s in self.state["steps"].items()
+                if s.get("row") and s.get("status") == "complete" and self.rooted(name)}
+
+    def rooted(self, name: str) -> bool:
+        seen = set()
+        steps = self.state["steps"]
+        while name != INPUT:
+            if name in seen or steps.get(name, {}).get("status") != "complete":
+                return False
+            seen.add(name)
+            name = steps[name]["record"]["parent"]
+        return True
 
     def path_of(self, name: str) -> Path:
         return candidate_path(self.out, name, self.state["input"])
@@ -88,7 +99,30 @@ def load_state(out: Path) -> dict | None:
         raise UserError(f"{path}: cannot be read as an optimize state; pass --overwrite to start the search again") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not isinstance(state.get("steps"), dict):
         raise UserError(f"{path}: is not an optimize state file; pass --overwrite to start the search again")
+    # An entry that is not what the search writes is forgotten: its step runs again.
+    state["steps"] = {name: entry for name, entry in state["steps"].items() if _sane(name, entry)}
+    if not _sane_row(state.get("base_row")):
+        state.pop("base_row", None)
+    if not isinstance(state.get("seconds"), (int, float)):
+        state["seconds"] = 0.0
     return state
+
+
+def _sane(name: str, entry) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("record"), dict):
+        return False
+    record = entry["record"]
+    if not isinstance(record.get("parent"), str) or record["parent"] == name or not isinstance(record.get("options"), dict):
+        return False
+    if "row" in entry and not _sane_row(entry["row"]):
+        return False
+    return all(isinstance(entry.get(k, 0.0), (int, float)) for k in ("seconds", "estimate_s"))
+
+
+def _sane_row(row) -> bool:
+    """A measured row: the numbers the choice and the front compare."""
+    return isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+                                         for k in ("value", "latency_ms_p50", "file_bytes", "nonzero_params"))
 
 
 def check_resumable(out: Path, state: dict, expected: dict) -> None:
