@@ -31,6 +31,16 @@ RESULTS = ROOT / "benchmarks" / "results" / "optimize.json"
 
 
 def run(budget: str, quick: bool) -> dict:
+    import shutil
+
+    work = Path(tempfile.mkdtemp(prefix="bench-optimize-"))
+    try:
+        return _run(work, budget, quick)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(work: Path, budget: str, quick: bool) -> dict:
     from bigmodel_cli import TrainConfig, train
     from bigmodel_cli.artifact import open_artifact
     from bigmodel_cli.engine.compare import compare_artifacts
@@ -38,7 +48,6 @@ def run(budget: str, quick: bool) -> dict:
     from bigmodel_cli.engine.optimize.space import Goal, parse_duration
 
     info = machine()
-    work = Path(tempfile.mkdtemp(prefix="bench-optimize-"))
     before = cpu_snapshot()
     started = time.perf_counter()
     teacher = train(TrainConfig(model="mlp", preset="base", epochs=5 if quick else 30, seed=0,

@@ -151,11 +151,16 @@ class Search:
     def spent(self) -> float:
         return self.spent_before + time.perf_counter() - self.started
 
-    def scale(self) -> float:
-        """Actual / estimated seconds of the steps that ran, so estimates learn this machine."""
-        ratios = [s["seconds"] / s["estimate_s"] for s in self.state["steps"].values()
-                  if s.get("status") == "complete" and s.get("estimate_s") and s.get("seconds")]
-        return min(20.0, max(0.25, statistics.median(ratios))) if ratios else 1.0
+    def scale(self, family: str) -> float:
+        """Actual / estimated seconds of what ran, so estimates learn this machine and its load: the
+        worst of the last three steps of the same family (training steps are the ones that can
+        overrun), else of any family, else 1."""
+        def ratios(which: str | None) -> list[float]:
+            return [s["seconds"] / s["estimate_s"] for s in self.state["steps"].values()
+                    if s.get("status") == "complete" and s.get("estimate_s") and s.get("seconds")
+                    and (which is None or s["record"].get("family") == which)]
+        recent = ratios(family)[-3:] or ratios(None)[-3:]
+        return min(50.0, max(0.25, max(recent))) if recent else 1.0
 
     # ----------------------------------------------------------------- the phases
 
@@ -193,7 +198,7 @@ class Search:
             return "skipped"  # its parent was stopped, left out or failed
         if step.branch in self.stopped and step.command != "export" and step.rung == 0:
             return "stopped"
-        estimate = step.estimate_s * self.scale()
+        estimate = step.estimate_s * self.scale(step.family)
         if step.name != self.base and self.spent() + estimate > self.goal.time_budget_s - final_reserve(self.goal):
             return "over budget"
         self.say("start", name=step.name, command=step.command, estimate_s=estimate)
@@ -211,9 +216,10 @@ class Search:
             self.save()
             self.say("failed", name=step.name, error=record["error"])
             return "failed"
-        record.update(status="complete", seconds=time.perf_counter() - began)
+        record["status"] = "complete"
         if step.measure:
             record["row"] = self.measure(step.name)
+        record["seconds"] = time.perf_counter() - began  # with the measurement, as the estimate counts it
         self.save()
         self.after(step)
         return "ran"

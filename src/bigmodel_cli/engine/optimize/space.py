@@ -30,10 +30,17 @@ BASE = "fp32"  # the input exported to ONNX: the first row of every comparison
 FIXED_SECONDS = {"export": 3.0, "quantize": 3.0, "prune": 3.0, "distill": 3.0, "qat": 5.0}
 MEASURE_SECONDS = 2.0
 TRAIN_FLOPS_PER_SECOND = 1.5e9
+# What an optimizer step costs besides its FLOPs (batches, the teacher's forward pass, evaluation
+# and checkpoints at each epoch), per command: measured on the digits MLPs of the benchmark.
+STEP_SECONDS = {"prune": 0.02, "qat": 0.03, "distill": 0.04}
+BATCH = 64  # the trainer's default batch size, which the search's training steps keep
 # Levels of each branch, mildest first: a branch stops at its first level that breaks the limit.
 STRUCTURED_LEVELS = {"full": (0.25, 0.5, 0.75), "quick": (0.5,)}
 MAGNITUDE_LEVELS = {"full": (0.5, 0.8, 0.9), "quick": ()}
 STUDENT_WIDTHS = {"full": (0.5, 0.25, 0.125, 0.0625), "quick": (0.25,)}
+# A deep MLP teacher also gets one-hidden-layer students (a branch of their own): the distillation
+# benchmark's student is one (docs/benchmarks.md), and one layer less is a fixed cost less per call.
+SHALLOW_WIDTHS = {"full": (0.125, 0.0625), "quick": ()}
 # Fine-tuning budgets (classification: epochs; language models: optimizer steps), before halving.
 FINETUNE = {"classification": {"full": 2, "quick": 1}, "language-modeling": {"full": 40, "quick": 10}}
 DISTILL = {"classification": {"full": 30, "quick": 5}, "language-modeling": {"full": 150, "quick": 20}}
@@ -201,15 +208,17 @@ def plan_space(artifact: Artifact, goal: Goal, space: str = "full", only: tuple[
                                "qat", cost.train("qat", QAT[task])), cost, export=False)
     if "distill" in only:
         students = student_configs(artifact.model_spec, STUDENT_WIDTHS[space])
+        shallow = shallow_students(artifact.model_spec, SHALLOW_WIDTHS[space])
         if not students:
             plan.notes.append(f"distillation left out: no smaller student is defined for arch {arch!r} "
                               "(mlp, cnn and gpt are; distil by hand with --student ARTIFACT)")
         epochs = DISTILL[task][space]
-        for name, config, fraction in students:
-            steps += _trained(Step(name, "distill", INPUT, {"student-config": config, "bench-iterations": 0,
-                                                            **_budget(task, epochs, "epochs"), "seed": seed},
-                                   "distill", cost.train("distill", epochs, fraction), branch="distill",
-                                   estimate_fraction=fraction), cost)
+        for branch, group in (("distill", students), ("distill-shallow", shallow)):
+            for name, config, fraction in group:
+                steps += _trained(Step(name, "distill", INPUT, {"student-config": config, "bench-iterations": 0,
+                                                                **_budget(task, epochs, "epochs"), "seed": seed},
+                                       "distill", cost.train("distill", epochs, fraction), branch=branch,
+                                       estimate_fraction=fraction), cost)
     return plan
 
 
@@ -265,6 +274,15 @@ def student_configs(spec: dict, widths: tuple[float, ...]) -> list[tuple[str, di
     return out
 
 
+def shallow_students(spec: dict, widths: tuple[float, ...]) -> list[tuple[str, dict, float]]:
+    """One-hidden-layer students of a deeper MLP teacher, at each fraction of its first width."""
+    if spec.get("arch") != "mlp" or len(spec["hidden_sizes"]) < 2:
+        return []
+    first = spec["hidden_sizes"][0]
+    return [(f"d-w{width * 100:g}-l1".replace(".", "_"), {"arch": "mlp", "hidden_sizes": [max(8, round(first * width))]},
+             width / len(spec["hidden_sizes"])) for width in widths]
+
+
 class _Cost:
     """Estimated seconds of a step: a fixed part per command, plus training FLOPs."""
 
@@ -275,13 +293,16 @@ class _Cost:
         return FIXED_SECONDS[command] + MEASURE_SECONDS
 
     def train(self, command: str, amount: int, fraction: float = 1.0) -> float:
-        # a sample is forward + backward ≈ 6 FLOPs per parameter (per token for a language model)
+        # a sample is forward + backward ≈ 6 FLOPs per parameter (per token for a language model);
+        # distillation also runs the teacher forward (2 FLOPs per teacher parameter)
         if self.task == "classification":
+            steps = math.ceil(self.plan.train_samples / BATCH) * amount
             samples = self.plan.train_samples * amount
         else:
-            samples = 64 * 32 * amount  # steps × batch × block, at the usual small-run sizes
-        flops = 6 * self.plan.params * max(fraction, 0.01) * samples
-        return FIXED_SECONDS[command] + flops / TRAIN_FLOPS_PER_SECOND
+            steps = amount
+            samples = BATCH * 32 * amount  # steps × batch × block, at the usual small-run sizes
+        flops = (6 * max(fraction, 0.01) + (2 if command == "distill" else 0)) * self.plan.params * samples
+        return FIXED_SECONDS[command] + steps * STEP_SECONDS[command] + flops / TRAIN_FLOPS_PER_SECOND
 
 
 def _model_size(artifact: Artifact) -> tuple[int, int]:
