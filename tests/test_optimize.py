@@ -161,3 +161,23 @@ def test_recipe_inputs_are_read_relative_to_the_recipe(tmp_path, digits_mlp):
                       'from = "teacher"\nmode = "dynamic"\nexport = true\n')
     parsed = parse_recipe(recipe)
     assert parsed.steps[0].refs == {"from": str(model.resolve())}
+
+
+def test_a_damaged_state_file_is_refused_or_its_bad_entries_forgotten(searched, cli, tmp_path, digits_mlp):
+    out, _ = searched
+    copy = tmp_path / "search"
+    shutil.copytree(out, copy)
+    state_file = copy / "optimize-state.json"
+    state = json.loads(state_file.read_text())
+    args = ("optimize", digits_mlp, "--max-drop", "1.0", *QUICK, "--only", "quantize,distill", "--json", "--out", copy)
+    state_file.write_text("[1, 2")
+    assert_one_error_line(cli(*args), "cannot be read as an optimize state", "--overwrite")
+    # entries edited into a cycle of parents, or with a row that is not numbers, must not hang or crash
+    row = {"value": 0.9, "latency_ms_p50": 0.001, "file_bytes": 1, "nonzero_params": 1}
+    state["steps"]["a"] = {"record": {"parent": "b", "options": {}, "command": "export"}, "status": "complete", "row": row}
+    state["steps"]["b"] = {"record": {"parent": "a", "options": {}, "command": "export"}, "status": "complete", "row": row}
+    state["steps"]["q-dynamic"]["row"] = {"value": "high"}
+    state_file.write_text(json.dumps(state))
+    summary = _json(cli(*args))
+    assert {r["name"] for r in summary["rows"]}.isdisjoint({"a", "b"})
+    assert {s["name"]: s["this_run"] for s in summary["steps"]}["q-dynamic"] == "ran"

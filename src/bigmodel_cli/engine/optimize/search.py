@@ -13,6 +13,8 @@ Strategy (docs/optimize.md, "Strategy"):
    ``NEAR`` times it, and would beat the best candidate so far on the objective, are ranked by
    the objective; the better half is retrained with twice the fine-tuning budget, and so on for
    ``RUNGS`` rungs or until the time budget is spent. What passes is composed again.
+4. Chart: with the time left, the next level past each branch's first miss, so that the front
+   also shows what the next step down would cost (it usually breaks the limit, as its milder level did).
 
 Before each step its estimated cost (rescaled by what finished steps really took) is checked
 against the time left; a step that does not fit is left out ("over budget") and runs on a rerun
@@ -143,6 +145,7 @@ class Search:
         self.spent_before = float(state.get("seconds", 0.0))
         self.events: list[dict] = []
         self.stopped: dict[str, str] = {}  # branch → the step that broke the limit
+        self.charting: set[str] = set()  # steps past a branch's first miss, run to chart the front
         self.base = BASE if not artifact.has_onnx else INPUT
         self.known = {s.name: s for s in plan.steps}
 
@@ -176,6 +179,7 @@ class Search:
                 break
             self.run_steps(promoted)
             self.compose()
+        self.run_steps(self.chart())
         self.save()
         return SearchResult(self.out, self.plan, self.base, self.state, self.events, time.perf_counter() - self.started)
 
@@ -196,7 +200,7 @@ class Search:
             return "failed"  # the same options failed before; a rerun would fail again
         if step.parent != INPUT and not self._finished(step.parent):
             return "skipped"  # its parent was stopped, left out or failed
-        if step.branch in self.stopped and step.command != "export" and step.rung == 0:
+        if step.branch in self.stopped and step.command != "export" and step.rung == 0 and step.name not in self.charting:
             return "stopped"
         estimate = step.estimate_s * self.scale(step.family)
         if step.name != self.base and self.spent() + estimate > self.goal.time_budget_s - final_reserve(self.goal):
@@ -304,6 +308,20 @@ class Search:
             longer = replace(trained, name=f"{root}-r{rung}", options={**trained.options, flag: amount * 2},
                              estimate_s=trained.estimate_s * 2, rung=rung)
             steps += [longer, export_of(longer, self.known[f"{trained.name}.onnx"].estimate_s)]
+        return steps
+
+    def chart(self) -> list[Step]:
+        """With the budget left after the search proper: the next level past each branch's first miss
+        (with its export), so the front shows what the next step down would cost. It usually breaks
+        the limit too (its milder level did) and is not quantized; it still has to fit in the time left."""
+        steps: list[Step] = []
+        plan = self.plan.steps
+        for branch, stopper in self.stopped.items():
+            trained = self.known[stopper].parent if self.known[stopper].command == "export" else stopper
+            later = [s for s in plan[[s.name for s in plan].index(trained) + 1:] if s.branch == branch and s.rung == 0]
+            if len(later) >= 2 and later[0].command != "export" and later[1].parent == later[0].name:
+                steps += later[:2]
+                self.charting.add(later[0].name)
         return steps
 
     def save(self) -> None:
