@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ...artifact import Artifact, open_artifact
-from ...errors import UserError
+from ...errors import UserError, WorkFailed
 from ...output_file import write_json_atomic
 from ...outputs import OPTIMIZE_STATE_FILE
 from ..core.progress import Progress, no_progress
@@ -196,7 +196,7 @@ class Search:
         if entry.get("status") == "complete" and entry.get("record") == step.record() and _whole(output):
             self.after(step)
             return "reused"
-        if entry.get("status") == "failed" and entry.get("record") == step.record():
+        if entry.get("status") == "failed" and entry.get("record") == step.record() and step.name != self.base:
             return "failed"  # the same options failed before; a rerun would fail again
         if step.parent != INPUT and not self._finished(step.parent):
             return "skipped"  # its parent was stopped, left out or failed
@@ -213,16 +213,20 @@ class Search:
         parent = candidate_path(self.out, step.parent, self.state["input"])
         try:
             run_step(step, parent, output, overwrite=output.exists(), progress=no_progress)
+            if step.measure:
+                record["row"] = self.measure(step.name)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 — one candidate's failure is a result of the search, not its end
+            record.pop("row", None)
             record.update(status="failed", error=_one_line(exc), seconds=time.perf_counter() - began)
             self.save()
             self.say("failed", name=step.name, error=record["error"])
+            if step.name == self.base:  # nothing can be measured without the base
+                raise WorkFailed(f"the input could not be exported to ONNX Runtime to measure against: "
+                                 f"{record['error']}") from exc
             return "failed"
         record["status"] = "complete"
-        if step.measure:
-            record["row"] = self.measure(step.name)
         record["seconds"] = time.perf_counter() - began  # with the measurement, as the estimate counts it
         self.save()
         self.after(step)
@@ -316,9 +320,11 @@ class Search:
         the limit too (its milder level did) and is not quantized; it still has to fit in the time left."""
         steps: list[Step] = []
         plan = self.plan.steps
+        names = [s.name for s in plan]
         for branch, stopper in self.stopped.items():
-            trained = self.known[stopper].parent if self.known[stopper].command == "export" else stopper
-            later = [s for s in plan[[s.name for s in plan].index(trained) + 1:] if s.branch == branch and s.rung == 0]
+            if stopper not in names:
+                continue
+            later = [s for s in plan[names.index(stopper) + 1:] if s.branch == branch and s.rung == 0]
             if len(later) >= 2 and later[0].command != "export" and later[1].parent == later[0].name:
                 steps += later[:2]
                 self.charting.add(later[0].name)
