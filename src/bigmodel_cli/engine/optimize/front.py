@@ -54,15 +54,21 @@ def quality(row: dict, task: str) -> float:
     return -value if task == "language-modeling" else value
 
 
-def pareto_front(rows: list[dict], task: str, keys: tuple[str, ...] = FRONT_KEYS) -> list[dict]:
-    """Rows that no other row beats: at least as good on the metric and every cost in ``keys``, and
-    better on one. The front is over latency, file size and non-zero parameters together (the
-    costs the issue trades against the metric); sorted by the first key."""
-    def beats(o: dict, row: dict) -> bool:
-        ours, theirs = [quality(row, task)] + [-row[k] for k in keys], [quality(o, task)] + [-o[k] for k in keys]
-        return all(t >= u for t, u in zip(theirs, ours)) and any(t > u for t, u in zip(theirs, ours))
+def beats(other: dict, row: dict, task: str, keys: tuple[str, ...]) -> bool:
+    """``other`` is at least as good as ``row`` on the metric and every cost in ``keys``, and better on one."""
+    ours = [quality(row, task)] + [-row[k] for k in keys]
+    theirs = [quality(other, task)] + [-other[k] for k in keys]
+    return all(t >= u for t, u in zip(theirs, ours)) and any(t > u for t, u in zip(theirs, ours))
 
-    front = [row for row in rows if not any(beats(o, row) for o in rows if o is not row)]
+
+def beaten_by(row: dict, rows: list[dict], task: str, keys: tuple[str, ...]) -> int:
+    return sum(beats(o, row, task, keys) for o in rows if o is not row)
+
+
+def pareto_front(rows: list[dict], task: str, keys: tuple[str, ...] = FRONT_KEYS) -> list[dict]:
+    """Rows that no other row beats (``beats``). The front is over latency, file size and non-zero
+    parameters together (the costs the issue trades against the metric); sorted by the first key."""
+    front = [row for row in rows if not beaten_by(row, rows, task, keys)]
     return sorted(front, key=lambda r: r[keys[0]])
 
 

@@ -74,16 +74,18 @@ def finish(search: SearchResult, goal: Goal, *, split: str, rounds: int, progres
 
 
 def _finalists(search: SearchResult, measured: dict[str, dict], goal: Goal) -> list[str]:
-    """The base first, then the search-time front, what met the goal, and the rest by objective."""
+    """The base first, then the search-time front, the best three that meet the goal, and the rest
+    by how close they came to the front (fewest rows that beat them), so the final side-by-side
+    measurement spends its rows where the front may move."""
     task = search.plan.task
     key = fr.OBJECTIVE_KEY[goal.objective]
+    keys = fr.front_keys(goal.objective)
     rows = list(measured.values())
-    base_name = search.base
-    base = measured[base_name]["value"]
-    names = [base_name]
-    ranked = [r["name"] for r in fr.pareto_front(rows, task, fr.front_keys(goal.objective))]
-    ranked += [r["name"] for r in sorted(rows, key=lambda r: r[key]) if fr.meets(r, base, task, goal)]
-    ranked += [r["name"] for r in sorted(rows, key=lambda r: r[key])]
+    base = measured[search.base]["value"]
+    ranked = [r["name"] for r in fr.pareto_front(rows, task, keys)]
+    ranked += [r["name"] for r in sorted(rows, key=lambda r: r[key]) if fr.meets(r, base, task, goal)][:3]
+    ranked += [r["name"] for r in sorted(rows, key=lambda r: (fr.beaten_by(r, rows, task, keys), r[key]))]
+    names = [search.base]
     for name in ranked:
         if name not in names and len(names) < MAX_ROWS:
             names.append(name)
