@@ -14,7 +14,8 @@ Strategy (docs/optimize.md, "Strategy"):
    the objective; the better half is retrained with twice the fine-tuning budget, and so on for
    ``RUNGS`` rungs or until the time budget is spent. What passes is composed again.
 4. Chart: with the time left, the next level past each branch's first miss, so that the front
-   also shows what the next step down would cost (it usually breaks the limit, as its milder level did).
+   also shows what the next step down would cost (it usually breaks the limit, as its milder level did);
+   then every trained model on the front is quantized (its int8 copy is its smallest file).
 
 Before each step its estimated cost (rescaled by what finished steps really took) is checked
 against the time left; a step that does not fit is left out ("over budget") and runs on a rerun
@@ -180,6 +181,7 @@ class Search:
             self.run_steps(promoted)
             self.compose()
         self.run_steps(self.chart())
+        self.compose(on_front=True)
         self.save()
         return SearchResult(self.out, self.plan, self.base, self.state, self.events, time.perf_counter() - self.started)
 
@@ -266,14 +268,18 @@ class Search:
     def measured(self) -> dict[str, dict]:
         return {n: s["row"] for n, s in self.state["steps"].items() if s.get("row") and s.get("status") == "complete"}
 
-    def compose(self) -> None:
-        """Quantize every trained candidate that meets the limit (cheap, and often the last step of the best)."""
+    def compose(self, on_front: bool = False) -> None:
+        """Quantize every trained candidate that meets the limit (cheap, and often the last step of
+        the best); ``on_front``: every trained candidate on the front so far instead (charting the
+        front: an int8 copy is its smallest file)."""
+        rows = self.measured()
+        front = {r["name"] for r in fr.pareto_front(list(rows.values()), self.plan.task, fr.front_keys(self.goal.objective))}
         new = []
-        for name, row in self.measured().items():
+        for name, row in rows.items():
             step = self.known.get(name)
             if step is None or step.command != "export" or step.parent == INPUT:
                 continue
-            if not fr.within_limit(row, self.base_value(), self.plan.task, self.goal):
+            if not (name in front if on_front else fr.within_limit(row, self.base_value(), self.plan.task, self.goal)):
                 continue
             child = Step(f"{step.parent}-qd", "quantize", name, {"mode": "dynamic", "bench": False}, "quantize",
                          FIXED_SECONDS["quantize"] + MEASURE_SECONDS, measure=True)
