@@ -78,7 +78,9 @@ def test_rerun_reuses_every_finished_candidate(searched, cli, tmp_path, digits_m
                       "--out", copy))
     runs = {s["name"]: s["this_run"] for s in again["steps"]}
     assert runs.pop("q-dynamic") == "ran"
-    assert set(runs.values()) == {"reused"}, runs
+    # every other candidate of the first run is reused (the remeasured q-dynamic may move the front,
+    # and a new front member may then be quantized: that is new work, not a rerun)
+    assert all(runs[s["name"]] == "reused" for s in summary["steps"] if s["name"] != "q-dynamic"), runs
 
 
 def test_nothing_meets_the_goal_exits_1_with_the_front_written(searched, cli, tmp_path, digits_mlp):

@@ -60,22 +60,28 @@ class SearchResult:
     seconds: float = 0.0
 
     def rows(self) -> dict[str, dict]:
-        """Measured candidates whose every step is recorded (so a recipe can rebuild them): name → compare row."""
-        return {name: s["row"] for name, s in self.state["steps"].items()
-                if s.get("row") and s.get("status") == "complete" and self.rooted(name)}
-
-    def rooted(self, name: str) -> bool:
-        seen = set()
-        steps = self.state["steps"]
-        while name != INPUT:
-            if name in seen or steps.get(name, {}).get("status") != "complete":
-                return False
-            seen.add(name)
-            name = steps[name]["record"]["parent"]
-        return True
+        return measured_rows(self.state)
 
     def path_of(self, name: str) -> Path:
         return candidate_path(self.out, name, self.state["input"])
+
+
+def measured_rows(state: dict) -> dict[str, dict]:
+    """Measured candidates whose every step is recorded complete (so a recipe can rebuild them):
+    name → compare row."""
+    return {name: {**s["row"], "name": name} for name, s in state["steps"].items()
+            if s.get("row") and s.get("status") == "complete" and _rooted(state, name)}
+
+
+def _rooted(state: dict, name: str) -> bool:
+    seen = set()
+    steps = state["steps"]
+    while name != INPUT:
+        if name in seen or steps.get(name, {}).get("status") != "complete":
+            return False
+        seen.add(name)
+        name = steps[name]["record"]["parent"]
+    return True
 
 
 def candidate_path(out: Path, name: str, input_path: str) -> Path:
@@ -266,7 +272,7 @@ class Search:
         return base["value"]
 
     def measured(self) -> dict[str, dict]:
-        return {n: s["row"] for n, s in self.state["steps"].items() if s.get("row") and s.get("status") == "complete"}
+        return measured_rows(self.state)
 
     def compose(self, on_front: bool = False) -> None:
         """Quantize every trained candidate that meets the limit (cheap, and often the last step of
