@@ -155,7 +155,7 @@ def render(data: dict) -> str:
         lines.append("| never worse than the best single command within the limit (latency) | no single command "
                      "stays within one point here; the chosen model does | met |")
     if len(front) < 5 and chosen["val_accuracy"] >= teacher["val_accuracy"]:
-        lines += ["", f"Why the front is small: the chosen student scores the teacher's own validation accuracy "
+        lines += ["", "Why the front is small: the chosen student scores the teacher's own validation accuracy "
                   "(179 images: accuracy moves in 0.56-point steps), so it beats every slower model on all four "
                   "axes; what remains on the front are the faster, smaller models that give accuracy up — the "
                   "levels past each branch's first miss, charted with the time left. A finer metric (the loss) "

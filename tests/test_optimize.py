@@ -183,3 +183,37 @@ def test_a_damaged_state_file_is_refused_or_its_bad_entries_forgotten(searched, 
     summary = _json(cli(*args))
     assert {r["name"] for r in summary["rows"]}.isdisjoint({"a", "b"})
     assert {s["name"]: s["this_run"] for s in summary["steps"]}["q-dynamic"] == "ran"
+
+
+def test_strategy_stops_a_branch_at_its_first_miss_retrains_near_misses_and_charts_past_them(tmp_path):
+    """The search's decisions on made-up measurements: no model is trained."""
+    from types import SimpleNamespace
+
+    from bigmodel_cli.engine.core.progress import no_progress
+    from bigmodel_cli.engine.optimize.search import Search, new_state
+    from bigmodel_cli.engine.optimize.space import Goal, Plan, Step, export_of
+
+    def pruned(level):
+        return Step(f"sp-{level}", "prune", "input", {"method": "structured", "sparsity": level / 100,
+                                                      "finetune-epochs": 2}, "prune", 5.0, branch="structured")
+
+    steps = [Step("fp32", "export", "input", {}, "export", 5.0, measure=True)]
+    for level in (25, 50, 75):
+        steps += [pruned(level), export_of(pruned(level), 5.0)]
+    search = Search(SimpleNamespace(has_onnx=False), tmp_path, Plan(steps), Goal(max_drop=1.0),
+                    new_state({}, tmp_path / "model"), split="val", rounds=1, progress=no_progress)
+    measured = {"fp32": (0.95, 1.0), "sp-25.onnx": (0.945, 0.8), "sp-50.onnx": (0.935, 0.5)}  # sp-50: 1.5 points
+    for step in steps[:5]:
+        entry = {"record": step.record(), "status": "complete", "seconds": 1.0, "estimate_s": 5.0}
+        if step.name in measured:
+            value, latency = measured[step.name]
+            entry["row"] = {"name": step.name, "value": value, "latency_ms_p50": latency, "file_bytes": 100,
+                            "nonzero_params": 10}
+        search.state["steps"][step.name] = entry
+        search.after(step)
+    assert search.stopped == {"structured": "sp-50.onnx"}
+    assert search.run_one(steps[5]) == "stopped"  # sp-75 is not tried in the first pass
+    promoted = search.promote(1)  # sp-50 missed by 1.5 ≤ 3 × 1.0 and is faster than sp-25, which met
+    assert [s.name for s in promoted] == ["sp-50-r1", "sp-50-r1.onnx"]
+    assert promoted[0].options["finetune-epochs"] == 4 and promoted[0].rung == 1
+    assert [s.name for s in search.chart()] == ["sp-75", "sp-75.onnx"]

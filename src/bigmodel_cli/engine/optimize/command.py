@@ -21,7 +21,7 @@ from ..core.progress import Progress, no_progress
 from .front import within_budgets
 from .report import Outcome, finish
 from .search import STATE_FILE, Search, check_resumable, fingerprint, load_state, new_state
-from .space import BASE, INPUT, Goal, Plan, check_goal, plan_space
+from .space import BASE, FAMILIES, INPUT, Goal, Plan, check_goal, plan_space
 
 
 ONNX_OVERHEAD_BYTES = 2000  # the graph itself, without its weights (a digits MLP's: about 2 KB)
@@ -33,7 +33,7 @@ class OptimizeRequest:
     out: Path
     goal: Goal
     space: str = "full"
-    only: tuple[str, ...] = ("quantize", "prune", "distill", "qat")
+    only: tuple[str, ...] = FAMILIES
     seed: int = 0
     split: str = "val"
     rounds: int = 20  # timed calls per model when measuring (the final comparison too)

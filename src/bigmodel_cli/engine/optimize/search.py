@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
