@@ -6,4 +6,5 @@ steps.py   one candidate step → the engine function of its command (the same o
 search.py  the cheap-first, branch-stopping, successive-halving search; its resumable state file
 front.py   which candidates meet the goal, the Pareto front, the choice
 report.py  the front's table (compare's columns), the trade-off plot, report.md/html, the recipe TOML
+command.py the one engine call: the goal checked, the output policy (as `bigmodel run`), --dry-run's plan
 """
