@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine.training", ("bigmodel_cli.engine.training",)),
     ("engine.compress, engine.explain", ("bigmodel_cli.engine.compress", "bigmodel_cli.engine.explain")),
     ("engine.compare", ("bigmodel_cli.engine.compare",)),
+    ("engine.optimize", ("bigmodel_cli.engine.optimize",)),
     ("cli", ("bigmodel_cli.cli",)),
 ]
 # The lazy public API and ``python -m`` sit above everything; the engine package is a docstring.

@@ -38,6 +38,13 @@ TOKENIZER_FORMAT = "bigmodel-tokenizer"
 RUN_ENTRIES = {RUN_FILE, "metrics.jsonl", "metrics.tmp", "best", "last", "checkpoints", "distill.json", "baseline"}
 # What `bigmodel run` writes into a recipe run directory besides the steps' outputs (cli/run.py).
 RECIPE_REPORTS = {"compare.png", "compare.md"}
+# A `bigmodel prune` output (engine/compress/prune/command.py): best/ and the fine-tuning runs.
+PRUNE_ENTRIES = {"best", "finetune"}
+# A `bigmodel optimize` directory (engine/optimize/search.py's STATE_FILE and CANDIDATES, and the
+# files engine/optimize/report.py writes): candidates/ holds one output per step, chosen/ an artifact.
+OPTIMIZE_STATE_FILE = "optimize-state.json"
+OPTIMIZE_ENTRIES = {OPTIMIZE_STATE_FILE, "candidates", "chosen", "report.md", "report.html", "tradeoff.png",
+                    "recipe.toml", "optimize.json"}
 
 
 # --------------------------------------------------------------------------- the overwrite policy
@@ -120,13 +127,17 @@ def foreign(path: Path) -> str | None:
         return _foreign_run(path, visible)
     if RECIPE_STATE_FILE in visible:
         return _foreign_recipe_run(path, visible)
+    if OPTIMIZE_STATE_FILE in visible:
+        return _foreign_optimize_run(path, visible)
+    if "best" in visible and set(visible) <= PRUNE_ENTRIES:
+        return _foreign_prune_run(path, visible)
     if HF_EXPORT_FILE in visible:
         return _foreign_listed(path, path / HF_EXPORT_FILE, HF_EXPORT_FILE)
     if TOKENIZER_INFO_FILE in visible:
         return _foreign_tokenizer(path, visible)
     if CHECKPOINT_STATE_FILE in visible and path.name.startswith("step-"):
         return _foreign_listed(path, path / CHECKPOINT_STATE_FILE, CHECKPOINT_STATE_FILE)
-    return (f"was not written by bigmodel (no {MANIFEST_FILE}, {RUN_FILE} or {RECIPE_STATE_FILE}; "
+    return (f"was not written by bigmodel (no {MANIFEST_FILE}, {RUN_FILE}, {RECIPE_STATE_FILE} or {OPTIMIZE_STATE_FILE}; "
             f"it holds {_sample(visible)})")
 
 
@@ -226,4 +237,47 @@ def _foreign_recipe_run(path: Path, visible: list[str]) -> str | None:
             problem = foreign(entry)
             if problem:
                 return f"{name}/ {problem}"
+    return None
+
+
+def _foreign_optimize_run(path: Path, visible: list[str]) -> str | None:
+    """An optimize search: its state and reports, candidates/ of bigmodel outputs, chosen/ an artifact."""
+    extra = [n for n in visible if n not in OPTIMIZE_ENTRIES]
+    if extra:
+        return f"holds files bigmodel optimize did not write ({_sample(extra)})"
+    candidates = path / "candidates"
+    if candidates.exists():
+        if candidates.is_symlink() or not candidates.is_dir():
+            return "candidates is not a directory"
+        for name in sorted(os.listdir(candidates)):
+            entry = candidates / name
+            if is_bookkeeping(candidates, name):
+                continue
+            problem = foreign(entry) if entry.is_dir() and not entry.is_symlink() else "is not a directory bigmodel wrote"
+            if problem:
+                return f"candidates/{name} {problem}"
+    chosen = path / "chosen"
+    if chosen.exists():
+        problem = _foreign_artifact(chosen) if (chosen / MANIFEST_FILE).is_file() else "is not an artifact"
+        if problem:
+            return f"chosen/ {problem}"
+    return None
+
+
+def _foreign_prune_run(path: Path, visible: list[str]) -> str | None:
+    """A prune output: best/ (the pruned artifact) and finetune/step-K/ (the trainer's runs)."""
+    problem = _foreign_artifact(path / "best") if (path / "best" / MANIFEST_FILE).is_file() else "is not an artifact"
+    if problem:
+        return f"best/ {problem}"
+    finetune = path / "finetune"
+    if "finetune" in visible:
+        if finetune.is_symlink() or not finetune.is_dir():
+            return "finetune is not a directory"
+        for name in sorted(os.listdir(finetune)):
+            entry = finetune / name
+            if is_bookkeeping(finetune, name):
+                continue
+            problem = foreign(entry) if entry.is_dir() and not entry.is_symlink() else "is not a directory bigmodel wrote"
+            if problem:
+                return f"finetune/{name} {problem}"
     return None

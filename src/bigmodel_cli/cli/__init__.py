@@ -92,6 +92,7 @@ COMMANDS = [
     ("export", "export", "export"),
     ("import", "import_model", "import_command"),
     ("run", "run", "run"),
+    ("optimize", "optimize", "optimize"),
     ("compare", "compare", "compare"),
     ("plot", "compare", "plot"),
     ("predict", "predict", "predict"),

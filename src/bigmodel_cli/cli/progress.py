@@ -209,3 +209,46 @@ def format_seconds(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+class OptimizeProgress(_TransientBar):
+    """``optimize``: one bar over the time budget, the running step as its text, and a note per step
+    (its outcome, and the measured metric and latency of a candidate)."""
+
+    def __init__(self, enabled: bool = True):
+        super().__init__(TextColumn("[bold]{task.description}"), TimeElapsedColumn(), enabled)
+        self.enabled = enabled
+
+    def __enter__(self):
+        super().__enter__()
+        self.task = self.bar.add_task("optimize", total=None)
+        return self
+
+    def __call__(self, event: str, **info) -> None:
+        if event == "plan":
+            self.bar.update(self.task, total=info["budget_s"], completed=0)
+            self._note(f"plan: {info['steps']} steps first, estimated {format_seconds(info['estimate_s'])} "
+                       f"of a {format_seconds(info['budget_s'])} budget")
+        elif event == "start":
+            self.bar.update(self.task, description=f"{info['name']} ({info['command']}, "
+                                                   f"~{format_seconds(info['estimate_s'])})")
+        elif event == "measure":
+            self.bar.update(self.task, description=f"measuring {info['name']} on ONNX Runtime")
+        elif event == "measured":
+            ratio = info.get("ratio")
+            speed = f", {1 / ratio:.2f}× the base's speed" if ratio else ""
+            self._note(f"{info['name']}: {info['metric']} {info['value']:.4g}, p50 {info['latency_ms']:.3g} ms{speed}")
+        elif event == "step":
+            self.bar.update(self.task, completed=min(info["spent_s"], info["budget_s"]))
+            if info["status"] not in ("ran", "reused", "failed"):  # a failure has its own note
+                self._note(f"{info['name']}: {info['status']}")
+            elif info["status"] == "reused":
+                self._note(f"{info['name']}: finished before, reused")
+        elif event == "failed":
+            self._note(f"{info['name']}: failed ({info['error']})")
+        elif event == "final":
+            self.bar.update(self.task, description=f"final comparison of {info['rows']} models, side by side")
+
+    def _note(self, text: str) -> None:
+        if self.enabled:
+            self.bar.console.print(f"[dim]{text}[/]", highlight=False)

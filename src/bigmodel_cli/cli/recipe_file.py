@@ -88,6 +88,8 @@ class Recipe:
     steps: list[Step]
     out: str | None = None
     description: str = ""
+    # [inputs]: name → an existing artifact outside the run (absolute path), read like a step's output
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 def command_group():
@@ -164,8 +166,8 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
     data = read_toml(path)
     problems: list[str] = []
     for key in data:
-        if key not in ("run", "steps", "description"):
-            problems.append(f"unknown top-level key {key!r} (a recipe has [run], description and [[steps]])")
+        if key not in ("run", "steps", "description", "inputs"):
+            problems.append(f"unknown top-level key {key!r} (a recipe has [run], [inputs], description and [[steps]])")
     run = data.get("run", {})
     if not isinstance(run, dict) or any(k not in ("out",) for k in run):
         problems.append("[run] may only set out = \"RUN_DIR\"")
@@ -174,6 +176,7 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
     if not isinstance(raw_steps, list) or not raw_steps or not all(isinstance(s, dict) for s in raw_steps):
         raise ConfigErrors(problems + ["a recipe needs at least one [[steps]] table"], f"recipe {path}")
     from_command_line = _apply_overrides(raw_steps, overrides or [], problems)
+    inputs = _read_inputs(data.get("inputs", {}), path, problems)
 
     group = command_group()
     steps: list[Step] = []
@@ -189,6 +192,8 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
             name = f"#{index}"
         elif name in seen:
             problems.append(f"{where}: the name {name!r} is used twice")
+        elif name in inputs:
+            problems.append(f"{where}: the name {name!r} is also an [inputs] name; rename one of them")
         elif command in STEP_COMMANDS:
             _claim_output(Step(name, command, {}), outputs, where, problems)
         if command not in STEP_COMMANDS or command not in group.commands:
@@ -208,6 +213,8 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
                 problems.append(f"{where}: {key} must name an earlier step")
             elif target == name:
                 problems.append(f"{where}: {key} = {target!r} refers to itself (a cycle)")
+            elif target in inputs and target not in seen:
+                refs[key] = inputs[target]  # an absolute path: RUN_DIR / it is itself
             elif target not in seen:
                 later = any(isinstance(s, dict) and s.get("name") == target for s in raw_steps)
                 problems.append(f"{where}: {key} = {target!r} names no earlier step"
@@ -251,7 +258,25 @@ def parse_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe
         raise ConfigErrors(problems, f"recipe {path}")
     out = run.get("out")
     return Recipe(path=path, steps=steps, out=out if isinstance(out, str) else None,
-                  description=str(data.get("description", "")))
+                  description=str(data.get("description", "")), inputs=inputs)
+
+
+def _read_inputs(raw: Any, path: Path, problems: list[str]) -> dict[str, str]:
+    """[inputs] NAME = "PATH": artifacts the recipe starts from instead of training them (`bigmodel
+    optimize` writes such a recipe). A relative path is relative to the recipe file, so the recipe
+    means the same from any directory; the path is stored absolute."""
+    if not isinstance(raw, dict):
+        problems.append('[inputs] must be a table of NAME = "PATH TO AN ARTIFACT"')
+        return {}
+    inputs = {}
+    for name, value in raw.items():
+        if not _NAME.match(name):
+            problems.append(f"[inputs] {name!r}: a name is made of letters, digits, '-', '_' or '.'")
+        elif not isinstance(value, str) or not value:
+            problems.append(f"[inputs] {name} must be the path of an artifact, got {value!r}")
+        else:
+            inputs[name] = str((path.parent / value).resolve())
+    return inputs
 
 
 def _claim_output(step: Step, outputs: dict[str, str], where: str, problems: list[str]) -> None:
