@@ -146,6 +146,8 @@ def _print_report(result) -> None:
         if q["calibration"]:
             c = q["calibration"]
             info.append(("calibration", f"{c['method']} on {c['samples']} samples ({c['source']})"))
+        if "qat" in report:
+            info.append(("fine-tuning", report["qat"]["selection"]))
     if "latency" in report:
         lat = report["latency"]
         info.append(("timed", f"input {'×'.join(map(str, lat['input_shape']))}, {lat['threads']} threads, side by side, this machine"))

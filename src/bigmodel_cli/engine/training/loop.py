@@ -289,9 +289,12 @@ class _TrainingLoop:
 
     def run(self) -> TrainResult:
         self.start_or_resume()
-        started, self.throughput = time.perf_counter(), _Throughput()
+        started = time.perf_counter()
         self.model.train()
         try:
+            if self.job.evaluate_start and self.state.step == 0:
+                self.evaluate_and_select()  # the starting weights: best/ until a step beats them
+            self.throughput = _Throughput()  # after that evaluation, which is not training throughput
             while self.state.step < self.total:
                 if not self.train_step():
                     continue  # a skipped non-finite batch: no evaluation or checkpoint for it
@@ -388,9 +391,13 @@ class _TrainingLoop:
     def maybe_evaluate(self) -> None:
         """Every --eval-every steps and at the last: evaluate, keep the best artifact, count
         evaluations without improvement for --patience."""
+        state = self.state
+        if state.step % self.eval_every == 0 or state.step == self.total:
+            self.evaluate_and_select()
+
+    def evaluate_and_select(self) -> None:
+        """Evaluate now, keep the best artifact, count evaluations without improvement for --patience."""
         cfg, state = self.cfg, self.state
-        if not (state.step % self.eval_every == 0 or state.step == self.total):
-            return
         metrics = self.evaluate()
         state.last_metrics = {"step": state.step, **{f"val_{k}": v for k, v in metrics.items()}}
         self.log.write({"step": state.step, "event": "eval", **state.last_metrics})

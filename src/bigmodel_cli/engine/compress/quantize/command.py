@@ -487,7 +487,7 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     agreement = _qat_agreement(trained["model"], final, qat.evaluator, options.threads)
     report = _qat_report(source, options, ptq, qat, ptq_final, final, say)
     report["qat"] = {**{k: v for k, v in trained.items() if k not in ("best_dir", "model", "quantized_layers", "activations")},
-                     "simulated_vs_onnx": agreement}
+                     "simulated_vs_onnx": agreement, **_qat_selection(trained)}
     section = {**_quantization_section(qat.plan, options, calib, gate, final, None),
                "qat": {"activation_scales": "minmax-calibrated, frozen during fine-tuning, re-calibrated on the trained weights",
                        "weights": "per-channel symmetric int8, straight-through gradients",
@@ -503,6 +503,17 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     manifest = _write_int8(source, onnx_artifact, out, overwrite, final, options, "static", report, section, gate,
                            files)
     return QuantizeResult(out, "static", report, section, gate.as_dict(), manifest)
+
+
+KEPT_START = "fine-tuning did not improve on the calibrated model; kept step 0"
+
+
+def _qat_selection(trained: dict) -> dict:
+    """Which step's weights ship, in words: the training loop evaluates the calibrated simulation
+    before the first step too, and keeps it unless a step beats it on the validation split."""
+    kept_start = trained["best_step"] == 0
+    said = KEPT_START if kept_start else f"kept step {trained['best_step']} of {trained['steps']} (best on the val split)"
+    return {"kept_start": kept_start, "selection": said}
 
 
 def _static_attempt(source: art.Artifact, options: QuantizeOptions, calib, tmp: Path, say: Callable,

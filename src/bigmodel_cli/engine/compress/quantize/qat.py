@@ -232,9 +232,11 @@ def _training_job(source, model, layers, train_cfg, scheme_name: str):
     data = open_data(source)
     task = make_task(data, train_cfg.batch_size, train_cfg.seed, source.data_spec.get("block_size"),
                      train_cfg.eval_windows, policy_from_option(train_cfg.augment, data, mixing_allowed=True))
+    # evaluate_start: the calibrated simulation before any step is a candidate too, so a fine-tune
+    # whose steps all hurt hands back the starting weights rather than worse ones.
     return TrainJob(cfg=train_cfg, model=model, data=data, task=task, artifact_config=dict(source.config),
                     stage="train", parent=source, extra_files=_carried_files(source),
-                    manifest_extra={"qat": {"scheme": scheme_name, "layers": len(layers)}})
+                    manifest_extra={"qat": {"scheme": scheme_name, "layers": len(layers)}}, evaluate_start=True)
 
 
 def _facts(result) -> dict:
