@@ -98,6 +98,12 @@ def test_qat_artifact_holds_int8_onnx_and_fp32_shadow_weights(qat_mlp, digits_ml
     assert result["quantization"]["per_channel"] is True and result["quantization"]["qat"]["layers"]
 
 
+def test_qat_default_learning_rate_is_a_hundredth_of_the_training_rate(qat_mlp, digits_mlp):
+    _, result = qat_mlp
+    trained_with = json.loads((digits_mlp / "best" / "manifest.json").read_text())["options"]["lr"]
+    assert result["report"]["qat"]["lr"] == pytest.approx(trained_with / 100)
+
+
 def test_qat_exported_activation_scales_are_the_simulated_ones(qat_mlp):
     import onnx
     from onnx import numpy_helper
@@ -169,6 +175,8 @@ def test_qat_language_model_simulation_agrees_with_onnx_runtime(cli, tiny_gpt, t
     (("--qat", "--finetune-steps", 5, "--mode", "dynamic"), ("--qat", "dynamic")),
     (("--finetune-steps", 5), ("--qat",)),
     (("--qat", "--finetune-steps", 5, "--lr", "nan"), ("--lr",)),
+    (("--qat", "--finetune-steps", 5, "--lr", 0), ("--lr", "positive")),
+    (("--lr", 0.01), ("--lr", "--qat")),
     (("--nproc", 2), ("--nproc", "--qat")),
     (("--qat", "--finetune-steps", 5, "--nproc", 4096), ("--nproc 4096", "CPU cores")),
 ])

@@ -79,7 +79,10 @@ class QuantizeOptions:
     qat: bool = False  # quantization-aware training (qat.py), then static QDQ of the trained weights
     finetune_epochs: int = 0  # --qat: the fine-tuning budget, in epochs …
     finetune_steps: int | None = None  # … or in steps
-    train: Any = None  # --qat: the TrainConfig of the fine-tuning (lr, batch size, resume, …); None: defaults
+    train: Any = None  # --qat: the TrainConfig of the fine-tuning (batch size, resume, …); None: defaults
+    # --qat: the fine-tuning learning rate, which replaces ``train``'s; None: QAT_LR_FRACTION of the
+    # rate that trained the source (qat.default_learning_rate)
+    finetune_lr: float | None = None
     finetune_dir: str | None = None  # --qat: keep the fine-tuning run here (checkpoints: --resume continues it)
     nproc: int | None = None  # --qat: fine-tune in N data-parallel processes (as train --nproc)
 
@@ -189,6 +192,9 @@ def _qat_problems(options: QuantizeOptions, mode: str | None) -> list[str]:
     if not options.qat:
         if options.finetune_epochs or options.finetune_steps is not None:
             return ["--finetune-epochs/--finetune-steps are the fine-tuning budget of --qat; add --qat"]
+        if options.finetune_lr is not None:
+            return ["--lr is the fine-tuning learning rate of --qat; post-training quantization does not train: "
+                    "drop --lr, or add --qat"]
         if options.nproc is not None:
             return ["--nproc runs --qat's fine-tuning in several processes; post-training quantization runs in one: "
                     "drop --nproc, or add --qat"]
@@ -201,6 +207,9 @@ def _qat_problems(options: QuantizeOptions, mode: str | None) -> list[str]:
         p.append("--finetune-epochs and --finetune-steps must not be negative")
     elif options.finetune_epochs == 0 and not options.finetune_steps:
         p.append("--qat needs a fine-tuning budget: give --finetune-epochs N or --finetune-steps N (at least 1)")
+    if options.finetune_lr is not None and not (is_finite_number(options.finetune_lr) and options.finetune_lr > 0):
+        p.append(f"--lr must be a finite positive number, got {options.finetune_lr} "
+                 "(or leave it out: 1% of the rate that trained the model)")
     resume = bool(options.train is not None and options.train.resume)
     if resume and not options.finetune_dir:
         p.append("--resume continues a kept fine-tuning run: give the --finetune-dir of the run to continue")
@@ -538,16 +547,17 @@ def _static_attempt(source: art.Artifact, options: QuantizeOptions, calib, tmp: 
 def _qat_finetune(source: art.Artifact, options: QuantizeOptions, calib, scheme, tmp: Path, say: Callable,
                   quantize_output: bool = True) -> dict:
     from bigmodel_cli.config import TrainConfig
-    from .qat import finetune
+    from .qat import default_learning_rate, finetune
 
     train = options.train or TrainConfig()
     run_dir = tmp / "finetune"
     if options.finetune_dir:
         run_dir = Path(options.finetune_dir)  # kept, so that --resume can continue it
-    cfg = dataclasses.replace(train, model=str(source.path), out=str(run_dir),
+    lr = options.finetune_lr if options.finetune_lr is not None else default_learning_rate(source)
+    cfg = dataclasses.replace(train, model=str(source.path), out=str(run_dir), lr=lr,
                               epochs=options.finetune_epochs or None, max_steps=options.finetune_steps or None,
                               overwrite=False, resume=bool(options.finetune_dir and train.resume))
-    return finetune(source, calib.batches, scheme, cfg, run_dir, say, quantize_output, options.nproc, tmp)
+    return {**finetune(source, calib.batches, scheme, cfg, run_dir, say, quantize_output, options.nproc, tmp), "lr": lr}
 
 
 def _qat_agreement(model, int8: Path, evaluator: Evaluator, threads: int | None) -> dict:

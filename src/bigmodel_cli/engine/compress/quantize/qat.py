@@ -46,6 +46,11 @@ OUTPUT_ATTRIBUTE = "qat_output"  # the layer that returns the model's output: th
 # Layers without a fake-quant place that hold 2-D weights would run in float in the simulation but
 # not in the exported model's plan: refused rather than simulated wrongly.
 FLOAT_OK = ("Embedding", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "GroupNorm")
+# The fine-tuning learning rate, as a fraction of the rate that trained the model: QAT starts from
+# trained weights that only need to settle on the int8 grid, and the straight-through gradient is
+# an approximation that a large step turns into noise (docs/quantize.md, "Learning rate").
+QAT_LR_FRACTION = 0.01
+FALLBACK_TRAINING_LR = 1e-3  # TrainConfig's default, for a source with no recorded rate (an import)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,17 @@ def activation_quant(low: float, high: float, activation_type: str) -> Activatio
     scale = (high - low) / (qmax - qmin) or 1.0
     zero_point = int(round(qmin - low / scale))
     return ActivationQuant(float(scale), max(qmin, min(qmax, zero_point)), qmin, qmax)
+
+
+def default_learning_rate(source) -> float:
+    """QAT_LR_FRACTION of the learning rate recorded in ``source``'s manifest (the run that made its
+    weights: train, or prune's and distill's fine-tuning), or of TrainConfig's default."""
+    from bigmodel_cli.config import is_finite_number
+
+    options = source.manifest.get("options")
+    recorded = options.get("lr") if isinstance(options, dict) else None
+    ok = is_finite_number(recorded) and recorded > 0
+    return QAT_LR_FRACTION * (float(recorded) if ok else FALLBACK_TRAINING_LR)
 
 
 def weight_bound(reduce_range: bool) -> int:
