@@ -98,10 +98,10 @@ def test_qat_artifact_holds_int8_onnx_and_fp32_shadow_weights(qat_mlp, digits_ml
     assert result["quantization"]["per_channel"] is True and result["quantization"]["qat"]["layers"]
 
 
-def test_qat_default_learning_rate_is_a_hundredth_of_the_training_rate(qat_mlp, digits_mlp):
+def test_qat_default_learning_rate_is_a_tenth_of_the_training_rate(qat_mlp, digits_mlp):
     _, result = qat_mlp
     trained_with = json.loads((digits_mlp / "best" / "manifest.json").read_text())["options"]["lr"]
-    assert result["report"]["qat"]["lr"] == pytest.approx(trained_with / 100)
+    assert result["report"]["qat"]["lr"] == pytest.approx(trained_with / 10)
 
 
 def test_qat_exported_activation_scales_are_the_simulated_ones(qat_mlp):

@@ -53,7 +53,7 @@ def quantize(
     qat: Annotated[bool, typer.Option("--qat", help="Quantization-aware training: fine-tune with int8 simulated, then static QDQ int8 of the trained weights (see docs/quantize.md).", rich_help_panel=_T)] = False,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="--qat: fine-tuning epochs.", rich_help_panel=_T)] = 0,
     finetune_steps: Annotated[Optional[int], typer.Option("--finetune-steps", help="--qat: fine-tuning steps (instead of epochs).", rich_help_panel=_T)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="--qat: fine-tuning learning rate [default: 1% of the rate that trained the model].", rich_help_panel=_T)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="--qat: fine-tuning learning rate [default: 10% of the rate that trained the model].", rich_help_panel=_T)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="--qat: fine-tuning batch size.", rich_help_panel=_T)] = 64,
     patience: Annotated[Optional[int], typer.Option("--patience", help="--qat: stop after N evaluations without improvement.", rich_help_panel=_T)] = None,
     seed: Annotated[int, typer.Option("--seed", help="--qat: fine-tuning seed.", rich_help_panel=_T)] = 0,

@@ -209,7 +209,7 @@ def _qat_problems(options: QuantizeOptions, mode: str | None) -> list[str]:
         p.append("--qat needs a fine-tuning budget: give --finetune-epochs N or --finetune-steps N (at least 1)")
     if options.finetune_lr is not None and not (is_finite_number(options.finetune_lr) and options.finetune_lr > 0):
         p.append(f"--lr must be a finite positive number, got {options.finetune_lr} "
-                 "(or leave it out: 1% of the rate that trained the model)")
+                 "(or leave it out: 10% of the rate that trained the model)")
     resume = bool(options.train is not None and options.train.resume)
     if resume and not options.finetune_dir:
         p.append("--resume continues a kept fine-tuning run: give the --finetune-dir of the run to continue")

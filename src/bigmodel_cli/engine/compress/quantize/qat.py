@@ -48,8 +48,9 @@ OUTPUT_ATTRIBUTE = "qat_output"  # the layer that returns the model's output: th
 FLOAT_OK = ("Embedding", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "GroupNorm")
 # The fine-tuning learning rate, as a fraction of the rate that trained the model: QAT starts from
 # trained weights that only need to settle on the int8 grid, and the straight-through gradient is
-# an approximation that a large step turns into noise (docs/quantize.md, "Learning rate").
-QAT_LR_FRACTION = 0.01
+# an approximation that a large step turns into noise; but a budget of a few epochs at 1% (what
+# guides give for long schedules) moves few weights by one int8 step (docs/quantize.md, "Learning rate").
+QAT_LR_FRACTION = 0.1
 FALLBACK_TRAINING_LR = 1e-3  # TrainConfig's default, for a source with no recorded rate (an import)
 
 
