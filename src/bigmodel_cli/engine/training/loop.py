@@ -259,7 +259,8 @@ class _Throughput:
 
 
 class _TrainingLoop:
-    """One run of the loop, read top to bottom in ``run``: ``start_or_resume``, then ``train_step``,
+    """One run of the loop, read top to bottom in ``run``: ``start_or_resume``, the evaluation of the
+    starting weights when the job asks for it (``evaluate_start``), then ``train_step``,
     ``maybe_evaluate`` and ``maybe_checkpoint`` until the last step or early stopping, then ``finish``.
     The fixed setup (model on its device, optimizer, schedule) is made once here, the wrapped
     model, its parameters and the metrics log in ``start_or_resume`` (they depend on the
