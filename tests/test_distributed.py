@@ -289,7 +289,7 @@ def test_qat_finetune_on_two_processes_matches_one(tmp_path, digits_mlp):
     from bigmodel_cli import TrainConfig, open_artifact
     from bigmodel_cli.engine.compress.quantize.command import QuantizeOptions, quantize_artifact
 
-    train = TrainConfig(lr=1e-4, batch_size=33, seed=3, threads=1)
+    train = TrainConfig(batch_size=33, seed=3, threads=1)  # the rate: QAT's default on both sides
     quantize_artifact(open_artifact(digits_mlp / "best"), tmp_path / "q1",
                       QuantizeOptions(qat=True, finetune_steps=6, finetune_dir=str(tmp_path / "one"), train=train,
                                       bench=False, threads=1))

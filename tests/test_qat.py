@@ -49,12 +49,12 @@ class Net(nn.Module):
 '''
 
 
-def _user(root: Path, code: str) -> Path:
+def _user(root: Path, code: str, steps: int = 20) -> Path:
     from bigmodel_cli import TrainConfig, train
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "net.py").write_text(code)
-    train(TrainConfig(model=f"{root / 'net.py'}:Net", max_steps=20, out=str(root / "run"), seed=0))
+    train(TrainConfig(model=f"{root / 'net.py'}:Net", max_steps=steps, out=str(root / "run"), seed=0))
     return root / "run" / "best"
 
 
@@ -98,6 +98,12 @@ def test_qat_artifact_holds_int8_onnx_and_fp32_shadow_weights(qat_mlp, digits_ml
     assert result["quantization"]["per_channel"] is True and result["quantization"]["qat"]["layers"]
 
 
+def test_qat_default_learning_rate_is_a_tenth_of_the_training_rate(qat_mlp, digits_mlp):
+    _, result = qat_mlp
+    trained_with = json.loads((digits_mlp / "best" / "manifest.json").read_text())["options"]["lr"]
+    assert result["report"]["qat"]["lr"] == pytest.approx(trained_with / 10)
+
+
 def test_qat_exported_activation_scales_are_the_simulated_ones(qat_mlp):
     import onnx
     from onnx import numpy_helper
@@ -113,7 +119,10 @@ def test_qat_exported_activation_scales_are_the_simulated_ones(qat_mlp):
 
 
 def test_qat_user_model_with_batchnorm_conv_linear(cli, tmp_path):
-    source = _user(tmp_path / "bn", BN_MODEL)
+    # Trained past coin-flip logits: a half-trained model's near-tied logits land on either side of
+    # one output quantization step (a tie in the simulation, 0.009 apart in ORT), which is rounding,
+    # not a disagreement of the two models.
+    source = _user(tmp_path / "bn", BN_MODEL, steps=80)
     result = _ok(cli("--trust-model-code", "quantize", source, "--out", tmp_path / "q", "--qat",
                      "--finetune-steps", 10, "--json", "--no-bench"))
     # ORT folds the BatchNorm into the Conv; per-channel symmetric weights make the unfolded
@@ -166,6 +175,8 @@ def test_qat_language_model_simulation_agrees_with_onnx_runtime(cli, tiny_gpt, t
     (("--qat", "--finetune-steps", 5, "--mode", "dynamic"), ("--qat", "dynamic")),
     (("--finetune-steps", 5), ("--qat",)),
     (("--qat", "--finetune-steps", 5, "--lr", "nan"), ("--lr",)),
+    (("--qat", "--finetune-steps", 5, "--lr", 0), ("--lr", "positive")),
+    (("--lr", 0.01), ("--lr", "--qat")),
     (("--nproc", 2), ("--nproc", "--qat")),
     (("--qat", "--finetune-steps", 5, "--nproc", 4096), ("--nproc 4096", "CPU cores")),
 ])
@@ -206,11 +217,40 @@ def test_qat_resume_needs_finetune_dir(cli, digits_mlp, tmp_path):
                               "--resume"), "--resume", "--finetune-dir")
 
 
-def test_qat_gate_refuses_a_result_that_loses_too_much(cli, digits_mlp, tmp_path):
-    # A learning rate that wrecks the fine-tuning: the QAT int8 model loses most of its accuracy.
+def test_qat_keeps_the_calibrated_start_when_every_step_hurts(cli, digits_mlp, tmp_path):
+    # A learning rate that wrecks every step: the calibrated model before the first step (step 0)
+    # is kept, and the report says so; int8 is then exactly post-training int8.
+    from safetensors.numpy import load_file
+
+    out, run = tmp_path / "q", tmp_path / "run"
+    result = _ok(cli("quantize", digits_mlp / "best", "--out", out, "--qat", "--finetune-steps", 5, "--lr", 0.3,
+                     "--finetune-dir", run, "--no-bench", "--json"))
+    qat = result["report"]["qat"]
+    assert qat["best_step"] == 0 and qat["steps"] == 5 and qat["kept_start"] is True
+    assert qat["selection"] == "fine-tuning did not improve on the calibrated model; kept step 0"
+    assert result["report"]["after"]["accuracy"] == result["report"]["ptq"]["accuracy"]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals[0]["step"] == 0 and all(e["val_accuracy"] < evals[0]["val_accuracy"] for e in evals[1:])
+    shipped, source = load_file(out / "model.safetensors"), load_file(digits_mlp / "best" / "model.safetensors")
+    assert shipped.keys() == source.keys() and all(np.array_equal(shipped[k], source[k]) for k in source)
+
+
+def test_qat_gate_refuses_a_result_that_loses_too_much(cli, digits_mlp, tmp_path, monkeypatch):
+    # The QAT int8 model measured 50 points worse than it is: the gate applies to it as to any int8 model.
+    from bigmodel_cli.engine.compress.quantize import command
+
+    attempts = command._Int8Attempts
+    measure_first = attempts.measure_first
+
+    def qat_measured_worse(self):
+        measure_first(self)
+        if self.tmp.name == "qat":  # the QAT attempt's work directory (the other is "ptq")
+            self.latest = {**self.latest, "accuracy": self.latest["accuracy"] - 0.5}
+
+    monkeypatch.setattr(attempts, "measure_first", qat_measured_worse)
     out = tmp_path / "q"
-    result = cli("quantize", digits_mlp / "best", "--out", out, "--qat", "--finetune-steps", 5, "--lr", 0.3,
-                 "--max-metric-drop", 0, "--max-retries", 0, "--no-bench")
+    result = cli("quantize", digits_mlp / "best", "--out", out, "--qat", "--finetune-steps", 5,
+                 "--max-metric-drop", 1, "--max-retries", 0, "--no-bench")
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: accuracy gate failed"), result.stderr
@@ -231,16 +271,19 @@ def test_qat_interrupted_finetune_resumes_to_the_same_weights(digits_mlp, tmp_pa
         return quantize_artifact(open_artifact(digits_mlp / "best"), tmp_path / f"q{int(resume)}", options)
 
     whole = run()
-    # What the run would have left had it been killed after its step-4 checkpoint: no step-6
-    # checkpoint, no best/ or last/.
     cut = tmp_path / "run"
-    for leftover in [*sorted((cut / "checkpoints").glob("step-*"))[-1:], cut / "best", cut / "last"]:
+    whole_last = load_file(cut / "last" / "model.safetensors")
+    # What the run would have left had it been killed after its step-4 checkpoint: no step-6
+    # checkpoint and no last/ (best/ exists from step 0 on: the loop evaluates the starting point).
+    for leftover in [*sorted((cut / "checkpoints").glob("step-*"))[-1:], cut / "last"]:
         shutil.rmtree(leftover)
     resumed = run(resume=True)
     assert whole.report["qat"]["resumed_from"] is None
     assert resumed.report["qat"]["resumed_from"] is not None and resumed.report["qat"]["steps"] == 6
-    a, b = load_file(whole.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # The trained weights (last/) and the shipped ones (best/) are those of the uninterrupted run.
+    for a, b in [(whole_last, load_file(cut / "last" / "model.safetensors")),
+                 (load_file(whole.path / "model.safetensors"), load_file(resumed.path / "model.safetensors"))]:
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("content", ["not json", "[]", '{"source": 1}'])

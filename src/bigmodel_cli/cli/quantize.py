@@ -53,7 +53,7 @@ def quantize(
     qat: Annotated[bool, typer.Option("--qat", help="Quantization-aware training: fine-tune with int8 simulated, then static QDQ int8 of the trained weights (see docs/quantize.md).", rich_help_panel=_T)] = False,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="--qat: fine-tuning epochs.", rich_help_panel=_T)] = 0,
     finetune_steps: Annotated[Optional[int], typer.Option("--finetune-steps", help="--qat: fine-tuning steps (instead of epochs).", rich_help_panel=_T)] = None,
-    lr: Annotated[float, typer.Option("--lr", help="--qat: fine-tuning learning rate.", rich_help_panel=_T)] = 1e-4,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="--qat: fine-tuning learning rate [default: 10% of the rate that trained the model].", rich_help_panel=_T)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="--qat: fine-tuning batch size.", rich_help_panel=_T)] = 64,
     patience: Annotated[Optional[int], typer.Option("--patience", help="--qat: stop after N evaluations without improvement.", rich_help_panel=_T)] = None,
     seed: Annotated[int, typer.Option("--seed", help="--qat: fine-tuning seed.", rich_help_panel=_T)] = 0,
@@ -80,7 +80,7 @@ def quantize(
         bench_batch=bench_batch, seq_len=seq_len, iterations=iterations, warmup=warmup, threads=threads,
         qat=qat, finetune_epochs=finetune_epochs, finetune_steps=finetune_steps,
         finetune_dir=str(finetune_dir) if finetune_dir else None, nproc=nproc,
-        train=TrainConfig(lr=lr, batch_size=batch_size, patience=patience, seed=seed, threads=threads, resume=resume) if qat else None)
+        finetune_lr=lr, train=TrainConfig(batch_size=batch_size, patience=patience, seed=seed, threads=threads, resume=resume) if qat else None)
     source = open_artifact(artifact)
     with StageProgress(_STAGES, enabled=not json_out) as progress:
         result = quantize_artifact(source, out, options, overwrite=overwrite, progress=progress)
@@ -154,6 +154,8 @@ def _print_report(result) -> None:
                 info.append(("decoder.onnx", f"int8 too, {d['metric_drop']:.3g} {report['metric_drop_unit']}{speed}"))
             else:
                 info.append(("decoder.onnx", f"not kept: {d['why']}"))
+        if "qat" in report:
+            info.append(("fine-tuning", report["qat"]["selection"]))
     if "latency" in report:
         lat = report["latency"]
         info.append(("timed", f"input {'×'.join(map(str, lat['input_shape']))}, {lat['threads']} threads, side by side, this machine"))

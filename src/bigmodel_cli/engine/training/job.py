@@ -37,6 +37,10 @@ class TrainJob:
     strategy: str | None = None  # under torchrun: "ddp" (default) or "fsdp"; one process ignores it
     lock: Any = None  # output_lock.OutputLock on cfg.out, held from the checks to the end of the run
     init_sha256: str | None = None  # train --init: the sha256 of the weights the run starts from
+    # Evaluate the starting weights (step 0) and keep them as best/ unless a later evaluation beats
+    # them: a fine-tune that must never hand back worse than it started (quantize --qat). Off for
+    # `bigmodel train`, whose first weights are random.
+    evaluate_start: bool = False
 
     def release_output(self) -> None:
         """Let another process write cfg.out (run_job calls it when the run ends)."""

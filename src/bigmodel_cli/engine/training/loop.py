@@ -259,7 +259,8 @@ class _Throughput:
 
 
 class _TrainingLoop:
-    """One run of the loop, read top to bottom in ``run``: ``start_or_resume``, then ``train_step``,
+    """One run of the loop, read top to bottom in ``run``: ``start_or_resume``, the evaluation of the
+    starting weights when the job asks for it (``evaluate_start``), then ``train_step``,
     ``maybe_evaluate`` and ``maybe_checkpoint`` until the last step or early stopping, then ``finish``.
     The fixed setup (model on its device, optimizer, schedule) is made once here, the wrapped
     model, its parameters and the metrics log in ``start_or_resume`` (they depend on the
@@ -289,9 +290,12 @@ class _TrainingLoop:
 
     def run(self) -> TrainResult:
         self.start_or_resume()
-        started, self.throughput = time.perf_counter(), _Throughput()
+        started = time.perf_counter()
         self.model.train()
         try:
+            if self.job.evaluate_start and self.state.step == 0:
+                self.evaluate_and_select()  # the starting weights: best/ until a step beats them
+            self.throughput = _Throughput()  # after that evaluation, which is not training throughput
             while self.state.step < self.total:
                 if not self.train_step():
                     continue  # a skipped non-finite batch: no evaluation or checkpoint for it
@@ -388,9 +392,13 @@ class _TrainingLoop:
     def maybe_evaluate(self) -> None:
         """Every --eval-every steps and at the last: evaluate, keep the best artifact, count
         evaluations without improvement for --patience."""
+        state = self.state
+        if state.step % self.eval_every == 0 or state.step == self.total:
+            self.evaluate_and_select()
+
+    def evaluate_and_select(self) -> None:
+        """Evaluate now, keep the best artifact, count evaluations without improvement for --patience."""
         cfg, state = self.cfg, self.state
-        if not (state.step % self.eval_every == 0 or state.step == self.total):
-            return
         metrics = self.evaluate()
         state.last_metrics = {"step": state.step, **{f"val_{k}": v for k, v in metrics.items()}}
         self.log.write({"step": state.step, "event": "eval", **state.last_metrics})

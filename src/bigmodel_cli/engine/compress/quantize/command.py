@@ -80,7 +80,10 @@ class QuantizeOptions:
     qat: bool = False  # quantization-aware training (qat.py), then static QDQ of the trained weights
     finetune_epochs: int = 0  # --qat: the fine-tuning budget, in epochs …
     finetune_steps: int | None = None  # … or in steps
-    train: Any = None  # --qat: the TrainConfig of the fine-tuning (lr, batch size, resume, …); None: defaults
+    train: Any = None  # --qat: the TrainConfig of the fine-tuning (batch size, resume, …); None: defaults
+    # --qat: the fine-tuning learning rate, which replaces ``train``'s; None: QAT_LR_FRACTION of the
+    # rate that trained the source (qat.default_learning_rate)
+    finetune_lr: float | None = None
     finetune_dir: str | None = None  # --qat: keep the fine-tuning run here (checkpoints: --resume continues it)
     nproc: int | None = None  # --qat: fine-tune in N data-parallel processes (as train --nproc)
 
@@ -190,6 +193,9 @@ def _qat_problems(options: QuantizeOptions, mode: str | None) -> list[str]:
     if not options.qat:
         if options.finetune_epochs or options.finetune_steps is not None:
             return ["--finetune-epochs/--finetune-steps are the fine-tuning budget of --qat; add --qat"]
+        if options.finetune_lr is not None:
+            return ["--lr is the fine-tuning learning rate of --qat; post-training quantization does not train: "
+                    "drop --lr, or add --qat"]
         if options.nproc is not None:
             return ["--nproc runs --qat's fine-tuning in several processes; post-training quantization runs in one: "
                     "drop --nproc, or add --qat"]
@@ -202,6 +208,9 @@ def _qat_problems(options: QuantizeOptions, mode: str | None) -> list[str]:
         p.append("--finetune-epochs and --finetune-steps must not be negative")
     elif options.finetune_epochs == 0 and not options.finetune_steps:
         p.append("--qat needs a fine-tuning budget: give --finetune-epochs N or --finetune-steps N (at least 1)")
+    if options.finetune_lr is not None and not (is_finite_number(options.finetune_lr) and options.finetune_lr > 0):
+        p.append(f"--lr must be a finite positive number, got {options.finetune_lr} "
+                 "(or leave it out: 10% of the rate that trained the model)")
     resume = bool(options.train is not None and options.train.resume)
     if resume and not options.finetune_dir:
         p.append("--resume continues a kept fine-tuning run: give the --finetune-dir of the run to continue")
@@ -493,7 +502,7 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     agreement = _qat_agreement(trained["model"], final, qat.evaluator, options.threads)
     report = _qat_report(source, options, ptq, qat, ptq_final, final, say)
     report["qat"] = {**{k: v for k, v in trained.items() if k not in ("best_dir", "model", "quantized_layers", "activations")},
-                     "simulated_vs_onnx": agreement}
+                     "simulated_vs_onnx": agreement, **_qat_selection(trained)}
     section = {**_quantization_section(qat.plan, options, calib, gate, final, None),
                "qat": {"activation_scales": "minmax-calibrated, frozen during fine-tuning, re-calibrated on the trained weights",
                        "weights": "per-channel symmetric int8, straight-through gradients",
@@ -509,6 +518,17 @@ def _qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwri
     manifest = _write_int8(source, onnx_artifact, out, overwrite, final, options, "static", report, section, gate,
                            files)
     return QuantizeResult(out, "static", report, section, gate.as_dict(), manifest)
+
+
+KEPT_START = "fine-tuning did not improve on the calibrated model; kept step 0"
+
+
+def _qat_selection(trained: dict) -> dict:
+    """Which step's weights ship, in words: the training loop evaluates the calibrated simulation
+    before the first step too, and keeps it unless a step beats it on the validation split."""
+    kept_start = trained["best_step"] == 0
+    said = KEPT_START if kept_start else f"kept step {trained['best_step']} of {trained['steps']} (best on the val split)"
+    return {"kept_start": kept_start, "selection": said}
 
 
 def _static_attempt(source: art.Artifact, options: QuantizeOptions, calib, tmp: Path, say: Callable,
@@ -533,16 +553,17 @@ def _static_attempt(source: art.Artifact, options: QuantizeOptions, calib, tmp: 
 def _qat_finetune(source: art.Artifact, options: QuantizeOptions, calib, scheme, tmp: Path, say: Callable,
                   quantize_output: bool = True) -> dict:
     from bigmodel_cli.config import TrainConfig
-    from .qat import finetune
+    from .qat import default_learning_rate, finetune
 
     train = options.train or TrainConfig()
     run_dir = tmp / "finetune"
     if options.finetune_dir:
         run_dir = Path(options.finetune_dir)  # kept, so that --resume can continue it
-    cfg = dataclasses.replace(train, model=str(source.path), out=str(run_dir),
+    lr = options.finetune_lr if options.finetune_lr is not None else default_learning_rate(source)
+    cfg = dataclasses.replace(train, model=str(source.path), out=str(run_dir), lr=lr,
                               epochs=options.finetune_epochs or None, max_steps=options.finetune_steps or None,
                               overwrite=False, resume=bool(options.finetune_dir and train.resume))
-    return finetune(source, calib.batches, scheme, cfg, run_dir, say, quantize_output, options.nproc, tmp)
+    return {**finetune(source, calib.batches, scheme, cfg, run_dir, say, quantize_output, options.nproc, tmp), "lr": lr}
 
 
 def _qat_agreement(model, int8: Path, evaluator: Evaluator, threads: int | None) -> dict:

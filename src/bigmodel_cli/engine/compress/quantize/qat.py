@@ -46,6 +46,12 @@ OUTPUT_ATTRIBUTE = "qat_output"  # the layer that returns the model's output: th
 # Layers without a fake-quant place that hold 2-D weights would run in float in the simulation but
 # not in the exported model's plan: refused rather than simulated wrongly.
 FLOAT_OK = ("Embedding", "LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "GroupNorm")
+# The fine-tuning learning rate, as a fraction of the rate that trained the model: QAT starts from
+# trained weights that only need to settle on the int8 grid, and the straight-through gradient is
+# an approximation that a large step turns into noise; but a budget of a few epochs at 1% (what
+# guides give for long schedules) moves few weights by one int8 step (docs/quantize.md, "Learning rate").
+QAT_LR_FRACTION = 0.1
+FALLBACK_TRAINING_LR = 1e-3  # TrainConfig's default, for a source with no recorded rate (an import)
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,17 @@ def activation_quant(low: float, high: float, activation_type: str) -> Activatio
     scale = (high - low) / (qmax - qmin) or 1.0
     zero_point = int(round(qmin - low / scale))
     return ActivationQuant(float(scale), max(qmin, min(qmax, zero_point)), qmin, qmax)
+
+
+def default_learning_rate(source) -> float:
+    """QAT_LR_FRACTION of the learning rate recorded in ``source``'s manifest (the run that made its
+    weights: train, or prune's and distill's fine-tuning), or of TrainConfig's default."""
+    from bigmodel_cli.config import is_finite_number
+
+    options = source.manifest.get("options")
+    recorded = options.get("lr") if isinstance(options, dict) else None
+    ok = is_finite_number(recorded) and recorded > 0
+    return QAT_LR_FRACTION * (float(recorded) if ok else FALLBACK_TRAINING_LR)
 
 
 def weight_bound(reduce_range: bool) -> int:
@@ -232,9 +249,11 @@ def _training_job(source, model, layers, train_cfg, scheme_name: str):
     data = open_data(source)
     task = make_task(data, train_cfg.batch_size, train_cfg.seed, source.data_spec.get("block_size"),
                      train_cfg.eval_windows, policy_from_option(train_cfg.augment, data, mixing_allowed=True))
+    # evaluate_start: the calibrated simulation before any step is a candidate too, so a fine-tune
+    # whose steps all hurt hands back the starting weights rather than worse ones.
     return TrainJob(cfg=train_cfg, model=model, data=data, task=task, artifact_config=dict(source.config),
                     stage="train", parent=source, extra_files=_carried_files(source),
-                    manifest_extra={"qat": {"scheme": scheme_name, "layers": len(layers)}})
+                    manifest_extra={"qat": {"scheme": scheme_name, "layers": len(layers)}}, evaluate_start=True)
 
 
 def _facts(result) -> dict:
