@@ -23,8 +23,13 @@ install: $(STAMP)
 quickstart: install
 	$(BIN)/bigmodel run examples/recipes/digits-mlp.toml --out runs/quickstart --overwrite
 
+# Two passes: the tests on pytest-xdist workers (one torch thread each, so they do not fight
+# over the cores), then the `serial` tests alone (they start ranks of their own that need the
+# cores). A plain `pytest` still runs everything in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow and not gpu and not serial"
+	$(BIN)/python -m pytest -m "serial and not slow and not gpu"
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

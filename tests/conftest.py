@@ -14,6 +14,18 @@ from typer.testing import CliRunner
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+# Tests that start worker processes of their own and wait on them: `make test` runs them after
+# the others, alone, so that two ranks get the machine's two cores (the rest runs on pytest-xdist
+# workers, one per core). A plain `pytest` runs everything in one process, as always.
+SERIAL_MODULES = {"test_distributed.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
+
+
 def assert_one_error_line(result, *fragments):
     """A user mistake: exit code 2 and exactly one `error:` line on stderr naming each fragment."""
     assert result.exit_code == 2, result.output
