@@ -195,7 +195,7 @@ def test_a_bad_prompts_file_is_one_line(cli, tiny_gpt, tmp_path, content, fragme
 
 
 def test_prompts_file_and_batch_mistakes_are_one_line(cli, tiny_gpt, tmp_path, monkeypatch):
-    from bigmodel_cli.engine import generate
+    from bigmodel_cli.engine import prompts_file as prompts_module
 
     good = prompts_file(tmp_path)
     assert_one_error_line(cli("generate", tiny_gpt), "--prompt", "--prompts-file")
@@ -205,8 +205,8 @@ def test_prompts_file_and_batch_mistakes_are_one_line(cli, tiny_gpt, tmp_path, m
     assert_one_error_line(cli("generate", tiny_gpt, "--prompts-file", good, "--batch-size", "0"), "--batch-size")
     assert_one_error_line(cli("generate", tiny_gpt, "--prompts-file", good, "--no-truncate", "-n", "60"),
                           "line 1", "window of 64", "--no-truncate")
-    monkeypatch.setattr(generate, "MAX_PROMPTS_FILE_BYTES", 64)  # the cap, checked before reading
-    assert_one_error_line(cli("generate", tiny_gpt, "--prompts-file", good), "more than the 64 bytes")
+    monkeypatch.setattr(prompts_module, "MAX_PROMPTS_FILE_BYTES", 64)  # the cap, checked before reading
+    assert_one_error_line(cli("generate", tiny_gpt, "--prompts-file", good), "more than the 64", "split")
 
 
 def test_a_fifo_or_device_is_refused_without_reading(cli, tiny_gpt, tmp_path):

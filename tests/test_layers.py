@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bigmodel_cli"
 # prefix decides, so a package's modules are listed before the package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("bigmodel_cli.errors",)),
-    ("outputs: where and how files are written", ("bigmodel_cli.outputs", "bigmodel_cli.output_file",
+    ("files: where and how files are read and written", ("bigmodel_cli.input_file", "bigmodel_cli.outputs", "bigmodel_cli.output_file",
                                                   "bigmodel_cli.output_lock", "bigmodel_cli.output_staging")),
     ("config, weights, data, models", ("bigmodel_cli.config", "bigmodel_cli.weights", "bigmodel_cli.data",
                                        "bigmodel_cli.models")),
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine.core", ("bigmodel_cli.engine.core",)),
     ("engine.onnx", ("bigmodel_cli.engine.onnx",)),
     ("engine commands", tuple(f"bigmodel_cli.engine.{m}" for m in
-                              ("backends", "evaluate", "predict", "generate", "chat", "estimate", "info",
+                              ("backends", "evaluate", "predict", "generate", "prompts_file", "chat", "estimate", "info",
                                "inputs", "pretrained"))),
     ("engine.training", ("bigmodel_cli.engine.training",)),
     ("engine.compress, engine.explain", ("bigmodel_cli.engine.compress", "bigmodel_cli.engine.explain")),

@@ -9,46 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 from .artifact_format import CONFIG_FILE, DECODER_FILE, MANIFEST_FILE, ONNX_FILE, PRIVATE_PREFIX, validate_manifest
 from .errors import UserError
-
-
-def open_regular(path: Path) -> BinaryIO | None:
-    """``path`` opened for binary reading if it is a regular file, else None (OSError as open's).
-
-    Opened non-blocking, so a FIFO cannot make the open wait forever, and checked with fstat on
-    the open descriptor, so a device (a symlink to /dev/zero) is never read without end."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return os.fdopen(fd, "rb")
+from .input_file import open_regular, read_capped
 
 
 def read_regular_file(path: Path, limit: int) -> bytes:
-    """The bytes of ``path``, if it is a regular file of at most ``limit`` bytes (see
-    ``open_regular``). Raises FileNotFoundError when there is nothing there; UserError for anything else."""
-    try:
-        handle = open_regular(path)
-    except FileNotFoundError:  # the caller knows what a missing file means ("not an artifact")
-        raise
-    except OSError as exc:
-        raise UserError(f"{path}: cannot be read ({exc.strerror}); re-create the artifact") from None
-    if handle is None:
-        raise UserError(f"{path}: is not a regular file; re-create the artifact")
-    with handle:
-        info = os.fstat(handle.fileno())
-        if info.st_size > limit:
-            raise UserError(f"{path}: is {info.st_size:,} bytes, more than the {limit:,} bigmodel reads for it; "
-                            "re-create the artifact")
-        data = handle.read(limit + 1)
-    if len(data) > limit:  # it grew while being read
-        raise UserError(f"{path}: is more than the {limit:,} bytes bigmodel reads for it; re-create the artifact")
-    return data
+    """The bytes of an artifact's file, if it is a regular file of at most ``limit`` bytes.
+    Raises FileNotFoundError when there is nothing there; UserError for anything else."""
+    return read_capped(path, limit, "re-create the artifact")
 
 
 def sha256_file(path: Path) -> str:

@@ -46,7 +46,8 @@ def generate(
     ONNX); the text goes to stdout as it is generated, timings to stderr. Ctrl-C stops it, keeps what
     was generated, and exits 130."""
     from ..artifact import open_artifact
-    from ..engine.generate import GenerateConfig, generate_text, read_prompts_file
+    from ..engine.generate import GenerateConfig, generate_text
+    from ..engine.prompts_file import read_prompts_file
     from ..errors import UserError
 
     if (prompt is None) == (prompts_file is None):

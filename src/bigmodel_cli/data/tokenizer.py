@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UserError
+from ..input_file import read_capped
 
 TOKENIZER_FILE = "tokenizer.json"
 # A tokenizer directory written by `bigmodel tokenizer train`: tokenizer.json plus this, which holds
@@ -214,28 +213,6 @@ def load_tokenizer(config: dict, file_bytes=None, where: str = "the artifact"):
     return tokenizer_from_bytes(file_bytes(TOKENIZER_FILE), section, where)
 
 
-def read_capped(path: Path, limit: int) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes: never a FIFO (opened non-blocking)
-    or a device (checked on the open descriptor), never more than ``limit`` bytes read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise UserError(f"{path}: cannot be read ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UserError(f"{path}: is not a regular file; give a tokenizer directory written by `bigmodel tokenizer train`")
-        if info.st_size > limit:  # refused before reading any of it
-            raise UserError(f"{path}: is {info.st_size:,} bytes, more than the {limit:,} bigmodel reads for it; "
-                            "is it really a tokenizer?")
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise UserError(f"{path}: is more than the {limit:,} bytes bigmodel reads for it; is it really a tokenizer?")
-    return data
-
-
 def open_tokenizer_dir(directory: Path | str) -> tuple[HFTokenizer, bytes]:
     """A tokenizer directory (``--tokenizer DIR``): its tokenizer and tokenizer.json's bytes.
 
@@ -246,12 +223,12 @@ def open_tokenizer_dir(directory: Path | str) -> tuple[HFTokenizer, bytes]:
     if not directory.is_dir():
         raise UserError(f"--tokenizer {directory}: no such directory; {fix}")
     try:
-        data = read_capped(directory / TOKENIZER_FILE, MAX_TOKENIZER_BYTES)
+        data = read_capped(directory / TOKENIZER_FILE, MAX_TOKENIZER_BYTES, fix)
     except FileNotFoundError:
         raise UserError(f"--tokenizer {directory}: has no {TOKENIZER_FILE}; {fix}") from None
     where = f"--tokenizer {directory}"
     try:
-        info_bytes = read_capped(directory / TOKENIZER_INFO_FILE, MAX_INFO_BYTES)
+        info_bytes = read_capped(directory / TOKENIZER_INFO_FILE, MAX_INFO_BYTES, fix)
     except FileNotFoundError:
         info_bytes = None
     if info_bytes is None:

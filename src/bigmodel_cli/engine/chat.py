@@ -25,8 +25,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..artifact import Artifact, open_regular
+from ..artifact import Artifact
 from ..errors import UserError
+from ..input_file import read_capped
 from .generate import GenerateConfig, context_limits, generate_text, validate
 
 # Chat templates are a few KB (the longest on the Hub, with tool calling, are ~20 KB).
@@ -220,20 +221,11 @@ class ChatTemplate:
 
 def read_template_file(path: Path) -> str:
     """A --template file: a regular file of at most MAX_TEMPLATE_BYTES, UTF-8 text."""
-    fix = "give a Jinja chat template file"
+    fix = "give --template a Jinja chat template file"
     try:
-        handle = open_regular(path)
+        data = read_capped(path, MAX_TEMPLATE_BYTES, fix)
     except FileNotFoundError:
         raise UserError(f"--template {path}: no such file; {fix}") from None
-    except OSError as exc:
-        raise UserError(f"--template {path}: cannot be read ({exc.strerror}); {fix}") from None
-    if handle is None:
-        raise UserError(f"--template {path}: is not a regular file; {fix}")
-    with handle:
-        data = handle.read(MAX_TEMPLATE_BYTES + 1)
-    if len(data) > MAX_TEMPLATE_BYTES:
-        raise UserError(f"--template {path}: is more than the {MAX_TEMPLATE_BYTES:,} bytes bigmodel reads for a chat "
-                        f"template; {fix}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

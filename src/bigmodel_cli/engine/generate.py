@@ -23,12 +23,8 @@ gives alone.
 from __future__ import annotations
 
 import inspect
-import json
-import os
-import stat
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -39,7 +35,6 @@ from ..errors import ConfigErrors, UserError
 from .onnx.decoder import PaddedCacheDecoder
 
 BYTE_VOCAB = 256
-MAX_PROMPTS_FILE_BYTES = 16 * 1024 * 1024  # far more text than any batch of prompts; read no more
 MAX_BATCH_SIZE = 256  # rows decoded together: the cache grows with it (batch × window × layers)
 
 
@@ -304,68 +299,6 @@ class BatchPrompt:
     text: str
     seed: int | None = None
     where: str = "the prompt"
-
-
-def read_prompts_file(path: Path | str) -> list[BatchPrompt]:
-    """``--prompts-file``: JSON Lines, one object per line, ``{"prompt": "..."}`` and optionally
-    ``"seed": N``. JSON rather than plain lines so that a prompt may hold newlines (code, dialogue)
-    and a row may carry its own seed. Refused in one line: a file over MAX_PROMPTS_FILE_BYTES (before
-    reading it), not UTF-8, no prompt, an empty line, a line that is not such an object."""
-    path = Path(path)
-    data = read_capped_file(path, MAX_PROMPTS_FILE_BYTES, "--prompts-file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: is not UTF-8 text (byte {exc.start}); --prompts-file takes JSON Lines, "
-                        '{"prompt": "..."} on each line') from None
-    lines = text.splitlines()
-    while lines and not lines[-1].strip():  # a file may end with a blank line
-        lines.pop()
-    if not lines:
-        raise UserError(f'{path}: holds no prompt; write one JSON object per line, {{"prompt": "..."}}')
-    return [prompt_line(line, f"{path}, line {number}") for number, line in enumerate(lines, 1)]
-
-
-def prompt_line(line: str, where: str) -> BatchPrompt:
-    """One line of a prompts file → its prompt, or one line saying what is wrong with it."""
-    shape = '{"prompt": "text"} (optionally with "seed": N)'
-    if not line.strip():
-        raise UserError(f"{where}: is empty; every line must be {shape} — remove the blank line")
-    try:
-        entry = json.loads(line)
-    except ValueError as exc:
-        raise UserError(f"{where}: is not JSON ({exc.msg}); every line must be {shape}") from None
-    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-        raise UserError(f"{where}: has no \"prompt\" string; every line must be {shape}")
-    unknown = sorted(set(entry) - {"prompt", "seed"})
-    if unknown:
-        raise UserError(f"{where}: has unknown key {unknown[0]!r}; a line may hold only \"prompt\" and \"seed\"")
-    if not entry["prompt"]:
-        raise UserError(f"{where}: has an empty prompt; the model needs at least one token to continue")
-    seed = entry.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed_problem(seed)):
-        raise UserError(f"{where}: \"seed\" must be an integer from 0 to 2**32 - 1, got {json.dumps(seed)}")
-    return BatchPrompt(entry["prompt"], seed, where)
-
-
-def read_capped_file(path: Path, limit: int, flag: str) -> bytes:
-    """A regular file's bytes, at most ``limit``: never a FIFO (opened non-blocking) or a device,
-    the size checked before reading and no more than ``limit`` + 1 bytes read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file; give {flag} an existing file") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot be read ({exc.strerror}); give {flag} a readable file") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):  # checked on the open descriptor, before any read
-        os.close(fd)
-        raise UserError(f"{path}: is not a regular file; give {flag} a file")
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read(limit + 1)
-    if info.st_size > limit or len(data) > limit:
-        raise UserError(f"{path}: is more than the {limit:,} bytes {flag} reads; split it into several files")
-    return data
 
 
 @dataclass
