@@ -32,7 +32,7 @@ import numpy as np
 from ..artifact import Artifact
 from ..config import is_finite_number, seed_problem, threads_problem
 from ..errors import ConfigErrors, UserError
-from .onnx.decoder import PaddedCacheDecoder
+from .onnx.decoder import PaddedCacheDecoder, RowDecoder
 
 BYTE_VOCAB = 256
 MAX_BATCH_SIZE = 256  # rows decoded together: the cache grows with it (batch × window × layers)
@@ -125,7 +125,7 @@ def context_limits(artifact: Artifact, backend_detail: dict) -> tuple[int, int |
     return int(fixed or model_ctx), fixed
 
 
-class RecomputeDecoder:
+class RecomputeDecoder(RowDecoder):
     """Next-token logits by recomputing the whole (cropped) context: ONNX Runtime and --no-cache.
 
     Rows of a batch are RIGHT-padded to the longest (or to a graph's fixed sequence length) and
@@ -143,12 +143,6 @@ class RecomputeDecoder:
     @property
     def tokens(self) -> list[int]:
         return self.rows[0] if self.rows else []
-
-    def start(self, prompt: list[int]) -> np.ndarray:
-        return self.start_batch([prompt])[0]
-
-    def step(self, token: int) -> np.ndarray:
-        return self.step_batch([token])[0]
 
     def start_batch(self, prompts: list[list[int]]) -> np.ndarray:
         self.rows = [list(prompt) for prompt in prompts]

@@ -234,7 +234,24 @@ def check_decoder_section(section: dict | None, where: str) -> dict:
     return section
 
 
-class PaddedCacheDecoder:
+class RowDecoder:
+    """A decoder of a batch of rows (``start_batch``, ``step_batch``: next-token logits per row),
+    with ``start``/``step``, its one-row forms."""
+
+    def start(self, prompt: list[int]) -> np.ndarray:
+        return self.start_batch([prompt])[0]
+
+    def step(self, token: int) -> np.ndarray:
+        return self.step_batch([token])[0]
+
+    def start_batch(self, prompts: list[list[int]]) -> np.ndarray:
+        raise NotImplementedError
+
+    def step_batch(self, tokens: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class PaddedCacheDecoder(RowDecoder):
     """A batch of rows decoded with a KV cache: the left padding, the attention mask and the
     positions, shared by PyTorch's decoder (generate.CachedTorchDecoder) and ONNX Runtime's
     (OrtCachedDecoder), which only say how one forward pass runs (``run``).
@@ -245,7 +262,6 @@ class PaddedCacheDecoder:
     at 0 for the cropped window, as the cache-free path feeds it, and RoPE (llama) is re-prefilled
     the same way so that both paths compute the same numbers. A shorter row that had not slid yet
     is recomputed at the same positions, so its tokens do not change.
-    ``start``/``step`` are the one-row forms.
     """
 
     def __init__(self, context: int):
@@ -255,12 +271,6 @@ class PaddedCacheDecoder:
         self.past = None
         self.cache_bytes = 0  # the largest the cache has been
         self.prefills = 0
-
-    def start(self, prompt: list[int]) -> np.ndarray:
-        return self.start_batch([prompt])[0]
-
-    def step(self, token: int) -> np.ndarray:
-        return self.step_batch([token])[0]
 
     def start_batch(self, prompts: list[list[int]]) -> np.ndarray:
         """Prefill the prompts; the next-token logits of each row (batch, vocab)."""
