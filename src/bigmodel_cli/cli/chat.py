@@ -15,7 +15,7 @@ import typer
 
 from ..errors import UserError
 from . import console
-from .options import ArtifactArg, BackendOpt, JsonOpt, ThreadsOpt
+from .options import ArtifactArg, BackendOpt, RepetitionPenaltyOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt
 
 EXIT_WORDS = ("/exit", "/quit")
 
@@ -27,12 +27,10 @@ def chat(
     template: Annotated[Optional[Path], typer.Option("--template", help="A Jinja chat template file to use instead "
                                                      "of the artifact's own (or for an artifact without one).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens in one answer.")] = 200,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 50,
-    top_p: Annotated[float, typer.Option("--top-p", help="Sample among the most likely tokens holding this "
-                                         "much probability, in (0, 1]; 1 keeps all.")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="Above 1 makes tokens already in "
-                                                      "the context less likely; 1 is none.")] = 1.0,
+    temperature: TemperatureOpt = 0.8,
+    top_k: TopKOpt = 50,
+    top_p: TopPOpt = 1.0,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (turn i uses seed + i): the same seed and "
                                       "messages give the same answers.")] = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context for every token.")] = False,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import console
-from .options import ArtifactArg, BackendOpt, JsonOpt, ThreadsOpt
+from .options import ArtifactArg, BackendOpt, JsonOpt, RepetitionPenaltyOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt
 
 INTERRUPTED = 130  # the shell's code for a Ctrl-C
 
@@ -23,12 +23,10 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size", help="With --prompts-file: prompts decoded together "
                                             "(left-padded with an attention mask).")] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 200,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")] = 50,
-    top_p: Annotated[float, typer.Option("--top-p", help="Sample among the most likely tokens holding this "
-                                         "much probability, in (0, 1]; 1 keeps all.")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="Above 1 makes tokens already in "
-                                                      "the context less likely; 1 is none.")] = 1.0,
+    temperature: TemperatureOpt = 0.8,
+    top_k: TopKOpt = 50,
+    top_p: TopPOpt = 1.0,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="End the text before this string "
                                                       "(repeatable).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed: the same seed gives the same text.")] = 0,

@@ -18,6 +18,13 @@ TargetOpt = Annotated[Optional[str], typer.Option("--target", help="Class column
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (data order, initialisation, dropout).")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="auto (ONNX Runtime when the artifact has model.onnx), torch or onnx.")]
 PixelMaxOpt = Annotated[Optional[float], typer.Option("--pixel-max", help="Image files: the raw value of a white pixel; pixels in [0, 1] are multiplied by it (default 16 for the bundled digits, else 255).")]
+# Sampling, shared by generate and chat.
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Sample among the most likely tokens holding this much "
+                                        "probability, in (0, 1]; 1 keeps all.")]
+RepetitionPenaltyOpt = Annotated[float, typer.Option("--repetition-penalty", help="Above 1 makes tokens already in "
+                                                     "the context less likely; 1 is none.")]
 
 
 def parse_json_object(value: str | None, flag: str) -> dict | None:
