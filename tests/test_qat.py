@@ -237,9 +237,9 @@ def test_qat_keeps_the_calibrated_start_when_every_step_hurts(cli, digits_mlp, t
 
 def test_qat_gate_refuses_a_result_that_loses_too_much(cli, digits_mlp, tmp_path, monkeypatch):
     # The QAT int8 model measured 50 points worse than it is: the gate applies to it as to any int8 model.
-    from bigmodel_cli.engine.compress.quantize import command
+    from bigmodel_cli.engine.compress.quantize import int8_flow
 
-    attempts = command._Int8Attempts
+    attempts = int8_flow.Int8Attempts
     measure_first = attempts.measure_first
 
     def qat_measured_worse(self):

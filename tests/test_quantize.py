@@ -265,7 +265,7 @@ def test_ranking_puts_the_worst_quantized_tensor_first(tmp_path, mode):
 def int8_scores_badly(monkeypatch):
     """int8 models whose every MatMul is quantized answer with one constant class, so the gate must
     keep a node in float; ``always=True`` makes every int8 model answer that way."""
-    from bigmodel_cli.engine.compress.quantize import command as engine
+    from bigmodel_cli.engine.compress.quantize import int8_flow as engine
 
     real = engine.onnx_predict
     state = {"always": False}

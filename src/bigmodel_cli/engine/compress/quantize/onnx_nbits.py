@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bigmodel_cli import artifact as art
-from bigmodel_cli.errors import UserError, WorkFailed
+from bigmodel_cli.errors import UserError
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 BENCH_PROMPT, BENCH_NEW = 16, 32  # tokens of the timed prompt and of the timed greedy decode
