@@ -115,6 +115,53 @@ def test_language_model_search_with_a_relative_perplexity_limit(cli, tiny_gpt, t
     assert chosen is not None and chosen["value"] <= base["value"] * 1.03 + 1e-9
 
 
+def test_torch_backend_searches_and_chooses_a_pytorch_artifact(cli, digits_mlp, tmp_path):
+    """--backend torch: only candidates PyTorch runs (no ONNX-only quantization), each measured on
+    PyTorch; the chosen model is a PyTorch artifact within the limit, and the recipe rebuilds it."""
+    from bigmodel_cli.artifact import open_artifact
+
+    out = tmp_path / "torch"
+    summary = _json(cli("optimize", digits_mlp, "--max-drop", "1.0", *QUICK, "--only", "quantize,prune",
+                        "--backend", "torch", "--threads", "1", "--json", "--out", out))
+    assert summary["backend"] == "torch" and summary["threads"] == 1
+    assert json.loads((out / "optimize.json").read_text())["backend"] == "torch"
+    commands = {s["name"]: s["command"] for s in summary["steps"]}
+    assert "export" not in commands.values() and not any(n.startswith("q-") for n in commands)
+    assert any("left out" in note and "ONNX Runtime" in note for note in summary["notes"])
+    assert all(r["backend"] == "torch" for r in summary["rows"]) and summary["rows"][0]["name"] == "input"
+    chosen = summary["chosen"]
+    assert chosen is not None and chosen["meets"] and chosen["drop"] <= 1.0
+    artifact = open_artifact(out / "chosen")
+    assert artifact.has_weights and not artifact.has_onnx
+    recipe = (out / "recipe.toml").read_text()
+    assert "--backend torch" in recipe and "export" not in recipe
+    assert "PyTorch" in (out / "report.md").read_text()
+
+
+def test_torch_backend_dry_run_says_what_is_left_out(cli, digits_mlp, tmp_path):
+    result = cli("optimize", digits_mlp, "--max-drop", "1.0", "--objective", "size", "--backend", "torch", "--dry-run",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    names = [s["name"] for s in plan["steps"]]
+    assert plan["backend"] == "torch" and {"q-wo8", "q-wo4"} <= set(names)
+    assert not {"q-dynamic", "q-static", "q-matmul-nbits", "qat", "fp32"} & set(names)
+    assert all(s["command"] != "export" for s in plan["steps"])
+    assert any("QAT left out" in n for n in plan["notes"]) and any("dynamic, static" in n for n in plan["notes"])
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("--backend", "torch", "--only", "quantize"), ("space is empty", "only on ONNX Runtime", "--backend onnx")),
+    (("--backend", "torch", "--only", "qat"), ("space is empty", "QAT left out")),
+    (("--backend", "tensorrt"), ("--backend 'tensorrt' is unknown", "onnx", "torch")),
+    (("--threads", "0"), ("--threads must be between 1",)),
+])
+def test_backend_option_mismatch_is_one_line(cli, digits_mlp, tmp_path, args, fragments):
+    out = tmp_path / "never"
+    assert_one_error_line(cli("optimize", digits_mlp, "--max-drop", "1", *args, "--out", out), *fragments)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, fragments", [
     ((), ("give a limit or a budget",)),
     (("--max-drop", "1", "--objective", "speed"), ("--objective 'speed' is unknown",)),
