@@ -264,3 +264,33 @@ def test_strategy_stops_a_branch_at_its_first_miss_retrains_near_misses_and_char
     assert [s.name for s in promoted] == ["sp-50-r1", "sp-50-r1.onnx"]
     assert promoted[0].options["finetune-epochs"] == 4 and promoted[0].rung == 1
     assert [s.name for s in search.chart()] == ["sp-75", "sp-75.onnx"]
+
+
+def test_a_training_step_past_the_time_budget_is_stopped_and_runs_again_later(tmp_path, digits_mlp, monkeypatch):
+    """A made-up estimate (0 s) lets a prune step start with no time left: its fine-tuning stops at the
+    budget's end after one step instead of finishing, the step is recorded "over budget" (unmeasured,
+    unused), and a run with time left builds it whole."""
+    from types import SimpleNamespace
+
+    from bigmodel_cli.engine.core.progress import no_progress
+    from bigmodel_cli.engine.optimize.search import Search, new_state
+    from bigmodel_cli.engine.optimize.space import Goal, Plan, Step
+
+    step = Step("sp-50", "prune", "input", {"method": "structured", "sparsity": 0.5, "bench": False,
+                                            "finetune-epochs": 1, "seed": 0}, "prune", 0.0, branch="structured")
+    search = Search(SimpleNamespace(), tmp_path, Plan([step]), Goal(max_drop=1.0),
+                    new_state({}, Path(digits_mlp) / "best"), split="val", rounds=1, progress=no_progress)
+    monkeypatch.setattr(search, "time_left", lambda: 0.0)
+    assert search.run_one(step) == "over budget"
+    entry = search.state["steps"]["sp-50"]
+    assert entry["status"] == "over budget" and "time budget" in entry["error"] and "row" not in entry
+
+    def events() -> list:  # of prune's fine-tuning runs (one per pruning step)
+        logs = sorted((tmp_path / "candidates" / "sp-50").rglob("metrics.jsonl"))
+        assert logs
+        return [json.loads(line) for log in logs for line in log.read_text().splitlines()]
+
+    assert {"step": 1, "event": "deadline"} in events()
+    monkeypatch.setattr(search, "time_left", lambda: 3600.0)
+    assert search.run_one(step) == "ran" and search.state["steps"]["sp-50"]["status"] == "complete"
+    assert all(e.get("event") != "deadline" for e in events()) and max(e["step"] for e in events()) > 1

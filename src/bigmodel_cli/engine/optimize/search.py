@@ -35,6 +35,7 @@ from ...errors import UserError, WorkFailed
 from ...output_file import write_json_atomic
 from ...outputs import OPTIMIZE_STATE_FILE
 from ..core.progress import Progress, no_progress
+from ..training.loop import training_deadline
 from . import front as fr
 from .space import BASE, FIXED_SECONDS, INPUT, MEASURE_SECONDS, Goal, Plan, Step, export_of, training_amount
 from .steps import run_step
@@ -213,7 +214,7 @@ class Search:
         if step.branch in self.stopped and step.command != "export" and step.rung == 0 and step.name not in self.charting:
             return "stopped"
         estimate = step.estimate_s * self.scale(step.family)
-        if step.name != self.base and self.spent() + estimate > self.goal.time_budget_s - final_reserve(self.goal):
+        if step.name != self.base and estimate > self.time_left():
             return "over budget"
         self.say("start", name=step.name, command=step.command, estimate_s=estimate)
         record = {"record": step.record(), "estimate_s": step.estimate_s, "status": "running"}
@@ -222,7 +223,11 @@ class Search:
         began = time.perf_counter()
         parent = candidate_path(self.out, step.parent, self.state["input"])
         try:
-            run_step(step, parent, output, overwrite=output.exists(), progress=no_progress)
+            # a training step (prune, distill, QAT) stops at the budget's end even if it overruns its estimate
+            with training_deadline(self.time_left()) as deadline:
+                run_step(step, parent, output, overwrite=output.exists(), progress=no_progress)
+            if deadline.reached:
+                return self.cut_short(step, record, time.perf_counter() - began)
             if step.measure:
                 record["row"] = self.measure(step.name)
         except (KeyboardInterrupt, SystemExit):
@@ -241,6 +246,19 @@ class Search:
         self.save()
         self.after(step)
         return "ran"
+
+    def time_left(self) -> float:
+        """Seconds until the search must stop starting or training steps (the final comparison's reserve kept)."""
+        return self.goal.time_budget_s - final_reserve(self.goal) - self.spent()
+
+    def cut_short(self, step: Step, record: dict, seconds: float) -> str:
+        """A training step stopped at the time budget is not the model its options describe (the
+        recipe could not rebuild it): it is left unmeasured and unused, and runs again on a rerun."""
+        record.update(status="over budget", seconds=seconds,
+                      error="its training reached the end of the time budget and was stopped; rerun with a larger "
+                            "--time-budget")
+        self.save()
+        return "over budget"
 
     def _finished(self, name: str) -> bool:
         return self.state["steps"].get(name, {}).get("status") == "complete"
