@@ -162,6 +162,23 @@ def test_backend_option_mismatch_is_one_line(cli, digits_mlp, tmp_path, args, fr
     assert not out.exists()
 
 
+def test_language_model_search_prunes_and_distils(cli, tiny_gpt, tmp_path):
+    """--only prune,distill on a GPT: a pruned and a distilled candidate are built (each exported) and
+    measured against the input's perplexity; none is silently dropped (a refusal would carry its reason)."""
+    summary = _json(cli("optimize", tiny_gpt, "--max-drop", "3%", *QUICK, "--only", "prune,distill", "--json",
+                        "--out", tmp_path / "lm"))
+    steps = {s["name"]: s for s in summary["steps"]}
+    for name in ("sp-50", "sp-50.onnx", "d-w25", "d-w25.onnx"):
+        assert steps[name]["status"] == "complete" or (steps[name]["status"] == "failed" and steps[name]["error"]), \
+            steps[name]
+    measured = {r["name"]: r for r in summary["rows"]}
+    assert {"sp-50.onnx", "d-w25.onnx"} <= set(measured)  # both families reached the final comparison
+    assert all(r["metric"] == "perplexity" and r["value"] > 1 and r["drop"] is not None for r in measured.values())
+    assert measured["d-w25.onnx"]["params"] < measured["fp32"]["params"]
+    chosen = summary["chosen"]
+    assert chosen is None or chosen["value"] <= measured["fp32"]["value"] * 1.03 + 1e-9
+
+
 @pytest.mark.parametrize("args, fragments", [
     ((), ("give a limit or a budget",)),
     (("--max-drop", "1", "--objective", "speed"), ("--objective 'speed' is unknown",)),
