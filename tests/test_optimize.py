@@ -136,6 +136,10 @@ def test_torch_backend_searches_and_chooses_a_pytorch_artifact(cli, digits_mlp, 
     recipe = (out / "recipe.toml").read_text()
     assert "--backend torch" in recipe and "export" not in recipe
     assert "PyTorch" in (out / "report.md").read_text()
+    rebuilt = tmp_path / "rebuilt"  # the recipe rebuilds the winner as the search built it
+    assert cli("run", out / "recipe.toml", "--out", rebuilt, "--compare-rounds", "1").exit_code == 0
+    again = open_artifact(rebuilt / chosen["name"])
+    assert again.has_weights and not again.has_onnx and again.config["model"] == artifact.config["model"]
 
 
 def test_torch_backend_dry_run_says_what_is_left_out(cli, digits_mlp, tmp_path):
@@ -215,7 +219,7 @@ def test_an_existing_directory_that_is_not_a_search_is_refused(cli, digits_mlp, 
 def test_a_search_of_another_space_is_not_continued(searched, cli, digits_mlp):
     out, _ = searched
     assert_one_error_line(cli("optimize", digits_mlp, "--max-drop", "1", "--space", "full", "--out", out),
-                          "another input or space", "--overwrite")
+                          "another input, space or runtime", "--overwrite")
 
 
 def test_recipe_inputs_are_read_relative_to_the_recipe(tmp_path, digits_mlp):

@@ -139,7 +139,7 @@ def _sane_row(row) -> bool:
 def check_resumable(out: Path, state: dict, expected: dict) -> None:
     if state.get("fingerprint") != expected:
         changed = sorted(k for k in expected if (state.get("fingerprint") or {}).get(k) != expected[k])
-        raise UserError(f"{out}: holds a search of another input or space (differs in {', '.join(changed)}); "
+        raise UserError(f"{out}: holds a search of another input, space or runtime (differs in {', '.join(changed)}); "
                         "pass --overwrite to start again, or choose another --out")
 
 
