@@ -19,7 +19,12 @@ Strategy (docs/optimize.md, "Strategy"):
 
 Before each step its estimated cost (rescaled by what finished steps really took) is checked
 against the time left; a step that does not fit is left out ("over budget") and runs on a rerun
-with a larger --time-budget.
+with a larger --time-budget. A training step that overruns its estimate is stopped at the end of
+the time left (``training_deadline``) and recorded "over budget" too (docs/optimize.md, "How far
+the time budget can be overrun").
+
+On --backend torch the plan holds no export steps: a trained artifact is measured itself, and
+composition is weight-only int8 (for size or params) instead of ONNX Runtime's dynamic int8.
 """
 
 from __future__ import annotations
