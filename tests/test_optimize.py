@@ -118,6 +118,74 @@ def test_language_model_search_with_a_relative_perplexity_limit(cli, tiny_gpt, t
     assert chosen is not None and chosen["value"] <= base["value"] * 1.03 + 1e-9
 
 
+def test_torch_backend_searches_and_chooses_a_pytorch_artifact(cli, digits_mlp, tmp_path):
+    """--backend torch: only candidates PyTorch runs (no ONNX-only quantization), each measured on
+    PyTorch; the chosen model is a PyTorch artifact within the limit, and the recipe rebuilds it."""
+    from bigmodel_cli.artifact import open_artifact
+
+    out = tmp_path / "torch"
+    summary = _json(cli("optimize", digits_mlp, "--max-drop", "1.0", *QUICK, "--only", "quantize,prune",
+                        "--backend", "torch", "--threads", "1", "--json", "--out", out))
+    assert summary["backend"] == "torch" and summary["threads"] == 1
+    assert json.loads((out / "optimize.json").read_text())["backend"] == "torch"
+    commands = {s["name"]: s["command"] for s in summary["steps"]}
+    assert "export" not in commands.values() and not any(n.startswith("q-") for n in commands)
+    assert any("left out" in note and "ONNX Runtime" in note for note in summary["notes"])
+    assert all(r["backend"] == "torch" for r in summary["rows"]) and summary["rows"][0]["name"] == "input"
+    chosen = summary["chosen"]
+    assert chosen is not None and chosen["meets"] and chosen["drop"] <= 1.0
+    artifact = open_artifact(out / "chosen")
+    assert artifact.has_weights and not artifact.has_onnx
+    recipe = (out / "recipe.toml").read_text()
+    assert "--backend torch" in recipe and "export" not in recipe
+    assert "PyTorch" in (out / "report.md").read_text()
+    rebuilt = tmp_path / "rebuilt"  # the recipe rebuilds the winner as the search built it
+    assert cli("run", out / "recipe.toml", "--out", rebuilt, "--compare-rounds", "1").exit_code == 0
+    again = open_artifact(rebuilt / chosen["name"])
+    assert again.has_weights and not again.has_onnx and again.config["model"] == artifact.config["model"]
+
+
+def test_torch_backend_dry_run_says_what_is_left_out(cli, digits_mlp, tmp_path):
+    result = cli("optimize", digits_mlp, "--max-drop", "1.0", "--objective", "size", "--backend", "torch", "--dry-run",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    names = [s["name"] for s in plan["steps"]]
+    assert plan["backend"] == "torch" and {"q-wo8", "q-wo4"} <= set(names)
+    assert not {"q-dynamic", "q-static", "q-matmul-nbits", "qat", "fp32"} & set(names)
+    assert all(s["command"] != "export" for s in plan["steps"])
+    assert any("QAT left out" in n for n in plan["notes"]) and any("dynamic, static" in n for n in plan["notes"])
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("--backend", "torch", "--only", "quantize"), ("space is empty", "only on ONNX Runtime", "--backend onnx")),
+    (("--backend", "torch", "--only", "qat"), ("space is empty", "QAT left out")),
+    (("--backend", "tensorrt"), ("--backend 'tensorrt' is unknown", "onnx", "torch")),
+    (("--threads", "0"), ("--threads must be between 1",)),
+])
+def test_backend_option_mismatch_is_one_line(cli, digits_mlp, tmp_path, args, fragments):
+    out = tmp_path / "never"
+    assert_one_error_line(cli("optimize", digits_mlp, "--max-drop", "1", *args, "--out", out), *fragments)
+    assert not out.exists()
+
+
+def test_language_model_search_prunes_and_distils(cli, tiny_gpt, tmp_path):
+    """--only prune,distill on a GPT: a pruned and a distilled candidate are built (each exported) and
+    measured against the input's perplexity; none is silently dropped (a refusal would carry its reason)."""
+    summary = _json(cli("optimize", tiny_gpt, "--max-drop", "3%", *QUICK, "--only", "prune,distill", "--json",
+                        "--out", tmp_path / "lm"))
+    steps = {s["name"]: s for s in summary["steps"]}
+    for name in ("sp-50", "sp-50.onnx", "d-w25", "d-w25.onnx"):
+        assert steps[name]["status"] == "complete" or (steps[name]["status"] == "failed" and steps[name]["error"]), \
+            steps[name]
+    measured = {r["name"]: r for r in summary["rows"]}
+    assert {"sp-50.onnx", "d-w25.onnx"} <= set(measured)  # both families reached the final comparison
+    assert all(r["metric"] == "perplexity" and r["value"] > 1 and r["drop"] is not None for r in measured.values())
+    assert measured["d-w25.onnx"]["params"] < measured["fp32"]["params"]
+    chosen = summary["chosen"]
+    assert chosen is None or chosen["value"] <= measured["fp32"]["value"] * 1.03 + 1e-9
+
+
 @pytest.mark.parametrize("args, fragments", [
     ((), ("give a limit or a budget",)),
     (("--max-drop", "1", "--objective", "speed"), ("--objective 'speed' is unknown",)),
@@ -154,7 +222,7 @@ def test_an_existing_directory_that_is_not_a_search_is_refused(cli, digits_mlp, 
 def test_a_search_of_another_space_is_not_continued(searched, cli, digits_mlp):
     out, _ = searched
     assert_one_error_line(cli("optimize", digits_mlp, "--max-drop", "1", "--space", "full", "--out", out),
-                          "another input or space", "--overwrite")
+                          "another input, space or runtime", "--overwrite")
 
 
 def test_recipe_inputs_are_read_relative_to_the_recipe(tmp_path, digits_mlp):
@@ -220,3 +288,33 @@ def test_strategy_stops_a_branch_at_its_first_miss_retrains_near_misses_and_char
     assert [s.name for s in promoted] == ["sp-50-r1", "sp-50-r1.onnx"]
     assert promoted[0].options["finetune-epochs"] == 4 and promoted[0].rung == 1
     assert [s.name for s in search.chart()] == ["sp-75", "sp-75.onnx"]
+
+
+def test_a_training_step_past_the_time_budget_is_stopped_and_runs_again_later(tmp_path, digits_mlp, monkeypatch):
+    """A made-up estimate (0 s) lets a prune step start with no time left: its fine-tuning stops at the
+    budget's end after one step instead of finishing, the step is recorded "over budget" (unmeasured,
+    unused), and a run with time left builds it whole."""
+    from types import SimpleNamespace
+
+    from bigmodel_cli.engine.core.progress import no_progress
+    from bigmodel_cli.engine.optimize.search import Search, new_state
+    from bigmodel_cli.engine.optimize.space import Goal, Plan, Step
+
+    step = Step("sp-50", "prune", "input", {"method": "structured", "sparsity": 0.5, "bench": False,
+                                            "finetune-epochs": 1, "seed": 0}, "prune", 0.0, branch="structured")
+    search = Search(SimpleNamespace(), tmp_path, Plan([step]), Goal(max_drop=1.0),
+                    new_state({}, Path(digits_mlp) / "best"), split="val", rounds=1, progress=no_progress)
+    monkeypatch.setattr(search, "time_left", lambda: 0.0)
+    assert search.run_one(step) == "over budget"
+    entry = search.state["steps"]["sp-50"]
+    assert entry["status"] == "over budget" and "time budget" in entry["error"] and "row" not in entry
+
+    def events() -> list:  # of prune's fine-tuning runs (one per pruning step)
+        logs = sorted((tmp_path / "candidates" / "sp-50").rglob("metrics.jsonl"))
+        assert logs
+        return [json.loads(line) for log in logs for line in log.read_text().splitlines()]
+
+    assert {"step": 1, "event": "deadline"} in events()
+    monkeypatch.setattr(search, "time_left", lambda: 3600.0)
+    assert search.run_one(step) == "ran" and search.state["steps"]["sp-50"]["status"] == "complete"
+    assert all(e.get("event") != "deadline" for e in events()) and max(e["step"] for e in events()) > 1

@@ -99,6 +99,30 @@ def test_early_stopping(tmp_path):
     assert result.stopped_early and result.steps < 50 * 23
 
 
+def test_a_training_deadline_stops_like_early_stopping_and_resume_finishes_bit_exact(tmp_path):
+    """training_deadline (optimize's time budget): a run past it stops after its step with a checkpoint,
+    best/ and last/; --resume without a deadline trains on to exactly the uninterrupted run's weights."""
+    from bigmodel_cli.engine.training.loop import training_deadline
+
+    def cfg(name, **extra):
+        return TrainConfig(out=str(tmp_path / name), max_steps=6, eval_every=3, seed=1, **extra)
+
+    with training_deadline(0.0) as deadline:  # already over: the first step is the last
+        cut = train(cfg("cut"))
+    assert deadline.reached and cut.steps == 1 and not cut.stopped_early
+    assert (tmp_path / "cut" / "best").is_dir() and (tmp_path / "cut" / "last").is_dir()
+    events = [json.loads(line).get("event") for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert "deadline" in events
+    resumed = train(cfg("cut", resume=True))
+    whole = train(cfg("whole"))
+    assert resumed.steps == whole.steps == 6
+    a, b = load_file(str(tmp_path / "cut" / "last" / "model.safetensors")), load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with training_deadline(3600.0) as later:  # not reached: the run is the one it would have been
+        assert train(cfg("within")).steps == 6
+    assert not later.reached
+
+
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
     job = prepare_training(TrainConfig(out=str(tmp_path / "nan"), max_steps=10, checkpoint_every=2, eval_every=2))
     real_loss = job.task.loss

@@ -18,11 +18,13 @@ def optimize(
     artifact: ArtifactArg,
     max_drop: Annotated[Optional[str], typer.Option("--max-drop", help="How much worse the model may get: accuracy points (1.0), or relative (3%); a language model's perplexity rise in percent.", rich_help_panel=_G, show_default=False)] = None,
     objective: Annotated[str, typer.Option("--objective", help="What to make smallest among the models within the limit: latency, size or params.", rich_help_panel=_G)] = "latency",
-    latency_budget_ms: Annotated[Optional[float], typer.Option("--latency-budget-ms", help="The chosen model's p50 latency on ONNX Runtime must be at most this.", rich_help_panel=_G, show_default=False)] = None,
+    latency_budget_ms: Annotated[Optional[float], typer.Option("--latency-budget-ms", help="The chosen model's p50 latency on --backend must be at most this.", rich_help_panel=_G, show_default=False)] = None,
     size_budget_mb: Annotated[Optional[float], typer.Option("--size-budget-mb", help="The chosen model's file must be at most this many MB (10^6 bytes).", rich_help_panel=_G, show_default=False)] = None,
     time_budget: Annotated[str, typer.Option("--time-budget", help="Wall-clock time the search may take, e.g. 30m, 90s, 1h (a rerun continues with what is left).", rich_help_panel=_S)] = "30m",
     space: Annotated[str, typer.Option("--space", help="full, or quick (one level of each family: a first look).", rich_help_panel=_S)] = "full",
     only: Annotated[Optional[str], typer.Option("--only", help="Families to search, a comma list of quantize, prune, distill, qat (default: all).", rich_help_panel=_S, show_default=False)] = None,
+    backend: Annotated[str, typer.Option("--backend", help="The runtime you deploy on: onnx (ONNX Runtime) or torch (PyTorch). Only candidates that run there are searched, and all are measured there.", rich_help_panel=_S)] = "onnx",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Threads the latency is measured with (default: compare's, all cores).", rich_help_panel=_S, show_default=False)] = None,
     split: Annotated[str, typer.Option("--split", help="Split the metric is measured on.", rich_help_panel=_S)] = "val",
     rounds: Annotated[int, typer.Option("--rounds", help="Timed calls per model when measuring latency (side by side).", rich_help_panel=_S)] = 20,
     seed: Annotated[int, typer.Option("--seed", help="Seed of every training step.", rich_help_panel=_S)] = 0,
@@ -47,7 +49,7 @@ def optimize(
     if out is None and not dry_run:
         raise UserError("give --out DIR for the search (its candidates, the chosen model and the reports)")
     request = OptimizeRequest(artifact=open_artifact(artifact), out=out, goal=goal, space=space, only=parse_only(only),
-                              seed=seed, split=split, rounds=rounds, overwrite=overwrite)
+                              seed=seed, split=split, rounds=rounds, overwrite=overwrite, backend=backend, threads=threads)
     if dry_run:
         _print_plan(make_plan(request), request, resume_status(out) if out else "new", json_out)
         return
@@ -74,16 +76,20 @@ def _print_plan(plan, request, status: str, json_out: bool) -> None:
               "estimate_s": round(s.estimate_s, 1)} for s in plan.steps]
     if json_out:
         console.print_json({"dry_run": True, "out": str(request.out) if request.out else None, "out_status": status,
-                            "steps": steps, "estimate_s": plan.estimate_s(), "time_budget_s": request.goal.time_budget_s,
+                            "backend": plan.backend, "threads": request.threads, "steps": steps, "estimate_s": plan.estimate_s(), "time_budget_s": request.goal.time_budget_s,
                             "notes": plan.notes})
         return
     rows = [(s["name"], s["command"], s["reads"], " ".join(f"{k}={v}" for k, v in s["options"].items()),
              f"{s['estimate_s']:.0f}") for s in steps]
+    from ..engine.optimize.space import RUNTIME
+
     console.out.print(console.rows_table(
-        f"bigmodel optimize --dry-run · first pass, cheap first · estimated {plan.estimate_s():.0f} s "
-        f"of a {request.goal.time_budget_s:.0f} s budget", ["step", "command", "reads", "options", "est. s"], rows))
-    console.note("then: what meets the limit is quantized, and the near misses are retrained with twice the budget "
-                 "(successive halving) while time is left")
+        f"bigmodel optimize --dry-run · first pass, cheap first · candidates for {RUNTIME[plan.backend]} · "
+        f"estimated {plan.estimate_s():.0f} s of a {request.goal.time_budget_s:.0f} s budget",
+        ["step", "command", "reads", "options", "est. s"], rows))
+    composed = {"onnx": "quantized (dynamic int8)", "torch": "quantized (weight-only int8, for size or params)"}
+    console.note(f"then: what meets the limit is {composed[plan.backend]}, and the near misses are retrained with "
+                 "twice the budget (successive halving) while time is left")
     if request.out and status == "resume":
         console.note(f"{request.out} holds a search: a run continues it (finished candidates are reused)")
     for note in plan.notes:

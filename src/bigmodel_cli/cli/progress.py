@@ -233,7 +233,8 @@ class OptimizeProgress(_TransientBar):
             self.bar.update(self.task, description=f"{info['name']} ({info['command']}, "
                                                    f"~{format_seconds(info['estimate_s'])})")
         elif event == "measure":
-            self.bar.update(self.task, description=f"measuring {info['name']} on ONNX Runtime")
+            runtime = "PyTorch" if info.get("backend") == "torch" else "ONNX Runtime"
+            self.bar.update(self.task, description=f"measuring {info['name']} on {runtime}")
         elif event == "measured":
             ratio = info.get("ratio")
             speed = f", {1 / ratio:.2f}× the base's speed" if ratio else ""

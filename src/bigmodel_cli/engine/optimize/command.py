@@ -14,14 +14,15 @@ from pathlib import Path
 
 from ... import outputs
 from ...artifact import Artifact
+from ...config import threads_problem
 from ...errors import UserError
 from ...output_lock import hold
 from ...output_staging import aside_path
 from ..core.progress import Progress, no_progress
 from .front import within_budgets
 from .report import Outcome, finish
-from .search import STATE_FILE, Search, check_resumable, fingerprint, load_state, new_state
-from .space import BASE, FAMILIES, INPUT, Goal, Plan, check_goal, plan_space
+from .search import STATE_FILE, Search, check_resumable, fingerprint, load_state, measure_side_by_side, new_state
+from .space import BASE, FAMILIES, INPUT, RUNTIME, Goal, Plan, check_goal, plan_space
 
 
 ONNX_OVERHEAD_BYTES = 2000  # the graph itself, without its weights (a digits MLP's: about 2 KB)
@@ -38,6 +39,8 @@ class OptimizeRequest:
     split: str = "val"
     rounds: int = 20  # timed calls per model when measuring (the final comparison too)
     overwrite: bool = False
+    backend: str = "onnx"  # the runtime the candidates must run on and are measured on
+    threads: int | None = None  # the threads the timing uses (None: compare's default, all cores)
 
 
 def make_plan(request: OptimizeRequest) -> Plan:
@@ -45,10 +48,14 @@ def make_plan(request: OptimizeRequest) -> Plan:
     check_goal(request.goal)
     if request.split not in ("train", "val", "test"):
         raise UserError(f"--split {request.split!r} is unknown; choose val (default), test or train")
-    plan = plan_space(request.artifact, request.goal, request.space, request.only, request.seed)
-    if not [s for s in plan.steps if s.measure and s.name != BASE]:
+    problem = threads_problem(request.threads)
+    if problem:
+        raise UserError(problem)
+    plan = plan_space(request.artifact, request.goal, request.space, request.only, request.seed, request.backend)
+    if not [s for s in plan.steps if s.measure and s.name not in (BASE, INPUT)]:
+        other = " or --backend onnx" if request.backend == "torch" else ""
         raise UserError("the space is empty for this model (" + "; ".join(plan.notes or ["nothing to try"])
-                        + "); widen --only or --space")
+                        + f"); widen --only or --space{other}")
     _check_size_possible(plan, request.goal)
     return plan
 
@@ -64,7 +71,8 @@ def optimize(request: OptimizeRequest, progress: Progress | None = None) -> Outc
     say = progress or no_progress
     plan = make_plan(request)
     artifact, out, goal = request.artifact, Path(request.out), request.goal
-    expected = fingerprint(artifact, request.space, request.only, request.seed, request.split)
+    expected = fingerprint(artifact, request.space, request.only, request.seed, request.split, request.backend,
+                           request.threads)
     with hold(out):
         state = None
         if out.exists() and not request.overwrite and (out / STATE_FILE).exists():
@@ -96,19 +104,19 @@ def optimize(request: OptimizeRequest, progress: Progress | None = None) -> Outc
 
 def _search(artifact: Artifact, out: Path, plan: Plan, goal: Goal, state: dict, request: OptimizeRequest,
             say: Progress) -> Outcome:
-    search = Search(artifact, out, plan, goal, state, split=request.split, rounds=request.rounds, progress=say)
-    return finish(search.run(), goal, split=request.split, rounds=request.rounds, progress=say)
+    search = Search(artifact, out, plan, goal, state, split=request.split, rounds=request.rounds, progress=say,
+                    threads=request.threads)
+    return finish(search.run(), goal, split=request.split, rounds=request.rounds, progress=say, threads=request.threads)
 
 
 def _refuse_if_input_meets_budgets(artifact: Artifact, goal: Goal, request: OptimizeRequest) -> None:
     """Budgets alone and the input already within them: nothing to search; say so and name it."""
-    from ..compare import compare_artifacts
-
-    row = compare_artifacts([artifact.path], backend="onnx", split=request.split, rounds=request.rounds).rows[0]
+    row = measure_side_by_side([artifact.path], request.backend, request.threads, split=request.split,
+                               rounds=request.rounds).rows[0]
     if within_budgets(row, goal):
         raise UserError(f"{artifact.path} already meets the budget (p50 {row['latency_ms_p50']:.3g} ms, "
-                        f"{row['file_bytes'] / 1e6:.3g} MB on ONNX Runtime): use it as it is, or give --max-drop "
-                        "to search for something smaller or faster")
+                        f"{row['file_bytes'] / 1e6:.3g} MB on {RUNTIME[request.backend]}): use it as it is, or give "
+                        "--max-drop to search for something smaller or faster")
 
 
 def _check_size_possible(plan: Plan, goal: Goal) -> None:

@@ -1,7 +1,7 @@
 """Which measured candidates meet the goal, the Pareto front, and the choice.
 
 A row is a ``compare`` row (metric ``value``, ``latency_ms_p50``, ``file_bytes``, ``params``,
-``nonzero_params``); the base (the input, on ONNX Runtime) is the reference of the limit.
+``nonzero_params``); the base (the input, on the search's backend) is the reference of the limit.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from ... import artifact as art
 from ...output_file import write_atomic
-from ..compare import CompareResult, compare_artifacts, figure_png, markdown_report
+from ..compare import CompareResult, figure_png, markdown_report
 from ..core.plot import pyplot
 from . import front as fr
-from .search import SearchResult
-from .space import INPUT, Goal
+from .search import SearchResult, measure_side_by_side
+from .space import INPUT, RUNTIME, Goal
 
 CHOSEN = "chosen"
 FILES = {"report_md": "report.md", "report_html": "report.html", "plot": "tradeoff.png", "recipe": "recipe.toml",
@@ -35,7 +35,7 @@ class Outcome:
     summary: dict  # the --json object, also OUT/optimize.json
 
 
-def finish(search: SearchResult, goal: Goal, *, split: str, rounds: int, progress) -> Outcome:
+def finish(search: SearchResult, goal: Goal, *, split: str, rounds: int, progress, threads: int | None = None) -> Outcome:
     """Measure the finalists side by side, choose, and write every output into the search directory."""
     task = search.plan.task
     measured = search.rows()
@@ -44,7 +44,8 @@ def finish(search: SearchResult, goal: Goal, *, split: str, rounds: int, progres
         measured = {INPUT: {**base_row, "name": INPUT}, **measured}
     finalists = _finalists(search, measured, goal)
     progress("final", rows=len(finalists))
-    comparison = compare_artifacts([search.path_of(n) for n in finalists], backend="onnx", split=split, rounds=rounds)
+    comparison = measure_side_by_side([search.path_of(n) for n in finalists], search.plan.backend, threads,
+                                      split=split, rounds=rounds)
     rows = comparison.rows
     for name, row in zip(finalists, rows):
         row["name"] = name
@@ -179,8 +180,15 @@ def _goal_lines(search: SearchResult, goal: Goal) -> list[str]:
     spent = search.state.get("seconds") or 0.0
     return [f"Goal: {goal.limit_text(search.plan.task)}" + (f"; {', '.join(budgets)}" if budgets else "")
             + f"; objective: smallest {goal.objective}.",
+            f"Runtime: every candidate built to run on {RUNTIME[search.plan.backend]} (--backend "
+            f"{search.plan.backend}) and measured there, {threads_text(search)}.",
             f"Search: {len(search.state['steps'])} steps, {spent:.0f} s of a {goal.time_budget_s:.0f} s budget "
             f"(estimated {search.plan.estimate_s():.0f} s for the first pass)."]
+
+
+def threads_text(search: SearchResult) -> str:
+    threads = search.state.get("fingerprint", {}).get("threads")
+    return f"{threads} threads (--threads)" if threads else "with compare's default threads (all cores)"
 
 
 def markdown(search: SearchResult, goal: Goal, comparison: CompareResult, front: list[dict], chosen: dict | None,
@@ -242,6 +250,7 @@ def lineage(search: SearchResult, name: str) -> list[str]:
 def recipe_toml(search: SearchResult, name: str) -> str:
     """A `bigmodel run` recipe of the winner's steps, reading the input through [inputs]."""
     lines = [f"# Written by bigmodel optimize: rebuilds {name!r} of {search.out} without searching.",
+             f"# It was chosen as measured on {RUNTIME[search.plan.backend]} (--backend {search.plan.backend}).",
              f"#   bigmodel run {search.out / FILES['recipe']} --out DIR",
              f"description = {_toml(f'bigmodel optimize: the chosen model {name}')}", "",
              "[inputs]", f"input = {_toml(search.state['input'])}"]

@@ -19,7 +19,12 @@ Strategy (docs/optimize.md, "Strategy"):
 
 Before each step its estimated cost (rescaled by what finished steps really took) is checked
 against the time left; a step that does not fit is left out ("over budget") and runs on a rerun
-with a larger --time-budget.
+with a larger --time-budget. A training step that overruns its estimate is stopped at the end of
+the time left (``training_deadline``) and recorded "over budget" too (docs/optimize.md, "How far
+the time budget can be overrun").
+
+On --backend torch the plan holds no export steps: a trained artifact is measured itself, and
+composition is weight-only int8 (for size or params) instead of ONNX Runtime's dynamic int8.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ...errors import UserError, WorkFailed
 from ...output_file import write_json_atomic
 from ...outputs import OPTIMIZE_STATE_FILE
 from ..core.progress import Progress, no_progress
+from ..training.loop import training_deadline
 from . import front as fr
 from .space import BASE, FIXED_SECONDS, INPUT, MEASURE_SECONDS, Goal, Plan, Step, export_of, training_amount
 from .steps import run_step
@@ -87,12 +93,14 @@ def candidate_path(out: Path, name: str, input_path: str) -> Path:
     return Path(input_path) if name == INPUT else out / CANDIDATES / name
 
 
-def fingerprint(artifact: Artifact, space: str, only: tuple[str, ...], seed: int, split: str) -> dict:
-    """What the candidates depend on; the limit, budgets and time may change between runs (a rerun
-    with another limit reuses every finished candidate)."""
+def fingerprint(artifact: Artifact, space: str, only: tuple[str, ...], seed: int, split: str, backend: str = "onnx",
+                threads: int | None = None) -> dict:
+    """What the candidates and their recorded measurements depend on (the backend decides the space,
+    the backend and threads every latency); the limit, budgets and time may change between runs (a
+    rerun with another limit reuses every finished candidate)."""
     digest = hashlib.sha256((artifact.path / "manifest.json").read_bytes()).hexdigest()
     return {"input": str(artifact.path), "input_manifest": digest, "space": space, "only": list(only),
-            "seed": seed, "split": split}
+            "seed": seed, "split": split, "backend": backend, "threads": threads}
 
 
 def load_state(out: Path) -> dict | None:
@@ -136,7 +144,7 @@ def _sane_row(row) -> bool:
 def check_resumable(out: Path, state: dict, expected: dict) -> None:
     if state.get("fingerprint") != expected:
         changed = sorted(k for k in expected if (state.get("fingerprint") or {}).get(k) != expected[k])
-        raise UserError(f"{out}: holds a search of another input or space (differs in {', '.join(changed)}); "
+        raise UserError(f"{out}: holds a search of another input, space or runtime (differs in {', '.join(changed)}); "
                         "pass --overwrite to start again, or choose another --out")
 
 
@@ -144,16 +152,17 @@ class Search:
     """One run of the search in a locked output directory (``command.optimize`` holds the lock)."""
 
     def __init__(self, artifact: Artifact, out: Path, plan: Plan, goal: Goal, state: dict, *, split: str,
-                 rounds: int, progress: Progress):
+                 rounds: int, progress: Progress, threads: int | None = None):
         self.artifact, self.out, self.plan, self.goal, self.state = artifact, out, plan, goal, state
-        self.split, self.rounds, self.say = split, rounds, progress
+        self.split, self.rounds, self.say, self.threads = split, rounds, progress, threads
         self.started = time.perf_counter()
         self.spent_before = float(state.get("seconds", 0.0))
         self.events: list[dict] = []
         self.stopped: dict[str, str] = {}  # branch → the step that broke the limit
         self.charting: set[str] = set()  # steps past a branch's first miss, run to chart the front
-        self.base = BASE if not artifact.has_onnx else INPUT
         self.known = {s.name: s for s in plan.steps}
+        # the input's export when the plan makes one (ONNX Runtime, a PyTorch input), else the input itself
+        self.base = BASE if BASE in self.known else INPUT
 
     # ----------------------------------------------------------------- time
 
@@ -210,7 +219,7 @@ class Search:
         if step.branch in self.stopped and step.command != "export" and step.rung == 0 and step.name not in self.charting:
             return "stopped"
         estimate = step.estimate_s * self.scale(step.family)
-        if step.name != self.base and self.spent() + estimate > self.goal.time_budget_s - final_reserve(self.goal):
+        if step.name != self.base and estimate > self.time_left():
             return "over budget"
         self.say("start", name=step.name, command=step.command, estimate_s=estimate)
         record = {"record": step.record(), "estimate_s": step.estimate_s, "status": "running"}
@@ -219,7 +228,11 @@ class Search:
         began = time.perf_counter()
         parent = candidate_path(self.out, step.parent, self.state["input"])
         try:
-            run_step(step, parent, output, overwrite=output.exists(), progress=no_progress)
+            # a training step (prune, distill, QAT) stops at the budget's end even if it overruns its estimate
+            with training_deadline(self.time_left()) as deadline:
+                run_step(step, parent, output, overwrite=output.exists(), progress=no_progress)
+            if deadline.reached:
+                return self.cut_short(step, record, time.perf_counter() - began)
             if step.measure:
                 record["row"] = self.measure(step.name)
         except (KeyboardInterrupt, SystemExit):
@@ -239,6 +252,19 @@ class Search:
         self.after(step)
         return "ran"
 
+    def time_left(self) -> float:
+        """Seconds until the search must stop starting or training steps (the final comparison's reserve kept)."""
+        return self.goal.time_budget_s - final_reserve(self.goal) - self.spent()
+
+    def cut_short(self, step: Step, record: dict, seconds: float) -> str:
+        """A training step stopped at the time budget is not the model its options describe (the
+        recipe could not rebuild it): it is left unmeasured and unused, and runs again on a rerun."""
+        record.update(status="over budget", seconds=seconds,
+                      error="its training reached the end of the time budget and was stopped; rerun with a larger "
+                            "--time-budget")
+        self.save()
+        return "over budget"
+
     def _finished(self, name: str) -> bool:
         return self.state["steps"].get(name, {}).get("status") == "complete"
 
@@ -251,13 +277,11 @@ class Search:
             self.stopped.setdefault(step.branch, step.name)
 
     def measure(self, name: str) -> dict:
-        """The candidate against the base, side by side on ONNX Runtime (compare's own measurement)."""
-        from ..compare import compare_artifacts
-
-        self.say("measure", name=name)
+        """The candidate against the base, side by side on the search's backend (compare's own measurement)."""
+        self.say("measure", name=name, backend=self.plan.backend)
         base_path = candidate_path(self.out, self.base, self.state["input"])
         paths = [base_path] if name == self.base else [base_path, candidate_path(self.out, name, self.state["input"])]
-        result = compare_artifacts(paths, backend="onnx", split=self.split, rounds=self.rounds)
+        result = measure_side_by_side(paths, self.plan.backend, self.threads, split=self.split, rounds=self.rounds)
         base_row = _keep(result.rows[0])
         self.state["base_row"] = base_row
         row = _keep(result.rows[-1])
@@ -273,6 +297,14 @@ class Search:
     def measured(self) -> dict[str, dict]:
         return measured_rows(self.state)
 
+    def trained_step(self, name: str) -> Step | None:
+        """The training step (prune, distill) behind a measured candidate: the candidate itself on
+        PyTorch, the step its export reads on ONNX Runtime; None for anything else."""
+        step = self.known.get(name)
+        if step is not None and step.command == "export":
+            step = self.known.get(step.parent)
+        return step if step is not None and step.command in ("prune", "distill") else None
+
     def compose(self, on_front: bool = False) -> None:
         """Quantize every trained candidate that meets the limit (cheap, and often the last step of
         the best); ``on_front``: every trained candidate on the front so far instead (charting the
@@ -281,17 +313,29 @@ class Search:
         front = {r["name"] for r in fr.pareto_front(list(rows.values()), self.plan.task, fr.front_keys(self.goal.objective))}
         new = []
         for name, row in rows.items():
-            step = self.known.get(name)
-            if step is None or step.command != "export" or step.parent == INPUT:
+            trained = self.trained_step(name)
+            if trained is None:
                 continue
             if not (name in front if on_front else fr.within_limit(row, self.base_value(), self.plan.task, self.goal)):
                 continue
-            child = Step(f"{step.parent}-qd", "quantize", name, {"mode": "dynamic", "bench": False}, "quantize",
-                         FIXED_SECONDS["quantize"] + MEASURE_SECONDS, measure=True)
-            if child.name not in self.known:
+            child = self.quantized_step(trained.name, name)
+            if child is not None and child.name not in self.known:
                 new.append(child)
         if new:
             self.run_steps(new)
+
+    def quantized_step(self, trained: str, measured: str) -> Step | None:
+        """The quantization composed onto a trained candidate: dynamic int8 of its export on ONNX
+        Runtime; on PyTorch, weight-only int8 of the trained artifact for size or params (PyTorch
+        decodes it to float on load, so it cannot be faster: nothing for latency)."""
+        estimate = FIXED_SECONDS["quantize"] + MEASURE_SECONDS
+        if self.plan.backend == "onnx":
+            return Step(f"{trained}-qd", "quantize", measured, {"mode": "dynamic", "bench": False}, "quantize",
+                        estimate, measure=True)
+        if self.goal.objective == "latency":
+            return None
+        return Step(f"{trained}-wo8", "quantize", trained, {"mode": "weight-only", "bits": 8, "bench": False},
+                    "quantize", estimate, measure=True)
 
     def promote(self, rung: int) -> list[Step]:
         """Successive halving: the better half of the near misses of the last rung, retrained with
@@ -304,9 +348,8 @@ class Search:
         best = fr.choose(list(rows.values()), base, self.plan.task, self.goal)
         near = []
         for name, row in rows.items():
-            export = self.known.get(name)
-            trained = self.known.get(export.parent) if export and export.command == "export" else None
-            if trained is None or trained.rung != rung - 1 or trained.command not in ("prune", "distill"):
+            trained = self.trained_step(name)
+            if trained is None or trained.rung != rung - 1:
                 continue
             worse = fr.drop(row["value"], base, self.plan.task, self.goal)
             if worse is None or worse <= self.goal.max_drop or worse > NEAR * max(self.goal.max_drop, 0.1):
@@ -322,7 +365,9 @@ class Search:
             root = trained.name.rsplit("-r", 1)[0] if trained.rung else trained.name
             longer = replace(trained, name=f"{root}-r{rung}", options={**trained.options, flag: amount * 2},
                              estimate_s=trained.estimate_s * 2, rung=rung)
-            steps += [longer, export_of(longer, self.known[f"{trained.name}.onnx"].estimate_s)]
+            steps.append(longer)
+            if self.plan.backend == "onnx":  # on PyTorch the trained artifact is measured itself
+                steps.append(export_of(longer, self.known[f"{trained.name}.onnx"].estimate_s))
         return steps
 
     def chart(self) -> list[Step]:
@@ -336,14 +381,32 @@ class Search:
             if stopper not in names:
                 continue
             later = [s for s in plan[names.index(stopper) + 1:] if s.branch == branch and s.rung == 0]
-            if len(later) >= 2 and later[0].command != "export" and later[1].parent == later[0].name:
-                steps += later[:2]
-                self.charting.add(later[0].name)
+            if not later or later[0].command == "export":
+                continue
+            steps.append(later[0])
+            self.charting.add(later[0].name)
+            if len(later) >= 2 and later[1].command == "export" and later[1].parent == later[0].name:
+                steps.append(later[1])  # its export (ONNX Runtime)
         return steps
 
     def save(self) -> None:
         self.state["seconds"] = self.spent()
         write_json_atomic(self.out / STATE_FILE, self.state)
+
+
+def measure_side_by_side(paths: list[Path], backend: str, threads: int | None, *, split: str, rounds: int):
+    """``compare``'s measurement of ``paths`` on ``backend`` with ``threads``. Opening a PyTorch
+    model sets torch's process-wide thread count to the one measured with; it is put back, so the
+    search's training steps keep the threads they would have had."""
+    import torch
+
+    from ..compare import compare_artifacts
+
+    kept = torch.get_num_threads()
+    try:
+        return compare_artifacts(paths, backend=backend, threads=threads, split=split, rounds=rounds)
+    finally:
+        torch.set_num_threads(kept)
 
 
 def final_reserve(goal: Goal) -> float:

@@ -3,8 +3,10 @@ the existing commands, each with the options a recipe step would give it and an 
 
 A candidate is a chain of steps from the input: a step reads the input or an earlier step's output
 (``parent``) and writes ``OUT/candidates/NAME``. Steps that train (prune, distill, QAT) write a
-PyTorch artifact; an export step after each makes it measurable on ONNX Runtime, the runtime the
-model is deployed on. The plan is ordered cheap first (docs/optimize.md, "Strategy"): quantizing
+PyTorch artifact; on ONNX Runtime (``--backend onnx``, the default) an export step after each makes
+it measurable on the runtime the model is deployed on. On PyTorch (``--backend torch``) the trained
+artifact itself is the candidate, and what only ONNX Runtime runs (int8 QDQ/integer graphs,
+MatMulNBits, QAT's export) is left out of the space. The plan is ordered cheap first (docs/optimize.md, "Strategy"): quantizing
 the input, then pruning with short fine-tuning, then QAT and distillation.
 """
 
@@ -20,6 +22,8 @@ from ...errors import ConfigErrors, UserError
 OBJECTIVES = ("latency", "size", "params")
 SPACES = ("full", "quick")
 FAMILIES = ("quantize", "prune", "distill", "qat")
+BACKENDS = ("onnx", "torch")  # the runtime every candidate is measured on (compare's --backend)
+RUNTIME = {"onnx": "ONNX Runtime", "torch": "PyTorch"}
 INPUT = "input"  # the name a step's parent has when it reads the user's artifact
 BASE = "fp32"  # the input exported to ONNX: the first row of every comparison
 
@@ -125,7 +129,7 @@ class Step:
     estimate_s: float
     branch: str | None = None  # steps of one branch grow more aggressive; it stops at its first miss
     rung: int = 0  # successive halving: 0 first, each rung doubles the fine-tuning budget
-    measure: bool = False  # runs on ONNX Runtime: measured against the base
+    measure: bool = False  # runs on the search's backend: measured against the base
     estimate_fraction: float = 1.0  # distill: the student's parameters as a fraction of the teacher's
 
     def record(self) -> dict:
@@ -138,6 +142,7 @@ class Plan:
     steps: list[Step]
     notes: list[str] = field(default_factory=list)  # families left out, and why
     task: str = "classification"
+    backend: str = "onnx"  # the runtime every candidate is measured on
     params: int = 0
     train_samples: int = 0
 
@@ -157,18 +162,23 @@ def parse_only(text: str | None) -> tuple[str, ...]:
 
 
 def plan_space(artifact: Artifact, goal: Goal, space: str = "full", only: tuple[str, ...] = FAMILIES,
-               seed: int = 0) -> Plan:
-    """The search's first pass, cheap first. Compositions (quantizing what passed) and the halving
-    rungs are added by the search as results come in (``compose_steps``, ``promote_step``)."""
+               seed: int = 0, backend: str = "onnx") -> Plan:
+    """The search's first pass, cheap first, for candidates that run on ``backend``. Compositions
+    (quantizing what passed) and the halving rungs are added by the search as results come in."""
     if space not in SPACES:
         raise UserError(f"--space {space!r} is unknown; choose full or quick")
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r} is unknown; choose onnx (ONNX Runtime, default) or torch (PyTorch)")
+    if backend == "torch" and not artifact.has_weights:
+        raise UserError(f"{artifact.path}: is ONNX-only, so nothing of it runs on PyTorch; use --backend onnx")
     task = artifact.task
     params, samples = _model_size(artifact)
-    plan = Plan(steps=[], task=task, params=params, train_samples=samples)
+    plan = Plan(steps=[], task=task, params=params, train_samples=samples, backend=backend)
     cost = _Cost(plan, task)
     steps = plan.steps
-    base = BASE if not artifact.has_onnx else INPUT
-    if not artifact.has_onnx:
+    on_onnx = backend == "onnx"
+    base = BASE if on_onnx and not artifact.has_onnx else INPUT
+    if base == BASE:
         steps.append(Step(BASE, "export", INPUT, {}, "export", cost.fixed("export"), measure=True))
     if not artifact.has_weights:
         plan.notes.append("the input is ONNX-only: pruning, distillation and QAT need its PyTorch weights, so only "
@@ -176,28 +186,24 @@ def plan_space(artifact: Artifact, goal: Goal, space: str = "full", only: tuple[
         only = tuple(f for f in only if f == "quantize")
     arch = artifact.model_spec.get("arch")
     if "quantize" in only:
-        modes = ("dynamic",) if space == "quick" else ("dynamic", "static", "matmul-nbits")
-        for mode in modes:
-            steps.append(Step(f"q-{mode}", "quantize", base, {"mode": mode, "bench": False}, "quantize",
-                              cost.fixed("quantize"), measure=True))
-        if space == "full" and artifact.has_weights and goal.objective != "latency":
-            # int8/int4 in model.safetensors: smaller files and fewer bytes, the same ONNX graph speed
-            for bits in (8, 4):
-                steps.append(Step(f"q-wo{bits}", "quantize", INPUT, {"mode": "weight-only", "bits": bits, "bench": False},
-                                  "quantize", cost.fixed("quantize"), measure=True))
+        _plan_quantize(plan, artifact, goal, space, base, cost)
+    if "qat" in only and not on_onnx:
+        plan.notes.append("QAT left out: --qat writes an int8 ONNX model, which runs only on ONNX Runtime "
+                          "(--backend onnx)")
+        only = tuple(f for f in only if f != "qat")
     if "prune" in only:
         finetune = FINETUNE[task][space]
         for level in STRUCTURED_LEVELS[space]:
             name = f"sp-{round(level * 100)}"
             steps += _trained(Step(name, "prune", INPUT, {"method": "structured", "sparsity": level, "bench": False,
                                                           **_budget(task, finetune, "finetune-epochs"), "seed": seed},
-                                   "prune", cost.train("prune", finetune), branch="structured"), cost)
+                                   "prune", cost.train("prune", finetune), branch="structured"), cost, on_onnx)
         if goal.objective == "params":
             for level in MAGNITUDE_LEVELS[space]:
                 name = f"mp-{round(level * 100)}"
                 steps += _trained(Step(name, "prune", INPUT, {"method": "magnitude", "sparsity": level, "bench": False,
                                                               **_budget(task, finetune, "finetune-epochs"), "seed": seed},
-                                       "prune", cost.train("prune", finetune), branch="magnitude"), cost)
+                                       "prune", cost.train("prune", finetune), branch="magnitude"), cost, on_onnx)
         elif MAGNITUDE_LEVELS[space]:
             plan.notes.append("magnitude pruning left out: its zeros are stored and multiplied densely, so it changes "
                               "neither latency nor file size (docs/benchmarks.md, Pruning); it is searched for "
@@ -218,8 +224,34 @@ def plan_space(artifact: Artifact, goal: Goal, space: str = "full", only: tuple[
                 steps += _trained(Step(name, "distill", INPUT, {"student-config": config, "bench-iterations": 0,
                                                                 **_budget(task, epochs, "epochs"), "seed": seed},
                                        "distill", cost.train("distill", epochs, fraction), branch=branch,
-                                       estimate_fraction=fraction), cost)
+                                       estimate_fraction=fraction), cost, on_onnx)
     return plan
+
+
+def _plan_quantize(plan: Plan, artifact: Artifact, goal: Goal, space: str, base: str, cost: "_Cost") -> None:
+    """The input quantized. ONNX Runtime: dynamic, static and MatMulNBits graphs (and weight-only
+    int8/int4 for size or params). PyTorch runs none of those graphs: only weight-only int8/int4,
+    which it decodes to float on load, so they are searched for size or params, never for latency."""
+    steps = plan.steps
+    if plan.backend == "onnx":
+        modes = ("dynamic",) if space == "quick" else ("dynamic", "static", "matmul-nbits")
+        for mode in modes:
+            steps.append(Step(f"q-{mode}", "quantize", base, {"mode": mode, "bench": False}, "quantize",
+                              cost.fixed("quantize"), measure=True))
+    else:
+        plan.notes.append("dynamic, static and matmul-nbits quantization left out: they write int8 ONNX graphs, "
+                          "which run only on ONNX Runtime (--backend onnx)")
+    if not artifact.has_weights or (space == "quick" and plan.backend == "onnx"):
+        return
+    if goal.objective == "latency":
+        if plan.backend == "torch":
+            plan.notes.append("weight-only int8/int4 left out for --objective latency: PyTorch decodes them to float "
+                              "on load, so they change the file size only (searched for --objective size or params)")
+        return
+    # int8/int4 in model.safetensors: smaller files and fewer bytes, the same speed once loaded
+    for bits in (8, 4) if space == "full" else (8,):
+        steps.append(Step(f"q-wo{bits}", "quantize", INPUT, {"mode": "weight-only", "bits": bits, "bench": False},
+                          "quantize", cost.fixed("quantize"), measure=True))
 
 
 def _budget(task: str, amount: int, epochs_flag: str) -> dict:
@@ -236,7 +268,8 @@ def training_amount(step: Step) -> tuple[str, int]:
 
 
 def _trained(step: Step, cost: _Cost, export: bool = True) -> list[Step]:
-    """A training step and the export that makes it measurable on ONNX Runtime (QAT ends in ONNX)."""
+    """A training step and the export that makes it measurable on ONNX Runtime (QAT ends in ONNX);
+    on PyTorch (``export`` False) the trained artifact is measured itself."""
     if not export:
         step.measure = True
         return [step]

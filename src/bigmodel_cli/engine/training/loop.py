@@ -9,6 +9,11 @@ in run_dir.py) is kept here too.
 
 The loop is ``_TrainingLoop.run``: ``start_or_resume``, then ``train_step``, ``maybe_evaluate`` and
 ``maybe_checkpoint`` per step, then ``finish``; what changes from step to step is one ``LoopState``.
+
+A caller that must bound the time of a command that trains (``optimize`` running prune, distill or
+QAT inside its time budget) wraps the call in ``training_deadline``: a run started inside it stops
+after the first optimizer step that ends past the deadline, as early stopping does (a checkpoint,
+best/ and last/ written), and the caller learns from the returned ``Deadline`` that it did.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from ... import artifact as art
 from ...output_file import atomic_path, write_json_atomic
@@ -35,6 +43,31 @@ from .job import TrainJob, prepare_training
 from .run_dir import RUN_FILE, check_resume, run_fingerprint
 
 METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class Deadline:
+    """When training must stop (``time.monotonic()`` seconds), and whether a run stopped for it."""
+
+    at: float
+    reached: bool = False
+
+
+# A context variable rather than a TrainJob field: prune, distill and quantize --qat build their own
+# jobs, and the caller that holds a time budget (optimize) should not need a parameter in each.
+# Unset (None) for `bigmodel train` and every other command: their runs are unchanged.
+_DEADLINE: ContextVar[Deadline | None] = ContextVar("training_deadline", default=None)
+
+
+@contextmanager
+def training_deadline(seconds: float) -> Iterator[Deadline]:
+    """Training runs started in this block (in this process) stop once ``seconds`` have passed."""
+    deadline = Deadline(time.monotonic() + seconds)
+    token = _DEADLINE.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _DEADLINE.reset(token)
 
 @dataclass
 class TrainResult:
@@ -228,6 +261,7 @@ class LoopState:
     last_metrics: dict = field(default_factory=dict)  # of the latest evaluation
     resumed_from: int | None = None
     stopped_early: bool = False
+    out_of_time: bool = False  # stopped at a ``training_deadline`` (not saved: a resume trains on)
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> "LoopState":
@@ -287,6 +321,7 @@ class _TrainingLoop:
         self.loss_fn = job.loss_fn or (lambda m, x, y: task.loss(m(x), y))
         self.tokens_per_sample = getattr(task, "block_size", 1)
         self.state = LoopState()
+        self.deadline = _DEADLINE.get()
 
     def run(self) -> TrainResult:
         self.start_or_resume()
@@ -300,9 +335,13 @@ class _TrainingLoop:
                 if not self.train_step():
                     continue  # a skipped non-finite batch: no evaluation or checkpoint for it
                 self.maybe_evaluate()
+                self.check_deadline()
                 self.maybe_checkpoint()
                 if self.state.stopped_early:
                     self.log.write({"step": self.state.step, "event": "early_stop", "patience": self.cfg.patience})
+                    break
+                if self.state.out_of_time:
+                    self.log.write({"step": self.state.step, "event": "deadline"})
                     break
         finally:
             self.log.close()
@@ -412,10 +451,19 @@ class _TrainingLoop:
         if cfg.patience and state.bad_evals >= cfg.patience:
             state.stopped_early = True
 
+    def check_deadline(self) -> None:
+        """Past the ``training_deadline`` (if any), stop after this step; rank 0's clock decides for all."""
+        if self.deadline is None or self.state.step >= self.total:
+            return
+        if self.ranks.on_main(lambda: time.monotonic() >= self.deadline.at):
+            self.state.out_of_time = self.deadline.reached = True
+
     def maybe_checkpoint(self) -> None:
-        """Every --checkpoint-every steps, at the last and when stopping early (what --resume starts from)."""
+        """Every --checkpoint-every steps, at the last and when stopping early or at the deadline
+        (what --resume starts from)."""
         state = self.state
-        if not (state.step % self.checkpoint_every == 0 or state.step == self.total or state.stopped_early):
+        if not (state.step % self.checkpoint_every == 0 or state.step == self.total or state.stopped_early
+                or state.out_of_time):
             return
         # Under FSDP every rank takes part in gathering the full model and optimizer state.
         full_model, full_optimizer = self.ranks.full_model(self.model), self.ranks.full_optimizer(self.model, self.optimizer)
