@@ -15,7 +15,11 @@ import shutil
 import stat
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
 
 # Staging and set-aside names carry the writer's pid, so a leftover can be told from a live one.
 _HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}(\.[A-Za-z0-9]+)?$")
@@ -35,6 +39,30 @@ def staging_path(out: Path, suffix: str = "") -> Path:
 def aside_path(out: Path) -> Path:
     """A fresh hidden name beside ``out`` for the old output while the new one moves in."""
     return out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def rebuilt_in_place(out: Path, what: str) -> Iterator[None]:
+    """Make ``out`` an empty directory for work that must be built where it will live (a recipe run
+    or a search records the paths it reads, so it cannot be built elsewhere and renamed). An
+    existing ``out`` is set aside (``.NAME.old-*``), removed when the body has finished, and put
+    back if it fails. ``what`` names the directory in the one line a failed mkdir gives."""
+    aside = aside_path(out) if out.exists() else None
+    try:
+        if aside is not None:
+            out.rename(aside)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the {what} ({exc.strerror}); choose another --out") from None
+    try:
+        yield
+    except BaseException:
+        if aside is not None:  # the new work failed: the old one comes back as it was
+            shutil.rmtree(out, ignore_errors=True)
+            aside.rename(out)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def is_bookkeeping(folder: Path | str, name: str) -> bool:

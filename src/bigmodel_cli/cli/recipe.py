@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -120,7 +119,7 @@ def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
     new run fails. It cannot be built elsewhere and renamed, as the steps record the paths they read."""
     from .. import outputs
     from ..output_lock import hold
-    from ..output_staging import aside_path
+    from ..output_staging import rebuilt_in_place
 
     run_dir = Path(run_dir)
     check_model_code_trust(recipe)  # before anything is touched
@@ -128,24 +127,8 @@ def run_recipe(recipe: Recipe, run_dir: Path | str, *, overwrite: bool = False,
         if run_dir.exists() and not overwrite and (run_dir / STATE_FILE).exists():
             return _run_steps(recipe, run_dir, announce)  # a rerun continues the run
         outputs.check_output(run_dir, overwrite, [recipe.path])  # refuses what bigmodel did not write
-        aside = aside_path(run_dir) if run_dir.exists() else None
-        try:
-            if aside is not None:
-                run_dir.rename(aside)
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"{run_dir}: cannot create the run directory ({exc.strerror}); "
-                            "choose another --out") from None
-        try:
-            outcomes = _run_steps(recipe, run_dir, announce)
-        except BaseException:
-            if aside is not None:  # the new run failed: the old one comes back as it was
-                shutil.rmtree(run_dir, ignore_errors=True)
-                aside.rename(run_dir)
-            raise
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-        return outcomes
+        with rebuilt_in_place(run_dir, "run directory"):
+            return _run_steps(recipe, run_dir, announce)
 
 
 def _run_steps(recipe: Recipe, run_dir: Path,

@@ -8,7 +8,6 @@ the new one has finished (put back if it fails).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ...artifact import Artifact
 from ...config import threads_problem
 from ...errors import UserError
 from ...output_lock import hold
-from ...output_staging import aside_path
+from ...output_staging import rebuilt_in_place
 from ..core.progress import Progress, no_progress
 from .front import within_budgets
 from .report import Outcome, finish
@@ -83,23 +82,8 @@ def optimize(request: OptimizeRequest, progress: Progress | None = None) -> Outc
         if state is not None:
             return _search(artifact, out, plan, goal, state, request, say)
         outputs.check_output(out, request.overwrite, [artifact.path, artifact.data_spec.get("path")], lock_probe=False)
-        aside = aside_path(out) if out.exists() else None
-        try:
-            if aside is not None:
-                out.rename(aside)
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"{out}: cannot create the search directory ({exc.strerror}); choose another --out") from None
-        try:
-            outcome = _search(artifact, out, plan, goal, new_state(expected, artifact.path), request, say)
-        except BaseException:
-            if aside is not None:  # the new search failed: the old one comes back as it was
-                shutil.rmtree(out, ignore_errors=True)
-                aside.rename(out)
-            raise
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-        return outcome
+        with rebuilt_in_place(out, "search directory"):
+            return _search(artifact, out, plan, goal, new_state(expected, artifact.path), request, say)
 
 
 def _search(artifact: Artifact, out: Path, plan: Plan, goal: Goal, state: dict, request: OptimizeRequest,
