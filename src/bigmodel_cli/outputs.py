@@ -245,17 +245,10 @@ def _foreign_optimize_run(path: Path, visible: list[str]) -> str | None:
     extra = [n for n in visible if n not in OPTIMIZE_ENTRIES]
     if extra:
         return f"holds files bigmodel optimize did not write ({_sample(extra)})"
-    candidates = path / "candidates"
-    if candidates.exists():
-        if candidates.is_symlink() or not candidates.is_dir():
-            return "candidates is not a directory"
-        for name in sorted(os.listdir(candidates)):
-            entry = candidates / name
-            if is_bookkeeping(candidates, name):
-                continue
-            problem = foreign(entry) if entry.is_dir() and not entry.is_symlink() else "is not a directory bigmodel wrote"
-            if problem:
-                return f"candidates/{name} {problem}"
+    if (path / "candidates").exists():
+        problem = _foreign_entry(path / "candidates")
+        if problem:
+            return problem
     chosen = path / "chosen"
     if chosen.exists():
         problem = _foreign_artifact(chosen) if (chosen / MANIFEST_FILE).is_file() else "is not an artifact"
@@ -269,15 +262,19 @@ def _foreign_prune_run(path: Path, visible: list[str]) -> str | None:
     problem = _foreign_artifact(path / "best") if (path / "best" / MANIFEST_FILE).is_file() else "is not an artifact"
     if problem:
         return f"best/ {problem}"
-    finetune = path / "finetune"
-    if "finetune" in visible:
-        if finetune.is_symlink() or not finetune.is_dir():
-            return "finetune is not a directory"
-        for name in sorted(os.listdir(finetune)):
-            entry = finetune / name
-            if is_bookkeeping(finetune, name):
-                continue
-            problem = foreign(entry) if entry.is_dir() and not entry.is_symlink() else "is not a directory bigmodel wrote"
-            if problem:
-                return f"finetune/{name} {problem}"
+    return _foreign_entry(path / "finetune") if "finetune" in visible else None
+
+
+def _foreign_entry(folder: Path) -> str | None:
+    """A folder of outputs (a search's candidates, a prune's fine-tuning runs): why an entry of it
+    was not written by bigmodel, or None."""
+    if folder.is_symlink() or not folder.is_dir():
+        return f"{folder.name} is not a directory"
+    for name in sorted(os.listdir(folder)):
+        entry = folder / name
+        if is_bookkeeping(folder, name):
+            continue
+        problem = foreign(entry) if entry.is_dir() and not entry.is_symlink() else "is not a directory bigmodel wrote"
+        if problem:
+            return f"{folder.name}/{name} {problem}"
     return None

@@ -142,6 +142,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x)), present
 
 
+def gpt2_init(model: nn.Module, n_layer: int, residual_writers: tuple[str, ...]) -> None:
+    """GPT-2's initialisation (shared by gpt and llama): N(0, 0.02) for Linear and Embedding
+    weights, zero biases, and the projections that write into the residual stream (names ending in
+    ``residual_writers``) scaled by 1/sqrt(2 * n_layer)."""
+    def init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    model.apply(init)  # children first, as before: the same seed gives the same weights
+    for name, param in model.named_parameters():
+        if name.endswith(residual_writers):
+            nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -154,20 +170,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-        # GPT-2's scaled init of the projections that write into the residual stream
-        for name, param in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        gpt2_init(self, config.n_layer, ("proj.weight",))
 
     def forward(self, idx: torch.Tensor, past: KVCache | None = None, use_cache: bool = False,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None

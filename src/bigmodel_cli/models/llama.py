@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .gpt import KVCache, cached_attention, padded_positions
+from .gpt import KVCache, cached_attention, gpt2_init, padded_positions
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -183,20 +183,7 @@ class Llama(nn.Module):
         # A plain attribute, not a buffer: it stays float32 when the weights are cast to fp16/bf16
         # (RoPE in half precision loses positions) and is not a weight to save or load.
         self.inv_freq = rope_inv_freq(config)
-        self.apply(self._init_weights)
-        # GPT-2's scaled init of the projections that write into the residual stream
-        for name, param in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        gpt2_init(self, config.n_layer, ("o_proj.weight", "down_proj.weight"))
 
     def rope(self, seq: int, like: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of the rotation of positions start..start+seq-1, (T, head_dim), in ``like``'s dtype."""
