@@ -64,8 +64,9 @@ def quantize(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Quantize to int8 (ONNX Runtime dynamic or static) or int8/int4 weights (weight-only), measure
-    before and after, and write a new artifact."""
+    """Quantize to int8 on ONNX Runtime (dynamic, static QDQ, or --qat: fine-tuned with int8
+    simulated), to int4/int8 MatMulNBits weights (matmul-nbits) or int8/int4 weights in PyTorch
+    (weight-only); measure before and after, gate on the metric, and write a new artifact."""
     from ..artifact import open_artifact
     from ..config import TrainConfig
     from ..engine.compress.quantize.command import QuantizeOptions, quantize_artifact
