@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import assert_one_error_line as _one_error_line
 
@@ -168,3 +169,15 @@ def test_help_does_not_import_torch():
             "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnxruntime', 'matplotlib'))[:5]")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "--epochs", "abc"], ["--epochs", "train --help"]),
+    (["train", "--no-such-option"], ["--no-such-option", "train --help"]),
+    (["trian"], ["'trian'", "train", "--help"]),
+    (["eval"], ["Missing argument", "eval --help"]),
+    (["train", "--model"], ["--model", "--help"]),
+])
+def test_an_option_that_does_not_parse_is_one_line_and_exit_2(cli, args, fragments):
+    """Click's own usage errors are user mistakes too: one line, not its usage box."""
+    _one_error_line(cli(*args), *fragments)

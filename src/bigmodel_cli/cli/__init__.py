@@ -15,6 +15,11 @@ from ..errors import BigModelError
 from . import console
 
 
+# typer vendors its own click; its UsageError (a value that does not parse, an unknown option or
+# command, a missing argument) is reached through the public BadParameter, which derives from it.
+USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
 class BigModelGroup(TyperGroup):
     """Maps exceptions to exit codes: a BigModelError is one red line and its exit code (2 for the
     user's mistakes); anything else is an internal error (exit 1). No traceback unless BIGMODEL_DEBUG=1."""
@@ -28,8 +33,17 @@ class BigModelGroup(TyperGroup):
         except KeyboardInterrupt:
             console.error("interrupted; outputs are written atomically, so nothing half-written was left")
             raise typer.Exit(130) from None
+        except USAGE_ERROR as exc:
+            # An option or argument that does not parse (a word for a number, an unknown option, a
+            # missing argument) is a user mistake like any other: one line, exit 2, not click's
+            # usage box.
+            if BigModelGroup.pass_through:
+                raise
+            where = f"; see {exc.ctx.command_path if exc.ctx is not None else 'bigmodel'} --help"
+            console.error(f"{exc.format_message().rstrip('.')}{where}")
+            raise typer.Exit(2) from None
         except Exception as exc:
-            # Typer's (click's) own exceptions carry usage errors and exits: let them through.
+            # Typer's (click's) own exceptions carry exits: let them through.
             is_cli = type(exc).__module__.split(".")[0] in ("typer", "click")
             if is_cli or BigModelGroup.pass_through or os.environ.get("BIGMODEL_DEBUG") == "1":
                 raise
