@@ -63,7 +63,8 @@ def ours_generate(model, prompt: list[int], new: int, window: int, cache: bool, 
     """What `bigmodel generate --temperature 0 [--no-cache]` runs for the tokens; ``clock`` gets the
     prefill's and the first token's times."""
     from bigmodel_cli.engine.core.tasks import torch_predict
-    from bigmodel_cli.engine.generate import CachedTorchDecoder, GenerateConfig, RecomputeDecoder, decode_stream
+    from bigmodel_cli.engine.decoders import CachedTorchDecoder, RecomputeDecoder
+    from bigmodel_cli.engine.generate import GenerateConfig, decode_stream
 
     decoder = (CachedTorchDecoder(model, window, "cpu", "fp32", SHAPE["vocab_size"]) if cache
                else RecomputeDecoder(torch_predict(model), window))
@@ -86,7 +87,7 @@ def sweep_decoders(model, work: Path) -> dict:
     recomputing), 1 thread."""
     from bigmodel_cli.artifact import open_artifact
     from bigmodel_cli.engine.core.tasks import torch_predict
-    from bigmodel_cli.engine.generate import CachedTorchDecoder, RecomputeDecoder
+    from bigmodel_cli.engine.decoders import CachedTorchDecoder, RecomputeDecoder
     from bigmodel_cli.engine.onnx.decoder import open_ort_decoder
     from bigmodel_cli.engine.onnx.export import export_artifact
     from bigmodel_cli.engine.onnx.runtime import open_session, session_predict
@@ -196,7 +197,7 @@ def main() -> None:
     # batched throughput on the mini model (256 window): its export, 1 thread
     from bigmodel_cli.engine.onnx.decoder import open_ort_decoder
     from bigmodel_cli.engine.onnx.export import export_artifact
-    from bigmodel_cli.engine.generate import CachedTorchDecoder
+    from bigmodel_cli.engine.decoders import CachedTorchDecoder
     from bigmodel_cli.artifact import open_artifact
 
     export_artifact(open_artifact(work / "ours-256"), work / "onnx-256", threads=1)

@@ -49,7 +49,7 @@ def decoders(request, tmp_path_factory):
     """arch → (make(kind) → a fresh decoder of that kind over one tiny model): torch's cache, the
     recomputing path, and decoder.onnx on ONNX Runtime (exported once)."""
     from bigmodel_cli.engine.core.tasks import torch_predict
-    from bigmodel_cli.engine.generate import CachedTorchDecoder, RecomputeDecoder
+    from bigmodel_cli.engine.decoders import CachedTorchDecoder, RecomputeDecoder
     from bigmodel_cli.engine.onnx.decoder import OrtCachedDecoder, cache_shape, decoder_section, export_decoder
     from bigmodel_cli.engine.onnx.runtime import open_session
 

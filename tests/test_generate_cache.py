@@ -43,7 +43,7 @@ def greedy(decoder, prompt: list[int], new: int) -> list[int]:
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_cache_gives_the_cache_free_tokens(arch, one_torch_thread):
     from bigmodel_cli.engine.core.tasks import torch_predict
-    from bigmodel_cli.engine.generate import CachedTorchDecoder, RecomputeDecoder
+    from bigmodel_cli.engine.decoders import CachedTorchDecoder, RecomputeDecoder
 
     window = 16
     model = tiny_model(arch, window)
@@ -66,7 +66,7 @@ def test_greedy_tokens_match_transformers_generate(cli, tmp_path, one_torch_thre
     from test_pretrained import make_checkpoint
 
     from bigmodel_cli.artifact import open_artifact
-    from bigmodel_cli.engine.generate import CachedTorchDecoder
+    from bigmodel_cli.engine.decoders import CachedTorchDecoder
 
     source = make_checkpoint(tmp_path / "hf", case)
     result = cli("import", source, "--out", tmp_path / "art")

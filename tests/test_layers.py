@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine.core", ("bigmodel_cli.engine.core",)),
     ("engine.onnx", ("bigmodel_cli.engine.onnx",)),
     ("engine commands", tuple(f"bigmodel_cli.engine.{m}" for m in
-                              ("backends", "evaluate", "predict", "generate", "prompts_file", "chat", "estimate", "info",
+                              ("backends", "evaluate", "predict", "decoders", "generate", "prompts_file", "chat", "estimate", "info",
                                "inputs", "pretrained"))),
     ("engine.training", ("bigmodel_cli.engine.training",)),
     ("engine.compress, engine.explain", ("bigmodel_cli.engine.compress", "bigmodel_cli.engine.explain")),

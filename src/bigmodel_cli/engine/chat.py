@@ -28,7 +28,8 @@ from typing import Callable, Iterator
 from ..artifact import Artifact
 from ..errors import UserError
 from ..input_file import read_capped
-from .generate import GenerateConfig, context_limits, generate_text, validate
+from .decoders import context_limits
+from .generate import GenerateConfig, generate_text, validate
 
 # Chat templates are a few KB (the longest on the Hub, with tool calling, are ~20 KB).
 MAX_TEMPLATE_BYTES = 1 << 20

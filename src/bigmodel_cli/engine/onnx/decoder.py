@@ -253,7 +253,7 @@ class RowDecoder:
 
 class PaddedCacheDecoder(RowDecoder):
     """A batch of rows decoded with a KV cache: the left padding, the attention mask and the
-    positions, shared by PyTorch's decoder (generate.CachedTorchDecoder) and ONNX Runtime's
+    positions, shared by PyTorch's decoder (decoders.CachedTorchDecoder) and ONNX Runtime's
     (OrtCachedDecoder), which only say how one forward pass runs (``run``).
 
     The prompts are prefilled once, left-padded together; each step then feeds one token per row,
