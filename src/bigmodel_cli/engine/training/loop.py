@@ -18,7 +18,6 @@ best/ and last/ written), and the caller learns from the returned ``Deadline`` t
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ... import artifact as art
-from ...output_file import atomic_path, write_json_atomic
+from ...output_file import write_json_atomic
 from ...output_staging import staging_path, swap_into_place
 from ...config import TrainConfig, asdict
 from ...errors import NonFiniteLoss, UserError
@@ -40,9 +39,8 @@ from ..core.progress import Progress, no_progress
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..core.tasks import torch_predict
 from .job import TrainJob, prepare_training
-from .run_dir import RUN_FILE, check_resume, run_fingerprint
+from .run_dir import METRICS_FILE, RUN_FILE, MetricsLog, NoLog, check_resume, run_fingerprint
 
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -169,44 +167,6 @@ def _discard_staging(job: TrainJob, run_dir: Path | None) -> None:
     """A failed --overwrite run leaves the old run as it was and nothing beside it."""
     if run_dir is not None and run_dir != Path(job.cfg.out):
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-class _MetricsLog:
-    """metrics.jsonl: one JSON object per line; on resume, lines after the checkpoint are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if _step_of(line) is not None and _step_of(line) <= resume_step]
-            with atomic_path(path) as tmp:
-                tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        self.handle = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self.handle.write(json.dumps(art.jsonable(record)) + "\n")
-        self.handle.flush()
-
-    def close(self) -> None:
-        self.handle.close()
-
-
-def _step_of(line: str) -> int | None:
-    """The step of a metrics line; None for a blank line or one cut short by a killed process."""
-    try:
-        return json.loads(line).get("step", 0) if line.strip() else None
-    except json.JSONDecodeError:
-        return None
-
-
-class _NoLog:
-    """metrics.jsonl on ranks other than 0: they write nothing."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _is_better(task, value: float, best: float | None, min_delta: float) -> bool:
@@ -361,7 +321,7 @@ class _TrainingLoop:
         self.train_model, self.optimizer = ranks.wrap(self.model, self.optimizer, lambda ps: make_optimizer(cfg, ps))
         self.params = _trainable(self.job)  # FSDP replaced the parameters with their shards
         resume_step = self.state.resumed_from if cfg.resume else None
-        self.log = _MetricsLog(self.run_dir / METRICS_FILE, resume_step) if ranks.is_main else _NoLog()
+        self.log = MetricsLog(self.run_dir / METRICS_FILE, resume_step) if ranks.is_main else NoLog()
         # run_dir is where the run will be; writing_to is where it is built (a staging directory with --overwrite)
         self.progress("start", total=self.total, step=self.state.step, runtime=self.runtime, run_dir=str(cfg.out),
                       writing_to=str(self.run_dir), resumed_from=self.state.resumed_from,

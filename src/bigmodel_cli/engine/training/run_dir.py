@@ -1,4 +1,5 @@
-"""A training run directory's record (run.json) and the --resume check against it.
+"""A training run directory's record (run.json), the --resume check against it, and its metrics log
+(metrics.jsonl).
 
 Apart from the loop (``loop.py``) so that the launcher can check --resume before any worker
 starts without importing the loop. ``job`` is a ``training.job.TrainJob``; it is not imported
@@ -10,8 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ... import artifact as art
 from ...config import asdict
 from ...errors import UserError
+from ...output_file import atomic_path
 
 RUN_FILE = "run.json"
 # Options that may change between a run and its --resume without changing the result. The output
@@ -68,3 +71,44 @@ def read_run_file(run_dir: Path) -> dict:
     # Runs written before the output path stopped counting recorded it; it may differ now.
     previous["options"] = {k: v for k, v in previous["options"].items() if k not in RESUME_MAY_CHANGE}
     return previous
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line; on resume, lines after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if step_of(line) is not None and step_of(line) <= resume_step]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        self.handle = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.handle.write(json.dumps(art.jsonable(record)) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank line or one cut short by a killed process."""
+    try:
+        return json.loads(line).get("step", 0) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
+class NoLog:
+    """metrics.jsonl on ranks other than 0: they write nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
