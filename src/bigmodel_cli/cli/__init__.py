@@ -120,11 +120,18 @@ COMMANDS = [
 ]
 
 
+def summary(doc: str | None) -> str | None:
+    """A command's line in `bigmodel --help`: its docstring's first paragraph as one paragraph (the
+    docstring's own line breaks would break the list's lines where the source did)."""
+    return " ".join(doc.split("\n\n")[0].split()) if doc else None
+
+
 def _register() -> None:
     import importlib
 
     for name, module, function in COMMANDS:
-        app.command(name)(getattr(importlib.import_module(f"{__name__}.{module}"), function))
+        command = getattr(importlib.import_module(f"{__name__}.{module}"), function)
+        app.command(name, short_help=summary(command.__doc__))(command)
     # Started by `quantize --qat --nproc` for its workers, never by hand.
     app.command("qat-worker", hidden=True)(importlib.import_module(f"{__name__}.quantize").qat_worker)
     # Command groups (a noun with its own verbs).
