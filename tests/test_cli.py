@@ -181,3 +181,7 @@ def test_help_does_not_import_torch():
 def test_an_option_that_does_not_parse_is_one_line_and_exit_2(cli, args, fragments):
     """Click's own usage errors are user mistakes too: one line, not its usage box."""
     _one_error_line(cli(*args), *fragments)
+
+
+def test_an_unknown_root_option_is_one_line_too(cli):
+    _one_error_line(cli("--no-such-option"), "--no-such-option", "--help")

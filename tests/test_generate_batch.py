@@ -185,6 +185,7 @@ def test_a_rows_own_seed_and_the_streamed_output(cli, tiny_gpt, tmp_path):
     (b'{"prompt": "a", "seed": -1}\n', ("line 1", '"seed"')),
     (b'{"prompt": "a", "seed": true}\n', ("line 1", '"seed"')),
     (b'\xff\xfe{"prompt": "a"}\n', ("not UTF-8",)),
+    (b"[" * 100_000 + b"\n", ("line 1", "nested too deeply")),
 ])
 def test_a_bad_prompts_file_is_one_line(cli, tiny_gpt, tmp_path, content, fragments):
     path = tmp_path / "prompts.jsonl"
@@ -258,3 +259,12 @@ def test_ctrl_c_keeps_every_rows_text_so_far(decoders):
     for row, whole in zip(cut, full):
         assert row["interrupted"] and row["finish_reason"] == "interrupted"
         assert row["tokens"] == whole["tokens"][:5]
+
+
+def test_a_prompt_holding_a_unicode_line_separator_is_one_line_of_json(tmp_path):
+    """JSON writers leave U+2028 / U+0085 unescaped inside strings: lines end at "\\n" only."""
+    from bigmodel_cli.engine.prompts_file import read_prompts_file
+
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"prompt": "a\u2028b\u0085c"}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert [p.text for p in read_prompts_file(path)] == ["a\u2028b\u0085c"]

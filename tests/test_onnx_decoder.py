@@ -140,6 +140,12 @@ def test_a_decoder_of_another_version_is_one_line_asking_for_a_re_export(cli, gp
         quantized = cli("quantize", artifact, "--mode", "matmul-nbits", "--out", tmp_path / "q")
         assert_one_error_line(quantized, "format version 1", "re-export")
         assert not (tmp_path / "q").exists()
+        # dynamic int8 quantizes model.onnx as ever and leaves the old decoder out, saying why
+        dynamic = cli("quantize", artifact, "--mode", "dynamic", "--no-bench", "--out", tmp_path / "d", "--json")
+        assert dynamic.exit_code == 0, dynamic.output
+        decoder = json.loads(dynamic.stdout)["report"]["decoder"]
+        assert not decoder["kept"] and "format version 1" in decoder["why"]
+        assert not (tmp_path / "d" / "decoder.onnx").exists()
 
 
 def test_the_documented_cached_decoder_snippet_runs_without_torch_and_matches_generate(cli, gpt_onnx, tmp_path):

@@ -37,11 +37,9 @@ class BigModelGroup(TyperGroup):
             # An option or argument that does not parse (a word for a number, an unknown option, a
             # missing argument) is a user mistake like any other: one line, exit 2, not click's
             # usage box.
-            if BigModelGroup.pass_through:
-                raise
-            where = f"; see {exc.ctx.command_path if exc.ctx is not None else 'bigmodel'} --help"
-            console.error(f"{exc.format_message().rstrip('.')}{where}")
-            raise typer.Exit(2) from None
+            if BigModelGroup.pass_through or not exc.format_message():
+                raise  # (no message: a group called without its subcommand, which shows its help)
+            raise usage_line(exc) from None
         except Exception as exc:
             # Typer's (click's) own exceptions carry exits: let them through.
             is_cli = type(exc).__module__.split(".")[0] in ("typer", "click")
@@ -51,8 +49,24 @@ class BigModelGroup(TyperGroup):
             console.error(message)
             raise typer.Exit(code) from None
 
+    def parse_args(self, ctx, args):
+        # The root's own options (`bigmodel --bogus`) are parsed here, before invoke.
+        try:
+            return super().parse_args(ctx, args)
+        except USAGE_ERROR as exc:
+            if not exc.format_message():
+                raise
+            raise usage_line(exc) from None
+
     def list_commands(self, ctx):  # keep the order in which commands were added
         return list(self.commands)
+
+
+def usage_line(exc) -> typer.Exit:
+    """Print click's usage error as one line (what is wrong; where the help is); the exit to raise."""
+    where = f"; see {exc.ctx.command_path if exc.ctx is not None else 'bigmodel'} --help"
+    console.error(f"{exc.format_message().rstrip('.')}{where}")
+    return typer.Exit(2)
 
 
 def describe_failure(exc: Exception) -> tuple[str, int]:

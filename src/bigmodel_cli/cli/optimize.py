@@ -53,6 +53,7 @@ def optimize(
     if dry_run:
         _print_plan(make_plan(request), request, resume_status(out) if out else "new", json_out)
         return
+    make_plan(request)  # every option checked before the progress display starts (one error line)
     with OptimizeProgress(enabled=not json_out) as progress:
         outcome = run_optimize(request, progress)
     if json_out:

@@ -34,7 +34,9 @@ def read_prompts_file(path: Path | str) -> list[BatchPrompt]:
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: is not UTF-8 text (byte {exc.start}); --prompts-file takes JSON Lines, "
                         '{"prompt": "..."} on each line') from None
-    lines = text.splitlines()
+    # Lines end at "\n" only: str.splitlines would also split at U+2028, U+0085 …, which JSON
+    # writers leave unescaped inside strings.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     while lines and not lines[-1].strip():  # a file may end with a blank line
         lines.pop()
     if not lines:
@@ -51,6 +53,8 @@ def prompt_line(line: str, where: str) -> BatchPrompt:
         entry = json.loads(line)
     except ValueError as exc:
         raise UserError(f"{where}: is not JSON ({exc.msg}); every line must be {shape}") from None
+    except RecursionError:  # json recurses per nesting level
+        raise UserError(f"{where}: is nested too deeply to read; every line must be {shape}") from None
     if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
         raise UserError(f"{where}: has no \"prompt\" string; every line must be {shape}")
     unknown = sorted(set(entry) - {"prompt", "seed"})

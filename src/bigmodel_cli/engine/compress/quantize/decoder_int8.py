@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from ....artifact import Artifact
-from ...onnx.decoder import DECODER_FILE, check_decoder_section, prefill_predict
+from ....errors import UserError
+from ...onnx.decoder import DECODER_FILE, DECODER_VERSION, check_decoder_section, prefill_predict
 
 @dataclass
 class DecoderResult:
@@ -50,10 +51,14 @@ def quantize_decoder(onnx_artifact: Artifact, mode: str, settings, excluded: lis
     section = (onnx_artifact.config.get("onnx") or {}).get("decoder")
     if not section:
         return DecoderResult()
-    check_decoder_section(section, str(onnx_artifact.path))  # an older decoder would be quantized, then refused
     if mode != "dynamic":
         return DecoderResult(report={"kept": False, "why": "static QDQ needs the decoder's past key values "
                                      "calibrated; generate on this artifact recomputes the context"})
+    try:
+        check_decoder_section(section, str(onnx_artifact.path))
+    except UserError:  # an older decoder would be quantized, then refused by generate: left out, said why
+        return DecoderResult(report={"kept": False, "why": f"decoder.onnx is format version {section.get('version')}, "
+                                     f"not {DECODER_VERSION}; re-export the model to quantize its cached decoder too"})
     if excluded:
         return DecoderResult(report={"kept": False, "why": f"{len(excluded)} node(s) of model.onnx stay in float "
                                      "(--exclude or the gate), which decoder.onnx cannot match by name; generate "
