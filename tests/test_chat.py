@@ -156,6 +156,10 @@ def test_a_message_longer_than_the_window_is_one_error(instruct):
     _, art = instruct
     result = chat(art, "-n", "4", input="hi\n" + "the quick brown fox " * 60 + "\n")
     assert_one_error_line(result, "this message is", f"window of {WINDOW}", "shorten it")
+    # with --json, the turn answered before it is still printed
+    result = chat(art, "-n", "4", "--json", input="hi\n" + "the quick brown fox " * 60 + "\n")
+    assert_one_error_line(result, "this message is")
+    assert [t["user"] for t in json.loads(result.stdout)["turns"]] == ["hi"]
 
 
 def test_on_a_terminal_a_bad_message_does_not_end_the_session(instruct, monkeypatch):

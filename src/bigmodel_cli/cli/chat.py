@@ -53,9 +53,11 @@ def chat(
                          repetition_penalty=repetition_penalty, use_cache=not no_cache, seed=seed, backend=backend,
                          device=device, threads=threads)
     session = ChatSession(open_artifact(artifact), ChatOptions(generate=cfg, system=system, template_file=template))
-    converse(session, stdin_is_terminal(), json_out)
-    if json_out:
-        console.print_json(session.transcript())
+    try:
+        converse(session, stdin_is_terminal(), json_out)
+    finally:  # a script's message that cannot be answered (exit 2) keeps the turns answered before it
+        if json_out:
+            console.print_json(session.transcript())
 
 
 def converse(session, interactive: bool, json_out: bool) -> None:
