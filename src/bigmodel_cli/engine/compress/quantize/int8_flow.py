@@ -258,16 +258,22 @@ def shipped_file(int8: Path, tmp: Path) -> Path:
     return final
 
 
+def timed(options: QuantizeOptions, paths: dict[str, Path], source: art.Artifact, evaluator: Evaluator,
+          say: Callable) -> dict | None:
+    """The ONNX files in ``paths`` timed side by side with the --bench options (None with --no-bench)."""
+    if not options.bench:
+        return None
+    say("stage", name="bench")
+    cfg = BenchConfig(batch_size=options.bench_batch, warmup=options.warmup, iterations=options.iterations,
+                      seq_len=options.seq_len)
+    return latency(paths, source, evaluator, cfg, options.threads, say)
+
+
 def int8_report(source: art.Artifact, options: QuantizeOptions, attempts: Int8Attempts, final: Path,
                  say: Callable) -> dict:
     """Before and after side by side: metrics, file sizes and (unless --no-bench) latency."""
     fp32 = attempts.plan.fp32
-    timing = None
-    if options.bench:
-        say("stage", name="bench")
-        cfg = BenchConfig(batch_size=options.bench_batch, warmup=options.warmup, iterations=options.iterations,
-                          seq_len=options.seq_len)
-        timing = latency({"before": fp32, "after": final}, source, attempts.evaluator, cfg, options.threads, say)
+    timing = timed(options, {"before": fp32, "after": final}, source, attempts.evaluator, say)
     return build_report(source.task, {**attempts.before, "file_bytes": model_bytes(fp32)},
                         {**attempts.latest, "file_bytes": model_bytes(final)}, timing)
 

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 from bigmodel_cli import artifact as art
-from ...evaluate import BenchConfig
-from .measure import Evaluator, build_report, latency, model_bytes, onnx_predict
+from .measure import Evaluator, build_report, model_bytes, onnx_predict
 from .options import QuantizeOptions, QuantizeResult
 from .int8_flow import (Int8Attempts, calibration_inputs, fp32_artifact, plan_int8, quantization_section,
-                        shipped_file, write_int8)
+                        shipped_file, timed, write_int8)
 
 
 def qat_int8(source: art.Artifact, out: Path, options: QuantizeOptions, overwrite: bool, tmp: Path,
@@ -141,13 +140,7 @@ def qat_report(source: art.Artifact, options: QuantizeOptions, ptq: Int8Attempts
                 ptq_final: Path, final: Path, say: Callable) -> dict:
     """fp32 (before), post-training static int8 (ptq) and QAT int8 (after), side by side."""
     fp32 = ptq.plan.fp32
-    timing = None
-    if options.bench:
-        say("stage", name="bench")
-        cfg = BenchConfig(batch_size=options.bench_batch, warmup=options.warmup, iterations=options.iterations,
-                          seq_len=options.seq_len)
-        timing = latency({"before": fp32, "ptq": ptq_final, "after": final}, source, ptq.evaluator, cfg,
-                         options.threads, say)
+    timing = timed(options, {"before": fp32, "ptq": ptq_final, "after": final}, source, ptq.evaluator, say)
     report = build_report(source.task, {**ptq.before, "file_bytes": model_bytes(fp32)},
                           {**qat.latest, "file_bytes": model_bytes(final)}, timing)
     report["ptq"] = {**ptq.latest, "file_bytes": model_bytes(ptq_final), **((timing or {}).get("ptq") or {})}
